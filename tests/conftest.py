@@ -1,0 +1,82 @@
+"""Shared fixtures. The reactor is the asyncio one (``--reactor=asyncio`` in pyproject addopts)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(name) for name in os.listdir("/proc/self/fd")}
+    except FileNotFoundError:  # not Linux: no fd accounting
+        return set()
+
+
+def _pending_tasks() -> set[asyncio.Task[object]]:
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        return set()
+    return {t for t in asyncio.all_tasks(loop) if not t.done()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reactor_running() -> None:
+    """Start the reactor once before any leak accounting: its own pipes are not a test's leak."""
+    import pytest_twisted
+    from twisted.internet import reactor, task
+
+    pytest_twisted.blockon(task.deferLater(reactor, 0, lambda: None))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest, _reactor_running: None) -> Iterator[None]:
+    """Fail a test that leaves asyncio tasks running or file descriptors open.
+
+    Neither pytest nor trial notices a leaked asyncio server (facts.md), so we count.
+    A test that legitimately keeps something (a module-scoped server) opts out with
+    ``@pytest.mark.allow_leaks``.
+    """
+    if request.node.get_closest_marker("allow_leaks"):
+        yield
+        return
+    tasks_before = _pending_tasks()
+    fds_before = _open_fds()
+    yield
+    leaked_tasks = _pending_tasks() - tasks_before
+    if leaked_tasks:
+        # give cancelled tasks one loop turn to finish before calling them leaks
+        leaked_tasks = {t for t in leaked_tasks if not t.done()}
+    fds_after = _open_fds()
+    leaked_fds = sorted(fds_after - fds_before)
+    problems = []
+    if leaked_tasks:
+        problems.append(f"leaked asyncio tasks: {[repr(t.get_coro()) for t in leaked_tasks]}")
+    if leaked_fds:
+        targets = []
+        for fd in leaked_fds:
+            try:
+                targets.append(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+            except OSError:
+                continue
+        if targets:
+            problems.append(f"leaked file descriptors: {targets}")
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_leaks: skip the task/fd leak check for this test")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
