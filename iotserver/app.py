@@ -1,0 +1,255 @@
+"""Assemble the server from a Config: one MultiService, the core first, endpoints after.
+
+The core (tag store, memory-tag persistence, ring buffers, signal channels, TLS material) is
+built before any other service starts, so every adapter can reference the store; the data
+directory and certificates are created on first start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from iotserver.config import Config
+from iotserver.lifecycle import AsyncService, StartupError
+from iotserver.tags.model import DataType, Quality, TagDef, TagValue
+from iotserver.tags.persist import MemoryTagPersistence
+from iotserver.tags.ring import RingRegistry
+from iotserver.tags.signals import SignalHub
+from iotserver.tags.store import MemoryOwner, TagStore
+
+log = Logger(namespace="iotserver")
+
+# Factories for protocol services: (section name, "module:function(core, section_config)").
+SERVICE_FACTORIES: list[tuple[str, str]] = []
+
+
+@dataclass
+class Core:
+    """What every adapter shares. Built without I/O; ``CoreService`` opens files on start."""
+
+    config: Config
+    clock: IReactorTime
+    store: TagStore
+    rings: RingRegistry
+    signals: SignalHub
+    persistence: MemoryTagPersistence | None = None
+    tls: Any = None  # iotserver.security.pki.TlsMaterial once started
+    listeners: list[tuple[str, str]] = field(default_factory=list)  # (what, where) for the summary
+    services: dict[str, Any] = field(default_factory=dict)
+
+    def listening(self, what: str, where: str) -> None:
+        self.listeners.append((what, where))
+        log.info("listening: {what} on {where}", what=what, where=where)
+
+
+class CoreService(Service):
+    """Opens the data directory, restores memory tags, defines every configured tag."""
+
+    name = "core"
+
+    def __init__(self, core: Core, extra_tags: Callable[[], list[TagDef]]) -> None:
+        self.core = core
+        self._extra_tags = extra_tags
+        self._defined = False
+
+    def startService(self) -> None:
+        super().startService()
+        cfg = self.core.config
+        data_dir = cfg.server.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(data_dir, 0o700)
+        except OSError as exc:
+            raise StartupError(f"cannot create data directory {data_dir}: {exc}") from None
+        self.core.persistence = MemoryTagPersistence(data_dir / "memory_tags.sqlite3")
+        self._ensure_tls()
+        if not self._defined:
+            self._define_tags()
+            self._defined = True
+        self.core.store.register_owner("memory", MemoryOwner(self.core.store, self.core.persistence))
+
+    def _ensure_tls(self) -> None:
+        from iotserver.security import pki
+
+        cfg = self.core.config
+        if cfg.tls.cert is not None and cfg.tls.key is not None:
+            material = pki.TlsMaterial.from_files(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
+        else:
+            material = pki.ensure_server_material(
+                cfg.server.data_dir / "tls",
+                hostnames=list(cfg.server.hostnames),
+                ip_addresses=list(cfg.server.ip_addresses),
+            )
+        for path in (material.cert, material.ca_cert):
+            if path is None:
+                continue
+            try:
+                warning = pki.check_validity(path)
+            except pki.CertificateExpiredError as exc:
+                raise StartupError(str(exc)) from None
+            if warning:
+                log.warn("{warning}", warning=warning)
+        self.core.tls = material
+
+    def _define_tags(self) -> None:
+        core = self.core
+        store = core.store
+        saved = core.persistence.load_all() if core.persistence else {}
+        restored = 0
+        for tag in list(core.config.tags) + self._extra_tags():
+            initial = None
+            if tag.persist and tag.path in saved:
+                value, quality, ts = saved[tag.path]
+                try:
+                    from iotserver.tags.model import coerce
+
+                    value = coerce(tag, value)
+                    initial = TagValue(value, Quality(quality), ts, store.now_ns())
+                    restored += 1
+                except (ValueError, TypeError):
+                    log.warn("memory tag {path}: saved value {v!r} no longer fits, using the "
+                             "configured initial value", path=tag.path, v=value)
+            store.define(tag, initial)
+            if tag.historize and _historizable(tag):
+                ring = core.rings.create(f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag))
+                store.set_history(tag.path, ring)
+        for sig in core.config.signals:
+            core.signals.add(sig)
+        log.info(
+            "tag store: {n} tags, {r} memory values restored, history {mb:.1f} MiB of {cap:.0f} MiB",
+            n=len(store),
+            r=restored,
+            mb=core.rings.total_bytes / 2**20,
+            cap=core.config.history.max_bytes / 2**20,
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.core.store.unregister_owner("memory")
+        if self.core.persistence is not None:
+            self.core.persistence.close()
+            self.core.persistence = None
+
+
+class ServerRoot(MultiService):
+    """The root service: a StartupError in a child stops the server with a one-line message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_reactor: Callable[[], None] | None = None
+        self.failed: str | None = None
+        self.shutdown_timeout: float | None = None
+        self.clock: IReactorTime | None = None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except StartupError as exc:
+            self.failed = str(exc)
+            log.critical("cannot start: {msg}", msg=str(exc))
+            if self.stop_reactor is not None:
+                self.stop_reactor()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        if self.shutdown_timeout and self.clock is not None:
+            # Bounded shutdown: a service that hangs must not keep SIGTERM from working.
+            def _late(failure: Failure) -> None:
+                log.warn("services did not stop within {t} s; exiting anyway",
+                         t=self.shutdown_timeout)
+
+            d.addTimeout(self.shutdown_timeout, self.clock)
+            d.addErrback(_late)
+        return d
+
+
+def _historizable(tag: TagDef) -> bool:
+    return not tag.is_array and (tag.data_type.is_numeric or tag.data_type is DataType.BOOLEAN)
+
+
+def _ring_dtype(tag: TagDef) -> Any:
+    if tag.data_type is DataType.BOOLEAN:
+        return np.bool_
+    if tag.data_type.is_integer:
+        return np.float64 if tag.data_type is DataType.UINT64 else np.int64
+    return np.float64
+
+
+def build(config: Config, clock: IReactorTime, *, stop_reactor: Callable[[], None] | None = None
+          ) -> tuple[ServerRoot, Core]:
+    """The whole server as one MultiService (not started)."""
+    import importlib
+
+    store = TagStore(clock, write_timeout=config.server.write_timeout)
+    rings = RingRegistry(max_bytes=config.history.max_bytes)
+    core = Core(config=config, clock=clock, store=store, rings=rings, signals=SignalHub(store, rings))
+    root = ServerRoot()
+    root.stop_reactor = stop_reactor
+    root.clock = clock
+
+    plant = None
+    if config.simulator.enabled:
+        from iotserver.sim.plant import SimulatedPlant
+
+        plant = SimulatedPlant(config.simulator, store, clock, core.signals)
+
+    def extra_tags() -> list[TagDef]:
+        out: list[TagDef] = plant.tag_defs() if plant else []
+        for section in config.sections.values():
+            defs = getattr(section, "tag_defs", None)
+            if defs is not None:
+                out += defs()
+        return out
+
+    CoreService(core, extra_tags).setServiceParent(root)
+    if plant is not None:
+        plant.setServiceParent(root)
+    for section_name, target in SERVICE_FACTORIES:
+        section = config.sections.get(section_name)
+        if section is None:
+            continue
+        module, _, func = target.partition(":")
+        service: IService = getattr(importlib.import_module(module), func)(core, section)
+        core.services[section_name] = service
+        service.setServiceParent(root)
+
+    def on_failure(service: AsyncService, failure: Failure) -> None:
+        if failure.check(StartupError):
+            log.critical("{name}: {msg}", name=service.name, msg=str(failure.value))
+        else:
+            log.failure("{name} failed to start", failure, name=service.name)
+        if stop_reactor is not None:
+            stop_reactor()
+
+    for child in root:
+        if isinstance(child, AsyncService):
+            child.on_start_failure = on_failure
+    return root, core
+
+
+def summary_lines(config: Config) -> list[str]:
+    """What the configuration would start, for ``iotserver check-config`` and the startup log."""
+    lines = [
+        f"config: {config.source}",
+        f"data directory: {config.server.data_dir}",
+        f"tags configured: {len(config.tags)}",
+        f"signal channels: {', '.join(s.name for s in config.signals) or 'none'}",
+        "simulator: "
+        + (f"on, prefix {config.simulator.prefix!r}" if config.simulator.enabled else "off"),
+        "TLS certificate: "
+        + ("generated in <data_dir>/tls on first start" if config.tls.generated
+           else str(config.tls.cert)),
+    ]
+    for name, section in config.sections.items():
+        describe = getattr(section, "summary", None)
+        lines += [f"{name}: {line}" for line in (describe() if describe else ["configured"])]
+    return lines
