@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from iotserver.config import Config
 from iotserver.lifecycle import AsyncService, StartupError
+from iotserver.security.users import UserDB, UserFileError
 from iotserver.tags.model import DataType, Quality, TagDef, TagValue
 from iotserver.tags.persist import MemoryTagPersistence
 from iotserver.tags.ring import RingRegistry
@@ -29,7 +30,12 @@ from iotserver.tags.store import MemoryOwner, TagStore
 log = Logger(namespace="iotserver")
 
 # Factories for protocol services: (section name, "module:function(core, section_config)").
-SERVICE_FACTORIES: list[tuple[str, str]] = []
+SERVICE_FACTORIES: list[tuple[str, str]] = [
+    ("modbus", "iotserver.modbus.service:make_service"),
+    ("opcua", "iotserver.opcua.service:make_service"),
+    ("mqtt", "iotserver.mqtt.service:make_service"),
+    ("console", "iotserver.console.service:make_service"),
+]
 
 
 @dataclass
@@ -43,12 +49,38 @@ class Core:
     signals: SignalHub
     persistence: MemoryTagPersistence | None = None
     tls: Any = None  # iotserver.security.pki.TlsMaterial once started
+    users: UserDB = field(default_factory=UserDB)
     listeners: list[tuple[str, str]] = field(default_factory=list)  # (what, where) for the summary
     services: dict[str, Any] = field(default_factory=dict)
+    reload_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     def listening(self, what: str, where: str) -> None:
+        """Record a listener for the startup summary; warn when it is reachable off-host."""
         self.listeners.append((what, where))
         log.info("listening: {what} on {where}", what=what, where=where)
+
+    def reload(self) -> list[str]:
+        """Re-read users (and whatever registered a hook: ACLs...); returns problems found.
+
+        Called on SIGHUP and from the console. A broken file keeps the previous state.
+        """
+        problems = []
+        try:
+            if self.config.server.users_file.exists():
+                self.users.path = self.config.server.users_file
+                self.users.reload()
+                log.info("reloaded {n} users from {path}", n=len(self.users),
+                         path=str(self.users.path))
+        except UserFileError as exc:
+            problems.append(str(exc))
+        for hook in list(self.reload_hooks):
+            try:
+                hook()
+            except Exception as exc:  # a hook's own error message is the useful part
+                problems.append(str(exc))
+        for problem in problems:
+            log.error("reload: {problem} (previous settings kept)", problem=problem)
+        return problems
 
 
 class CoreService(Service):
@@ -71,6 +103,16 @@ class CoreService(Service):
         except OSError as exc:
             raise StartupError(f"cannot create data directory {data_dir}: {exc}") from None
         self.core.persistence = MemoryTagPersistence(data_dir / "memory_tags.sqlite3")
+        users_file = cfg.server.users_file
+        if users_file.exists():
+            try:
+                self.core.users = UserDB(users_file)
+            except UserFileError as exc:
+                raise StartupError(str(exc)) from None
+            log.info("{n} users loaded from {path}", n=len(self.core.users), path=str(users_file))
+        else:
+            log.info("no user file at {path}: password logins are off until "
+                     "'iotserver users add' creates it", path=str(users_file))
         self._ensure_tls()
         if not self._defined:
             self._define_tags()
@@ -78,20 +120,28 @@ class CoreService(Service):
         self.core.store.register_owner("memory", MemoryOwner(self.core.store, self.core.persistence))
 
     def _ensure_tls(self) -> None:
+        """Load the configured certificate, or create a local CA and server certificate."""
         from iotserver.security import pki
 
         cfg = self.core.config
-        if cfg.tls.cert is not None and cfg.tls.key is not None:
-            material = pki.TlsMaterial.from_files(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
-        else:
-            material = pki.ensure_server_material(
-                cfg.server.data_dir / "tls",
-                hostnames=list(cfg.server.hostnames),
-                ip_addresses=list(cfg.server.ip_addresses),
-            )
-        for path in (material.cert, material.ca_cert):
-            if path is None:
-                continue
+        try:
+            if cfg.tls.cert is not None and cfg.tls.key is not None:
+                ca_path = cfg.tls.ca or cfg.tls.cert
+                material = pki.TlsMaterial(
+                    ca_path, cfg.tls.cert, cfg.tls.key,
+                    pki.load_cert(ca_path), pki.load_cert(cfg.tls.cert), pki.load_key(cfg.tls.key),
+                )
+            else:
+                material = pki.ensure_server_material(
+                    cfg.server.data_dir / "tls",
+                    hostnames=list(cfg.server.hostnames),
+                    ip_addresses=list(cfg.server.ip_addresses),
+                )
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"TLS material: {exc}") from None
+        for path in material.created:
+            log.info("created {path}", path=str(path))
+        for path in {material.cert_path, material.ca_cert_path}:
             try:
                 warning = pki.check_validity(path)
             except pki.CertificateExpiredError as exc:
@@ -158,6 +208,16 @@ class ServerRoot(MultiService):
             log.critical("cannot start: {msg}", msg=str(exc))
             if self.stop_reactor is not None:
                 self.stop_reactor()
+            return
+        from twisted.internet.defer import DeferredList
+
+        children = [c for c in self if isinstance(c, AsyncService) and c.started is not None]
+
+        def _ready(_: object) -> None:
+            if not any(c.failure for c in children):
+                log.info("iotserver ready")
+
+        DeferredList([c.started for c in children]).addCallback(_ready)
 
     def stopService(self) -> Any:
         d = super().stopService()

@@ -12,7 +12,11 @@ from collections.abc import Callable, Sequence
 
 # Subcommands contributed by other packages: name -> ("module:function", help). The function
 # receives the argparse subparser to fill in and returns the handler to run.
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "certs": ("iotserver.security.certcli:setup", "create and inspect TLS / OPC UA certificates"),
+    "users": ("iotserver.security.usercli:setup", "manage the user file (hashed passwords, roles)"),
+    "sim-plc": ("iotserver.sim.plc:setup", "run a simulated Modbus TCP PLC for trying the poller"),
+}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -79,8 +83,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
     for name, (target, help_text) in EXTRA_COMMANDS.items():
         module, _, func = target.partition(":")
+        try:
+            setup = getattr(importlib.import_module(module), func)
+        except ImportError:  # a package not installed in this build
+            continue
         p = sub.add_parser(name, help=help_text)
-        handlers[name] = getattr(importlib.import_module(module), func)(p)
+        handlers[name] = setup(p)
     return parser, handlers
 
 

@@ -23,9 +23,14 @@ from iotserver.tags.model import Access, DataType, DeadbandKind, Scaling, TagDef
 # Protocol sections and the function that parses each: "module:function(Reader) -> object".
 # An object may offer ``tag_defs() -> list[TagDef]`` to contribute tags (e.g. polled PLC tags),
 # and ``summary() -> list[str]`` for check-config.
-SECTION_PARSERS: dict[str, str] = {}
+SECTION_PARSERS: dict[str, str] = {
+    "mqtt": "iotserver.mqtt.config:parse",
+    "modbus": "iotserver.modbus.config:parse",
+    "opcua": "iotserver.opcua.config:parse",
+    "console": "iotserver.console.config:parse",
+}
 
-DEFAULT_CONFIG = """\
+_DEFAULT_CORE = """\
 # Built-in default: a simulated plant, every listener on loopback only.
 [server]
 name = "iotserver"
@@ -43,6 +48,23 @@ sample_rate = 10240
 block_size = 1024
 capacity = 1048576
 """
+
+
+def _default_config() -> str:
+    """The core default plus each protocol package's ``DEFAULT_TOML`` (its loopback default)."""
+    parts = [_DEFAULT_CORE]
+    for target in SECTION_PARSERS.values():
+        module = target.partition(":")[0]
+        try:
+            snippet = getattr(importlib.import_module(module), "DEFAULT_TOML", "")
+        except ImportError:
+            continue
+        if snippet:
+            parts.append(snippet.strip() + "\n")
+    return "\n".join(parts)
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 def default_data_dir() -> Path:
@@ -63,6 +85,8 @@ class ServerConfig:
     ip_addresses: tuple[str, ...]
     write_timeout: float
     shutdown_timeout: float
+    users_file: Path
+
 
 
 @dataclass(frozen=True)
@@ -266,6 +290,7 @@ def parse(text: str, *, source: str = "<default>", base_dir: Path | None = None)
         ip_addresses=s.str_list("ip_addresses", ("127.0.0.1",)),
         write_timeout=s.float("write_timeout", 10.0, positive=True, max=3600),
         shutdown_timeout=s.float("shutdown_timeout", 4.0, positive=True, max=60),
+        users_file=s.path("users_file", None) or data_dir / "users.toml",
     )
     s.done()
 

@@ -44,6 +44,7 @@ class AsyncService(Service):
 
     def __init__(self) -> None:
         self.started: Deferred[None] | None = None
+        self.failure: Failure | None = None
         self._stopping: Deferred[None] | None = None
 
     async def start(self) -> None:  # pragma: no cover - interface
@@ -59,6 +60,7 @@ class AsyncService(Service):
         self.started.addErrback(self._start_failed)
 
     def _start_failed(self, failure: Failure) -> None:
+        self.failure = failure
         if self.on_start_failure is not None:
             self.on_start_failure(self, failure)
         else:

@@ -55,7 +55,17 @@ def makeService(options: Options) -> IService:
     root, core = app.build(cfg, reactor, stop_reactor=lambda: _fail(reactor))
     root.shutdown_timeout = cfg.server.shutdown_timeout
     reactor.callWhenRunning(_log_summary, cfg)
+    reactor.callWhenRunning(_install_sighup, reactor, core)
     return root
+
+
+def _install_sighup(reactor: Any, core: Any) -> None:
+    """SIGHUP re-reads users and ACLs without dropping connections that are still allowed."""
+    import signal
+
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    if loop is not None and hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, core.reload)
 
 
 def _log_summary(cfg: Any) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -57,6 +58,12 @@ RSA_KEY_SIZE = 2048
 # Devices with a slightly slow clock must not reject a certificate issued a moment ago.
 _CLOCK_SKEW = _dt.timedelta(minutes=5)
 _UTF8STRING_TAG = 0x0C
+_ISSUER_KEY_TYPES = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
 
 
 class CertificateExpiredError(Exception):
@@ -137,11 +144,19 @@ def _leaf_builder(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         # AKI is mandatory under OpenSSL's X509_V_FLAG_X509_STRICT, which Python 3.13's ssl
         # module enables by default: without it Python clients (paho-mqtt) reject the chain.
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
+        .add_extension(_authority_key_id(ca_cert), critical=False)
     )
+
+
+def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """AKI copied from the CA's own SKI, so it matches even for a CA made by another tool."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_cert.public_key()  # type: ignore[arg-type]
+        )
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _san(
@@ -481,7 +496,7 @@ def ensure_server_material(
         _check_pair(cert, key, server_pem, server_key_path)
         try:
             cert.verify_directly_issued_by(ca_cert)
-        except (ValueError, TypeError, Exception) as e:
+        except (ValueError, TypeError, InvalidSignature) as e:
             raise ValueError(f"{server_pem} was not issued by the CA in {ca_pem} ({e})") from None
         return TlsMaterial(ca_pem, server_pem, server_key_path, ca_cert, cert, key)
 
@@ -492,7 +507,7 @@ def ensure_server_material(
     if not exists[server_pem] and not exists[server_key_path] and exists[ca_pem] and exists[ca_key_path]:
         ca_cert = load_cert(ca_pem)
         ca_key = load_key(ca_key_path)
-        if not isinstance(ca_key, CertificateIssuerPrivateKeyTypes):  # type: ignore[misc,arg-type]
+        if not isinstance(ca_key, _ISSUER_KEY_TYPES):
             raise ValueError(f"{ca_key_path}: key type cannot sign certificates")
         _check_pair(ca_cert, ca_key, ca_pem, ca_key_path)
     elif not present:
@@ -559,6 +574,15 @@ _KEY_USAGE_NAMES = (
     ("crl_sign", "cRLSign"),
 )
 
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+}
+
 
 def _ext_value(cert: x509.Certificate, ext_type: type[x509.ExtensionType]) -> object | None:
     try:
@@ -614,7 +638,7 @@ def cert_info(
     )
     eku = _ext_value(cert, x509.ExtendedKeyUsage)
     eku_names = (
-        tuple(getattr(oid, "_name", None) or oid.dotted_string for oid in eku)
+        tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku)
         if isinstance(eku, x509.ExtendedKeyUsage)
         else ()
     )
