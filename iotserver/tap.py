@@ -54,7 +54,7 @@ def makeService(options: Options) -> IService:
     forward_stdlib_logging()
     root, core = app.build(cfg, reactor, stop_reactor=lambda: _fail(reactor))
     root.shutdown_timeout = cfg.server.shutdown_timeout
-    reactor.callWhenRunning(_log_summary, cfg)
+    _log_summary(cfg)  # buffered by twisted.logger until twistd starts its log observer
     reactor.callWhenRunning(_install_sighup, reactor, core)
     return root
 

@@ -539,7 +539,8 @@ def test_property_range_and_aggregate_match_reference(
         else:
             _, gap, period, vals = op
             start = now + gap
-            ring.append_block(None, np.array(vals, dtype=np.float64), start_ns=start, period_ns=period)
+            block_vals = np.array(vals, dtype=np.float64)
+            ring.append_block(None, block_vals, start_ns=start, period_ns=period)
             block = [(start + i * period, v) for i, v in enumerate(vals)]
             appended.extend(block)
             if block:

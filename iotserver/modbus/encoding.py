@@ -322,7 +322,7 @@ def encode_value(dtype: ModbusType, order: Order, value: Any) -> npt.NDArray[np.
     if kind is Kind.BOOL:
         return np.array([1 if value else 0], dtype=np.uint16)
     if kind is Kind.BIT:
-        return np.array([(1 << dtype.bit) if value else 0], dtype=np.uint16)
+        return np.array([bit_masks(dtype, order, bool(value))[1]], dtype=np.uint16)
     if kind is Kind.STRING:
         if not isinstance(value, str):
             raise TypeError(f"string needs a str, got {type(value).__name__}")
@@ -506,7 +506,7 @@ def encode_batch(
         return out
     if kind in (Kind.BOOL, Kind.BIT):
         flags = np.asarray(values, dtype=np.bool_).reshape(-1)
-        one = 1 if kind is Kind.BOOL else 1 << dtype.bit
+        one = 1 if kind is Kind.BOOL else (~bit_masks(dtype, order, True)[0]) & 0xFFFF
         return (flags.astype(np.uint16) * np.uint16(one)).reshape(-1, 1)
     native = _to_native(kind, values)
     src = _value_byte_sources(dtype.width, order)

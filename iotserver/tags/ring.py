@@ -12,6 +12,7 @@ its byte cap.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,12 @@ class _StepCache:
 
 
 _step_cache = _StepCache()
+
+
+@lru_cache(maxsize=256)
+def _castable(src: np.dtype[Any], dst: np.dtype[Any]) -> bool:
+    """``np.can_cast(..., "same_kind")``, memoised: it cost about 15% of a 64-sample append."""
+    return bool(np.can_cast(src, dst, "same_kind"))
 
 
 def _clamp(ns: int) -> int:
@@ -210,7 +217,7 @@ class RingBuffer:
         if values.ndim != 1:
             raise ValueError(f"values must be one-dimensional, got shape {values.shape}")
         # checked before anything is written, so a rejected block leaves the ring untouched
-        if not np.can_cast(values.dtype, self._vals.dtype, "same_kind"):
+        if not _castable(values.dtype, self._vals.dtype):
             raise TypeError(f"cannot store {values.dtype} values in a {self._vals.dtype} ring")
         n = values.shape[0]
         cap = self._cap
@@ -292,6 +299,9 @@ class RingBuffer:
         chunk = len(steps)
         h = self._head
         cap = self._cap
+        if n <= chunk and h + n <= cap:  # the common case: one addition, no wrap
+            np.add(steps[:n], first, self._ts[h : h + n])
+            return
         done = 0
         # at most two segments (wrap) times ceil(n / chunk) cached-step additions
         while done < n:
@@ -463,8 +473,9 @@ def _scatter(nb: int, nonempty: npt.NDArray[np.bool_], reduced: AnyArray) -> Any
 class RingRegistry:
     """Named rings (per historized tag path and per signal channel) under one byte cap.
 
-    ``max_bytes`` of None means no cap. The cap counts the ring arrays (:meth:`RingBuffer.bytes_for`);
-    the process-wide timestamp step cache (at most 4 MiB) is reported separately.
+    ``max_bytes`` of None means no cap. The cap counts the ring arrays
+    (:meth:`RingBuffer.bytes_for`); the process-wide timestamp step cache (at most 4 MiB) is
+    reported separately.
     """
 
     def __init__(self, max_bytes: int | None = None) -> None:
