@@ -217,7 +217,14 @@ class ServerRoot(MultiService):
             if not any(c.failure for c in children):
                 log.info("iotserver ready")
 
-        DeferredList([c.started for c in children]).addCallback(_ready)
+        def _when_running() -> None:
+            # "ready" only once the reactor runs (signal handlers installed, listeners up)
+            DeferredList([c.started for c in children]).addCallback(_ready)
+
+        if self.clock is not None and hasattr(self.clock, "callWhenRunning"):
+            self.clock.callWhenRunning(_when_running)
+        else:
+            _when_running()
 
     def stopService(self) -> Any:
         d = super().stopService()

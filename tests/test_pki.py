@@ -16,7 +16,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from iotserver.security import pki
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,14 @@ def test_server_cert_sans_and_ekus(ca: tuple[x509.Certificate, rsa.RSAPrivateKey
     assert cert.public_key() == key.public_key() and key.key_size == 2048
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 825
     # cryptography's RFC 5280 verifier is strict (AKI, SKI, critical bits): it must accept ours
-    verifier = PolicyBuilder().store(Store([ca[0]])).build_server_verifier(
-        x509.DNSName("gw1.plant.local")
+    verifier = (
+        PolicyBuilder().store(Store([ca[0]])).build_server_verifier(x509.DNSName("gw1.plant.local"))
     )
     assert verifier.verify(cert, [])[-1] == ca[0]
-    ip_verifier = PolicyBuilder().store(Store([ca[0]])).build_server_verifier(
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    ip_verifier = (
+        PolicyBuilder()
+        .store(Store([ca[0]]))
+        .build_server_verifier(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     )
     ip_verifier.verify(cert, [])
 

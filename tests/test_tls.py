@@ -185,7 +185,7 @@ async def test_client_with_our_certificate_is_accepted(
         cert_path=pki_files.client_cert,
         key_path=pki_files.client_key,
     )
-    factory, client, reason = await serve_and_ping(
+    factory, client, _reason = await serve_and_ping(
         reactor, tls_description(free_port, pki_files), ctx, free_port
     )
     assert client.received == b"ping"
@@ -241,7 +241,7 @@ async def test_optional_client_certificate(reactor: Any, free_port: int, pki_fil
         cert_path=pki_files.foreign_cert,
         key_path=pki_files.foreign_key,
     )
-    factory, client, reason = await serve_and_ping(reactor, desc, foreign, free_port)
+    factory, client, _reason = await serve_and_ping(reactor, desc, foreign, free_port)
     assert client.received == b"" and factory.identities == []
 
 
@@ -263,12 +263,12 @@ async def test_server_without_client_auth(reactor: Any, free_port: int, pki_file
 async def test_client_checks_the_server_name(reactor: Any, free_port: int, pki_files: Pki) -> None:
     desc = tls_description(free_port, pki_files, client_auth=None)
     wrong = client_context_factory("plc.example.com", ca_path=pki_files.ca)
-    factory, client, reason = await serve_and_ping(reactor, desc, wrong, free_port)
+    _factory, client, reason = await serve_and_ping(reactor, desc, wrong, free_port)
     assert client.received == b""
     assert reason.check(VerificationError) and "plc.example.com" in str(reason.value), reason
 
     wrong_ip = client_context_factory("127.0.0.2", ca_path=pki_files.ca)
-    factory, client, reason = await serve_and_ping(reactor, desc, wrong_ip, free_port)
+    _factory, client, reason = await serve_and_ping(reactor, desc, wrong_ip, free_port)
     assert client.received == b""
     assert reason.check(VerificationError) and "127.0.0.2" in str(reason.value), reason
 
@@ -277,7 +277,7 @@ async def test_client_checks_the_server_name(reactor: Any, free_port: int, pki_f
 async def test_client_checks_the_server_ca(reactor: Any, free_port: int, pki_files: Pki) -> None:
     desc = tls_description(free_port, pki_files, client_auth=None)
     untrusting = client_context_factory("localhost", ca_path=pki_files.foreign_cert)
-    factory, client, reason = await serve_and_ping(reactor, desc, untrusting, free_port)
+    _factory, client, reason = await serve_and_ping(reactor, desc, untrusting, free_port)
     assert client.received == b"" and reason.check(SSL.Error), reason
 
 
@@ -312,12 +312,29 @@ async def test_context_factory_passed_by_caller(
 # ----------------------------------------------------------------------------- unit level
 
 
-def test_server_context_is_tls12_or_newer(pki_files: Pki) -> None:
-    options: Any = server_context_factory(pki_files.server_cert, pki_files.server_key)
-    flags = options.getContext().set_options(0)  # returns the current option mask
+def test_server_context_settings(pki_files: Pki) -> None:
+    options: Any = server_context_factory(
+        pki_files.server_cert, pki_files.server_key, ca_path=pki_files.ca
+    )
+    context = options.getContext()
+    flags = context.set_options(0)  # returns the current option mask
     for old in (SSL.OP_NO_SSLv3, SSL.OP_NO_TLSv1, SSL.OP_NO_TLSv1_1):
         assert flags & old
     assert not flags & SSL.OP_NO_TLSv1_2 and not flags & SSL.OP_NO_TLSv1_3
+    assert context.get_verify_mode() == SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
+    # the CertificateRequest names our CA (clients with several certificates choose by it)
+    ca_names = SSL.Connection(context, None).get_client_ca_list(as_cryptography=True)
+    assert ca_names == [pki.load_cert(pki_files.ca).subject]
+
+    required: Any = server_context_factory(
+        pki_files.server_cert,
+        pki_files.server_key,
+        ca_path=pki_files.ca,
+        require_client_cert=True,
+    )
+    assert required.getContext().get_verify_mode() & SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    plain: Any = server_context_factory(pki_files.server_cert, pki_files.server_key)
+    assert plain.getContext().get_verify_mode() == SSL.VERIFY_NONE
 
 
 def test_server_context_argument_errors(tmp_path: Path, pki_files: Pki) -> None:
@@ -465,8 +482,15 @@ async def test_openssl_s_client(reactor: Any, free_port: int, pki_files: Pki) ->
         assert "Verify return code: 0 (ok)" in output
         assert "Acceptable client certificate CA names" in output and "iotserver local CA" in output
 
-        output, code = await s_client(free_port, *common, "-tls1_2", "-cert",
-                                      str(pki_files.client_cert), "-key", str(pki_files.client_key))
+        output, code = await s_client(
+            free_port,
+            *common,
+            "-tls1_2",
+            "-cert",
+            str(pki_files.client_cert),
+            "-key",
+            str(pki_files.client_key),
+        )
         assert code == 0 and "hello plc-7" in output and "TLSv1.2" in output, output
 
         output, _ = await s_client(free_port, *common)  # no client certificate

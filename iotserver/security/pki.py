@@ -92,7 +92,7 @@ def generate_key() -> rsa.RSAPrivateKey:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _validity(days: int, not_before: _dt.datetime | None) -> tuple[_dt.datetime, _dt.datetime]:
@@ -244,7 +244,9 @@ def issue_server_cert(
         .add_extension(_san(dns_names, ip_addresses), critical=False)
         .add_extension(_key_usage(digital_signature=True, key_encipherment=True), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .sign(ca_key, _signing_hash(ca_key))
@@ -305,7 +307,9 @@ def issue_opcua_app_cert(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .sign(ca_key, _signing_hash(ca_key))
@@ -358,7 +362,7 @@ def read_modbus_role(cert: x509.Certificate) -> str | None:
         return None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):  # pragma: no cover - future parsing
-        raise ValueError("unexpected parsed form of the Modbus role extension")
+        raise TypeError("unexpected parsed form of the Modbus role extension")
     return _parse_der_utf8string(value.value)
 
 
@@ -395,7 +399,9 @@ def _write_file(path: Path, data: bytes, mode: int, force: bool) -> None:
 
 
 def _key_bytes(key: PrivateKeyTypes, encoding: serialization.Encoding) -> bytes:
-    return key.private_bytes(encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def write_cert_pem(cert: x509.Certificate, path: str | Path, *, force: bool = False) -> Path:
@@ -504,7 +510,12 @@ def ensure_server_material(
         raise ValueError("ensure_server_material needs at least one host name or IP address")
     present = sorted(p.name for p, e in exists.items() if e)
     created: list[Path] = []
-    if not exists[server_pem] and not exists[server_key_path] and exists[ca_pem] and exists[ca_key_path]:
+    if (
+        not exists[server_pem]
+        and not exists[server_key_path]
+        and exists[ca_pem]
+        and exists[ca_key_path]
+    ):
         ca_cert = load_cert(ca_pem)
         ca_key = load_key(ca_key_path)
         if not isinstance(ca_key, _ISSUER_KEY_TYPES):

@@ -58,7 +58,9 @@ _CLIENT_AUTH_MODES = ("none", "optional", "required")
 _TLS_KEYS = frozenset({"port", "interface", "backlog", "cert", "key", "ca", "clientAuth"})
 
 
-def _load_identity(cert_path: str | Path, key_path: str | Path) -> tuple[list[x509.Certificate], Any]:
+def _load_identity(
+    cert_path: str | Path, key_path: str | Path
+) -> tuple[list[x509.Certificate], Any]:
     """Certificate chain (leaf first) and its private key, checked to belong together."""
     chain = load_cert_chain(cert_path)
     key = load_key(key_path)
@@ -126,12 +128,15 @@ def client_context_factory(
     """
     if (cert_path is None) != (key_path is None):
         raise ValueError("give both cert_path and key_path for a client certificate, or neither")
+    # Twisted leaves these helpers unannotated, hence the ignores.
     if ca_path is None:
-        trust = platformTrust()
+        trust = platformTrust()  # type: ignore[no-untyped-call]
     else:
-        trust = trustRootFromCertificates(
-            [Certificate(crypto.X509.from_cryptography(c)) for c in load_cert_chain(ca_path)]
-        )
+        roots = [
+            Certificate(crypto.X509.from_cryptography(c))  # type: ignore[no-untyped-call]
+            for c in load_cert_chain(ca_path)
+        ]
+        trust = trustRootFromCertificates(roots)  # type: ignore[no-untyped-call]
     extra: dict[str, Any] = {"raiseMinimumTo": MINIMUM_TLS_VERSION}
     if cert_path is not None and key_path is not None:
         chain, key = _load_identity(cert_path, key_path)
@@ -247,8 +252,11 @@ def server_endpoint(
     """
     if not description.startswith("tls:"):
         if context_factory is not None:
-            raise ValueError(f"a context factory only applies to tls: descriptions: {description!r}")
-        return cast(IStreamServerEndpoint, serverFromString(reactor, description))
+            raise ValueError(
+                f"a context factory only applies to tls: descriptions: {description!r}"
+            )
+        endpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+        return cast(IStreamServerEndpoint, endpoint)
     options = parse_tls_description(description)
     tls_keys = {"cert", "key", "ca", "clientAuth"} & options.keys()
     if context_factory is not None:
@@ -273,13 +281,11 @@ def server_endpoint(
             require_client_cert=mode == "required",
             verify_client_cert=mode != "none",
         )
-    return cast(
-        IStreamServerEndpoint,
-        SSL4ServerEndpoint(
-            reactor,
-            int(options["port"]),
-            factory,
-            backlog=int(options.get("backlog", "50")),
-            interface=options.get("interface", ""),
-        ),
+    endpoint = SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
+        reactor,
+        int(options["port"]),
+        factory,
+        backlog=int(options.get("backlog", "50")),
+        interface=options.get("interface", ""),
     )
+    return cast(IStreamServerEndpoint, endpoint)
