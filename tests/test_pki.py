@@ -304,3 +304,38 @@ def test_check_validity_checks_every_certificate_of_a_bundle(
     assert len(pki.load_cert_chain(bundle)) == 2
     with pytest.raises(pki.CertificateExpiredError, match="Old CA"):
         pki.check_validity(bundle)
+
+
+def test_ensure_server_material_accepts_intermediate_chain(tmp_path: Path) -> None:
+    root_cert, root_key = pki.create_ca("Corporate Root")
+    # an intermediate CA: our create_ca makes roots only, so build one by hand
+    inter_key = pki.generate_key()
+    now = dt.datetime.now(UTC)
+    inter_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Plant Issuing CA")]))
+        .issuer_name(root_cert.subject)
+        .public_key(inter_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(inter_key.public_key()), critical=False
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    leaf, leaf_key = pki.issue_server_cert(
+        inter_cert, inter_key, "gw1", dns_names=["gw1"], ip_addresses=[]
+    )
+    pki.write_cert_pem(root_cert, tmp_path / "ca.pem")
+    pki.write_key_pem(leaf_key, tmp_path / "server.key")
+    chain = tmp_path / "server.pem"
+    pki.write_cert_pem(leaf, chain)
+    with pytest.raises(ValueError, match="was not issued by the CA"):  # intermediate missing
+        pki.ensure_server_material(tmp_path, hostnames=["gw1"], ip_addresses=[])
+    chain.write_bytes(
+        chain.read_bytes() + pki.write_cert_pem(inter_cert, tmp_path / "i.pem").read_bytes()
+    )
+    material = pki.ensure_server_material(tmp_path, hostnames=["gw1"], ip_addresses=[])
+    assert material.cert == leaf and material.ca_cert == root_cert and material.created == ()

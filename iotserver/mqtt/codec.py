@@ -674,8 +674,6 @@ def _decode_disconnect(data: bytes, pos: int, end: int, flags: int, version: int
     r = _Reader(data, pos + 1, end)
     props = _read_properties(r, PacketType.DISCONNECT) if end - pos > 1 else NO_PROPERTIES
     _trailing(r, "DISCONNECT")
-    if server and props.server_reference is not None:
-        raise _protocol("server reference in a DISCONNECT from a client")  # 3.14.2.2.5
     return Disconnect(code, props)
 
 
@@ -763,6 +761,8 @@ class Decoder:
         """Decode every complete packet in the buffered bytes plus ``data``."""
         if self._error is not None:
             raise self._error
+        if type(data) is not bytes:
+            data = bytes(data)  # payload slices must be bytes, whatever the caller passes
         if self._pending:
             # only parse once the packet under way can be complete: keeps byte-by-byte feeding
             # of a large packet O(n) instead of re-scanning the buffer on every call
@@ -825,8 +825,8 @@ class Decoder:
                     self._connected(packet)
                     table = self._table
         except MqttProtocolError as exc:
-            if isinstance(exc, MqttProtocolError) and exc.protocol_level is not None \
-                    and self.version is None:
+            if self.version is None and not isinstance(exc, UnsupportedProtocolVersion) \
+                    and exc.protocol_level in VERSIONS:
                 self.version = exc.protocol_level
             exc.packets = out
             self._error = exc
@@ -845,8 +845,9 @@ class Decoder:
 
 def decode_packet(data: bytes, version: int, role: Role = "any") -> Packet:
     """Decode exactly one complete packet (tests, captures); anything else is an error."""
-    decoder = Decoder(role=role, version=version,
-                      allow_second_connect=True) if role != "server" else Decoder(version=version)
+    decoder = Decoder(role=role, version=version, allow_second_connect=True)
+    decoder._phase = "open"  # no ordering rules for a lone packet
+    decoder._set_table()
     packets = decoder.feed(data)
     if len(packets) != 1 or decoder.buffered:
         raise _malformed(f"expected one complete packet, got {len(packets)} "

@@ -247,7 +247,7 @@ PROPERTY_SPECS: tuple[PropertySpec, ...] = (
 PROPERTY_BY_ID: dict[int, PropertySpec] = {s.id: s for s in PROPERTY_SPECS}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Properties:
     """MQTT 5.0 properties (section 2.2.2). ``None`` / empty tuple means "not present".
 
@@ -283,6 +283,15 @@ class Properties:
     wildcard_subscription_available: bool | None = None
     subscription_identifier_available: bool | None = None
     shared_subscription_available: bool | None = None
+
+    def __repr__(self) -> str:
+        """Only the properties that are set, so packet reprs stay readable."""
+        set_fields = []
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if value is not None and value != ():
+                set_fields.append(f"{name}={value!r}")
+        return f"Properties({', '.join(set_fields)})"
 
     def is_empty(self) -> bool:
         """True when no property is set (encodes as a single zero length byte)."""

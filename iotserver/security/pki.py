@@ -498,13 +498,12 @@ def ensure_server_material(
     exists = {p: p.exists() for p in (ca_pem, ca_key_path, server_pem, server_key_path)}
 
     if exists[ca_pem] and exists[server_pem] and exists[server_key_path]:
-        ca_cert, cert, key = load_cert(ca_pem), load_cert(server_pem), load_key(server_key_path)
-        _check_pair(cert, key, server_pem, server_key_path)
-        try:
-            cert.verify_directly_issued_by(ca_cert)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            raise ValueError(f"{server_pem} was not issued by the CA in {ca_pem} ({e})") from None
-        return TlsMaterial(ca_pem, server_pem, server_key_path, ca_cert, cert, key)
+        roots, chain = load_cert_chain(ca_pem), load_cert_chain(server_pem)
+        key = load_key(server_key_path)
+        _check_pair(chain[0], key, server_pem, server_key_path)
+        if not _chains_to(chain[0], chain[1:], roots):
+            raise ValueError(f"{server_pem} was not issued by the CA in {ca_pem}")
+        return TlsMaterial(ca_pem, server_pem, server_key_path, roots[0], chain[0], key)
 
     if not hostnames and not ip_addresses:
         raise ValueError("ensure_server_material needs at least one host name or IP address")
@@ -538,6 +537,33 @@ def ensure_server_material(
     )
     created += [write_key_pem(key, server_key_path), write_cert_pem(cert, server_pem)]
     return TlsMaterial(ca_pem, server_pem, server_key_path, ca_cert, cert, key, tuple(created))
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _chains_to(
+    leaf: x509.Certificate, intermediates: list[x509.Certificate], roots: list[x509.Certificate]
+) -> bool:
+    """Whether signatures lead from ``leaf`` through ``intermediates`` to one of ``roots``.
+
+    A sanity check of our own files (names and signatures only; validity dates are
+    check_validity's job, and peers do the full verification).
+    """
+    cert = leaf
+    for _ in range(len(intermediates) + 1):
+        if any(_issued_by(cert, root) for root in roots):
+            return True
+        nxt = next((i for i in intermediates if i != cert and _issued_by(cert, i)), None)
+        if nxt is None:
+            return False
+        cert = nxt
+    return False
 
 
 def _check_pair(
