@@ -52,9 +52,13 @@ def h(text: str) -> bytes:
 
 def adu(tid: int, unit: int, pdu: bytes) -> bytes:
     """Build an MBAP frame by hand (MB TCP 3.1.3)."""
-    return tid.to_bytes(2, "big") + b"\x00\x00" + (len(pdu) + 1).to_bytes(2, "big") + bytes(
-        [unit]
-    ) + pdu
+    return (
+        tid.to_bytes(2, "big")
+        + b"\x00\x00"
+        + (len(pdu) + 1).to_bytes(2, "big")
+        + bytes([unit])
+        + pdu
+    )
 
 
 def exc(fc: int, code: ExceptionCode) -> ExceptionResponse:
@@ -143,8 +147,12 @@ def test_mbap_errors(header: bytes) -> None:
 
 def test_mbap_error_after_good_frame_in_same_feed() -> None:
     d = FrameDecoder()
-    with pytest.raises(ModbusFramingError):
+    with pytest.raises(ModbusFramingError) as info:
         d.feed(adu(1, 1, h("0300000001")) + h("0002 0005 0006 01 0300000001"))
+    assert info.value.frames == (Frame(1, 1, h("0300000001")),)
+    with pytest.raises(ModbusFramingError) as again:
+        d.feed(b"")
+    assert again.value.frames == ()
 
 
 def test_mbap_error_detected_before_body() -> None:
@@ -290,7 +298,7 @@ IF, IA, IV = (
         ("17 0003 0006 000E 0003 06 00FF00FF", exc(0x17, IV)),
         # address + quantity beyond 65536 -> 02 (quantity checked first)
         ("01 FFFF 0002", exc(0x01, IA)),
-        ("02 F830 07D0", exc(0x02, IA)),
+        ("02 F831 07D0", exc(0x02, IA)),
         ("03 FFFF 0002", exc(0x03, IA)),
         ("04 FF84 007D", exc(0x04, IA)),
         ("0F FFFF 0002 01 03", exc(0x0F, IA)),
@@ -459,7 +467,7 @@ def test_exception_responses() -> None:
 
 def test_exception_code_values() -> None:
     assert [int(c) for c in ExceptionCode] == [1, 2, 3, 4, 5, 6, 8, 0x0A, 0x0B]
-    assert ExceptionCode.GATEWAY_TARGET_DEVICE_FAILED_TO_RESPOND == 0x0B
+    assert int(ExceptionCode.GATEWAY_TARGET_DEVICE_FAILED_TO_RESPOND) == 0x0B
 
 
 def test_report_server_id_response() -> None:
@@ -483,8 +491,12 @@ OBJECTS = {0: b"Company identification", 1: b"Product code XX", 2: b"V2.11"}
 def test_read_device_id_spec_example() -> None:
     # spec 6.21 example, basic stream from object 0, all in one response
     expected_body = (
-        h("00 16") + b"Company identification" + h("01 0F") + b"Product code XX"
-        + h("02 05") + b"V2.11"
+        h("00 16")
+        + b"Company identification"
+        + h("01 0F")
+        + b"Product code XX"
+        + h("02 05")
+        + b"V2.11"
     )
     got = encode_read_device_id_response(1, 1, 0x01, 0x01, sorted(OBJECTS.items()))
     assert got == adu(1, 1, h("2B 0E 01 01 00 00 03") + expected_body)
@@ -531,10 +543,44 @@ def test_end_to_end_decode_parse_encode() -> None:
             out.append(encode_exception(f.transaction_id, f.unit_id, r.function, r.code))
         else:
             assert isinstance(r, ReadRegisters)
-            raw = memoryview(image[r.address : r.address + r.count]).cast("B")
+            raw = image[r.address : r.address + r.count].tobytes()
             out.append(encode_read_registers_response(f.transaction_id, f.unit_id, 3, raw))
     assert out == [
         adu(1, 1, h("03 06 022B 0000 0064")),
         adu(2, 1, h("87 01")),
         adu(3, 1, h("83 03")),
     ]
+
+
+def test_pymodbus_client_framer_agrees() -> None:
+    """pymodbus' client-side framer reads our responses; we parse its requests (no sockets)."""
+    from pymodbus.framer import FramerSocket
+    from pymodbus.pdu import DecodePDU
+    from pymodbus.pdu.bit_message import ReadCoilsRequest
+    from pymodbus.pdu.register_message import (
+        ReadHoldingRegistersRequest,
+        WriteMultipleRegistersRequest,
+    )
+
+    client = FramerSocket(DecodePDU(False))
+    raw = client.buildFrame(
+        ReadHoldingRegistersRequest(address=0x6B, count=3, dev_id=17, transaction_id=9)
+    )
+    (frame,) = FrameDecoder().feed(raw)
+    assert (frame.transaction_id, frame.unit_id) == (9, 17)
+    assert parse_request(frame.pdu) == ReadRegisters(Table.HOLDING_REGISTERS, 0x6B, 3)
+    raw = client.buildFrame(
+        WriteMultipleRegistersRequest(address=5, registers=[1, 0xFFFF], dev_id=1, transaction_id=1)
+    )
+    assert parse_request(FrameDecoder().feed(raw)[0].pdu) == WriteRegisters(5, h("0001FFFF"))
+    raw = client.buildFrame(ReadCoilsRequest(address=0x13, count=19, dev_id=1, transaction_id=1))
+    assert parse_request(FrameDecoder().feed(raw)[0].pdu) == ReadBits(Table.COILS, 0x13, 19)
+
+    _, rsp = client.handleFrame(encode_read_registers_response(9, 17, 3, h("022B00000064")), 0, 0)
+    assert rsp is not None and rsp.registers == [0x022B, 0, 0x64]
+    assert (rsp.transaction_id, rsp.dev_id) == (9, 17)
+    bits = np.array([int(c) for c in "1011001111010110101"], dtype=bool)
+    _, rsp = client.handleFrame(encode_read_bits_response(2, 1, 1, bits), 0, 0)
+    assert rsp is not None and rsp.bits[:19] == bits.tolist()
+    _, rsp = client.handleFrame(encode_exception(3, 1, 3, IV), 0, 0)
+    assert rsp is not None and rsp.function_code == 0x83 and rsp.exception_code == 3

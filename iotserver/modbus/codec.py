@@ -19,7 +19,7 @@ import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -27,43 +27,43 @@ import numpy.typing as npt
 from iotserver.modbus.encoding import from_wire, pack_bits, unpack_bits
 
 __all__ = [
+    "ALL_FUNCTIONS",
+    "Access",
+    "DeviceIdCode",
+    "ExceptionCode",
+    "ExceptionResponse",
+    "Frame",
+    "FrameDecoder",
+    "FunctionCode",
+    "MaskWrite",
+    "MeiType",
     "ModbusError",
     "ModbusFramingError",
     "ModbusUsageError",
-    "ExceptionCode",
-    "FunctionCode",
-    "Table",
-    "MeiType",
-    "DeviceIdCode",
-    "Frame",
-    "FrameDecoder",
-    "Access",
     "ReadBits",
+    "ReadDeviceId",
     "ReadRegisters",
-    "WriteCoil",
-    "WriteRegister",
-    "WriteCoils",
-    "WriteRegisters",
-    "MaskWrite",
     "ReadWriteRegisters",
     "ReportServerId",
-    "ReadDeviceId",
-    "ExceptionResponse",
     "Request",
-    "ALL_FUNCTIONS",
-    "parse_request",
-    "encode_pdu",
-    "encode_exception",
-    "encode_read_registers_response",
-    "encode_read_bits_response",
-    "encode_write_coil_response",
-    "encode_write_register_response",
-    "encode_write_multiple_response",
-    "encode_mask_write_response",
-    "encode_write_response",
-    "encode_report_server_id_response",
-    "encode_read_device_id_response",
+    "Table",
+    "WriteCoil",
+    "WriteCoils",
+    "WriteRegister",
+    "WriteRegisters",
     "device_id_response",
+    "encode_exception",
+    "encode_mask_write_response",
+    "encode_pdu",
+    "encode_read_bits_response",
+    "encode_read_device_id_response",
+    "encode_read_registers_response",
+    "encode_report_server_id_response",
+    "encode_write_coil_response",
+    "encode_write_multiple_response",
+    "encode_write_register_response",
+    "encode_write_response",
+    "parse_request",
 ]
 
 
@@ -72,7 +72,15 @@ class ModbusError(Exception):
 
 
 class ModbusFramingError(ModbusError):
-    """The peer sent a broken MBAP header: close the connection."""
+    """The peer sent a broken MBAP header: close the connection.
+
+    ``frames`` holds the valid frames that preceded the bad header in the same ``feed`` call,
+    should the server want to answer them before it closes.
+    """
+
+    def __init__(self, message: str, frames: tuple[Frame, ...] = ()) -> None:
+        super().__init__(message)
+        self.frames = frames
 
 
 class ModbusUsageError(ModbusError, ValueError):
@@ -165,7 +173,7 @@ class FrameDecoder:
     :class:`ModbusFramingError` the decoder is dead: every further feed raises again.
     """
 
-    __slots__ = ("_buf", "_pos", "_max_length", "_error")
+    __slots__ = ("_buf", "_error", "_max_length", "_pos")
 
     def __init__(self, max_frame: int = 260) -> None:
         if not 8 <= max_frame <= 260:
@@ -192,14 +200,8 @@ class FrameDecoder:
         frames: list[Frame] = []
         while end - pos >= 6:
             tid, pid, length = _MBAP_HDR.unpack_from(buf, pos)
-            if pid != 0:
-                self._error = ModbusFramingError(f"MBAP protocol id {pid}, expected 0")
-                raise self._error
-            if not 2 <= length <= self._max_length:
-                self._error = ModbusFramingError(
-                    f"MBAP length {length} outside 2..{self._max_length}"
-                )
-                raise self._error
+            if pid != 0 or not 2 <= length <= self._max_length:
+                self._fail(pid, length, frames)
             stop = pos + 6 + length
             if stop > end:
                 break
@@ -213,6 +215,16 @@ class FrameDecoder:
             pos = 0
         self._pos = pos
         return frames
+
+    def _fail(self, pid: int, length: int, frames: list[Frame]) -> NoReturn:
+        if pid != 0:
+            msg = f"MBAP protocol id {pid}, expected 0"
+        else:
+            msg = f"MBAP length {length} outside 2..{self._max_length}"
+        self._buf = bytearray()
+        self._pos = 0
+        self._error = ModbusFramingError(msg)
+        raise ModbusFramingError(msg, tuple(frames))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,18 +423,18 @@ class ExceptionResponse:
     code: ExceptionCode
 
 
-Request = Union[
-    ReadBits,
-    ReadRegisters,
-    WriteCoil,
-    WriteRegister,
-    WriteCoils,
-    WriteRegisters,
-    MaskWrite,
-    ReadWriteRegisters,
-    ReportServerId,
-    ReadDeviceId,
-]
+Request = (
+    ReadBits
+    | ReadRegisters
+    | WriteCoil
+    | WriteRegister
+    | WriteCoils
+    | WriteRegisters
+    | MaskWrite
+    | ReadWriteRegisters
+    | ReportServerId
+    | ReadDeviceId
+)
 
 _U16x2 = struct.Struct(">HH")
 _U16x3 = struct.Struct(">HHH")
@@ -662,7 +674,9 @@ def encode_mask_write_response(
 
 
 def encode_write_response(
-    tid: int, unit: int, request: WriteCoil | WriteRegister | WriteCoils | WriteRegisters | MaskWrite
+    tid: int,
+    unit: int,
+    request: WriteCoil | WriteRegister | WriteCoils | WriteRegisters | MaskWrite,
 ) -> bytes:
     """The normal response to any write request."""
     if isinstance(request, WriteCoil):

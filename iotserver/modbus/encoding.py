@@ -46,30 +46,30 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "Order",
-    "Kind",
-    "ModbusType",
     "BOOL",
-    "INT16",
-    "UINT16",
-    "INT32",
-    "UINT32",
-    "INT64",
-    "UINT64",
     "FLOAT32",
     "FLOAT64",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "BatchDecoder",
+    "Kind",
+    "ModbusType",
+    "Order",
     "bit",
-    "string",
-    "encode_value",
+    "bit_masks",
+    "decode_batch",
     "decode_registers",
     "encode_batch",
-    "decode_batch",
-    "BatchDecoder",
-    "set_bit",
-    "bit_masks",
-    "to_wire_bytes",
+    "encode_value",
     "from_wire",
     "pack_bits",
+    "set_bit",
+    "string",
+    "to_wire_bytes",
     "unpack_bits",
 ]
 
@@ -410,7 +410,7 @@ class BatchDecoder:
     the block. For BIT types ``bits`` may give each tag its own bit index.
     """
 
-    __slots__ = ("dtype", "order", "offsets", "_need", "_idx_native", "_idx_wire", "_bits", "_np")
+    __slots__ = ("_bits", "_idx_native", "_idx_wire", "_need", "_np", "dtype", "offsets", "order")
 
     def __init__(
         self,
@@ -421,6 +421,8 @@ class BatchDecoder:
     ) -> None:
         self.dtype = dtype
         self.order = order
+        if bits is not None and dtype.kind is not Kind.BIT:
+            raise ValueError("bits only applies to bit-in-register types")
         offs = np.asarray(offsets, dtype=np.intp).reshape(-1)
         if offs.size and int(offs.min()) < 0:
             raise ValueError("offsets must be >= 0")
@@ -440,8 +442,6 @@ class BatchDecoder:
             if b.size and (int(b.min()) < 0 or int(b.max()) > 15):
                 raise ValueError("bit indexes must be 0..15")
             self._bits = b.astype(np.uint16)
-        elif bits is not None:
-            raise ValueError("bits only applies to bit-in-register types")
 
     def __call__(self, block: npt.ArrayLike) -> npt.NDArray[Any]:
         """Decode from native register values (uint16 array or list of ints)."""
@@ -464,7 +464,8 @@ class BatchDecoder:
     def _other(self, regs: npt.NDArray[np.uint16]) -> npt.NDArray[Any]:
         kind = self.dtype.kind
         if kind is Kind.BOOL:
-            return regs[self.offsets] != 0
+            flags: npt.NDArray[np.bool_] = regs[self.offsets] != 0
+            return flags
         if kind is Kind.BIT:
             vals = regs[self.offsets]
             if self.order.byte_swap:
@@ -517,22 +518,26 @@ def encode_batch(
 
 def _to_native(kind: Kind, values: Any) -> npt.NDArray[Any]:
     target = np.dtype(_NUMERIC[kind][0])
-    arr = np.asarray(values)
-    arr = arr.reshape(-1)
     if kind in _INT_LIMITS:
         lo, hi = _INT_LIMITS[kind]
-        if arr.dtype == object or arr.dtype.kind not in "iub":
-            if arr.dtype.kind == "f":
-                if not np.all(np.isfinite(arr)) or not np.all(arr == np.trunc(arr)):
-                    raise ValueError(f"{kind.value} needs integral values")
-                if arr.size and (arr.min() < lo or arr.max() > hi):
-                    raise ValueError(f"value out of range for {kind.value} ({lo}..{hi})")
-                return np.ascontiguousarray(arr.astype(target))
+        if not isinstance(values, np.ndarray):
+            # numpy would guess float64 for mixed large Python ints and lose precision
+            seq = values if isinstance(values, Iterable) else [values]
+            return np.array([_check_int(kind, v) for v in seq], dtype=target)
+        arr = values.reshape(-1)
+        if arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)) or not np.all(arr == np.trunc(arr)):
+                raise ValueError(f"{kind.value} needs integral values")
+            # lo and hi + 1 are powers of two, exact in float64 (hi itself may not be)
+            if arr.size and (arr.min() < lo or arr.max() >= float(hi + 1)):
+                raise ValueError(f"value out of range for {kind.value} ({lo}..{hi})")
+        elif arr.dtype.kind in "iub":
+            if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+                raise ValueError(f"value out of range for {kind.value} ({lo}..{hi})")
+        else:
             return np.array([_check_int(kind, v) for v in arr.tolist()], dtype=target)
-        if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
-            raise ValueError(f"value out of range for {kind.value} ({lo}..{hi})")
         return np.ascontiguousarray(arr.astype(target))
-    as64 = arr.astype(np.float64)
+    as64 = np.asarray(values, dtype=np.float64).reshape(-1)
     if kind is Kind.FLOAT32:
         finite = np.isfinite(as64)
         if np.any(np.abs(as64[finite]) > np.finfo(np.float32).max):

@@ -46,6 +46,7 @@ from iotserver.mqtt.packets import (
     Pubrec,
     Pubrel,
     ReasonCode,
+    RetainHandling,
     Suback,
     Subscribe,
     SubscriptionOptions,
@@ -592,7 +593,8 @@ def _decode_subscribe(data: bytes, pos: int, end: int, flags: int, version: int 
             no_local = bool(opts & 0x04)
             if no_local and topic_filter.startswith("$share/"):
                 raise _protocol("no local on a shared subscription")  # MQTT-3.8.3-4
-            options = SubscriptionOptions(qos, no_local, bool(opts & 0x08), retain_handling)
+            options = SubscriptionOptions(qos, no_local, bool(opts & 0x08),
+                                          RetainHandling(retain_handling))
         else:
             if opts & 0xFC or qos == 3:
                 raise _malformed("reserved subscription bits or QoS 3")  # 3.1.1 MQTT-3.8.3-4

@@ -1,0 +1,72 @@
+"""The ``[console]`` section: an SSH console (a Python prompt inside the running server).
+
+The console runs code with the server's own privileges, so it is only ever reachable with
+credentials: SSH keys listed in an authorized_keys file and, when ``password_login`` is on,
+passwords of users whose role is ``admin`` in the user file. There is no anonymous login.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from iotserver.confparse import Reader, is_loopback_endpoint
+
+DEFAULT_ENDPOINT = "tcp:2222:interface=127.0.0.1"
+
+# Appended to the built-in default configuration: the console on loopback only. Nobody can log
+# in until a public key is added to <data_dir>/console/authorized_keys (the server says how).
+DEFAULT_TOML = f"""\
+[console]
+endpoint = "{DEFAULT_ENDPOINT}"
+"""
+
+# Kinds that make sense for SSH: it brings its own encryption, so ssl:/tls: would wrap it twice.
+_CONSOLE_ENDPOINT_KINDS = ("tcp", "tcp6", "unix", "systemd")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Parsed ``[console]``; paths left as None default to files under ``server.data_dir``."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    authorized_keys: Path | None = None
+    password_login: bool = False
+    host_key: Path | None = None
+
+    def authorized_keys_path(self, data_dir: Path) -> Path:
+        return self.authorized_keys or data_dir / "console" / "authorized_keys"
+
+    def host_key_path(self, data_dir: Path) -> Path:
+        return self.host_key or data_dir / "console" / "ssh_host_ed25519_key"
+
+    def summary(self) -> list[str]:
+        where = "loopback only" if is_loopback_endpoint(self.endpoint) else "REACHABLE OFF-HOST"
+        keys = str(self.authorized_keys) if self.authorized_keys else "<data_dir>/console/authorized_keys"
+        lines = [f"SSH console on {self.endpoint} ({where})", f"authorized keys: {keys}"]
+        lines.append(
+            "password login: admin users of the user file" if self.password_login
+            else "password login: off"
+        )
+        return lines
+
+
+def parse(r: Reader) -> ConsoleConfig:
+    """Read ``[console]``; unknown keys and unusable endpoints are errors naming the key."""
+    endpoint = r.endpoint("endpoint", DEFAULT_ENDPOINT)
+    kind = endpoint.partition(":")[0]
+    if kind not in _CONSOLE_ENDPOINT_KINDS:
+        raise r.error(
+            "endpoint",
+            f"SSH encrypts the connection itself; expected one of "
+            f"{', '.join(k + ':' for k in _CONSOLE_ENDPOINT_KINDS)} (e.g. {DEFAULT_ENDPOINT!r}), "
+            f"got {endpoint!r}",
+        )
+    cfg = ConsoleConfig(
+        endpoint=endpoint,
+        authorized_keys=r.path("authorized_keys", None),
+        password_login=r.bool("password_login", False),
+        host_key=r.path("host_key", None),
+    )
+    r.done()
+    return cfg
