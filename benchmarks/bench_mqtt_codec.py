@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from iotserver.mqtt.codec import (  # noqa: E402
+from iotserver.mqtt.codec import (
     Decoder,
     encode_publish,
     encode_publish_with_offset,
@@ -86,9 +86,10 @@ def _paho(version: int, qos: int) -> dict[str, float]:
     pid = 1 if qos else None
     one = encode_publish(TOPIC, PAYLOAD, qos, packet_id=pid, version=version)
     header, body = one[0], one[2:]  # one-byte remaining length for this size
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+                         protocol=proto)
     client._sock = object()  # type: ignore[assignment]  # _send_publish only checks for None
-    client._packet_queue = lambda *a, **k: 0  # type: ignore[method-assign]
+    client._packet_queue = lambda *a, **k: 0  # type: ignore[method-assign,assignment]
     topic_b = TOPIC.encode()
 
     def decode() -> None:

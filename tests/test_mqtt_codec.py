@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iotserver.mqtt.codec import (
-    MAX_PACKET_SIZE,
     Decoder,
     MqttProtocolError,
     UnsupportedProtocolVersion,
@@ -106,11 +105,11 @@ CASES: list[tuple[int, Packet, bytes]] = [
                 will=Will("w", b"bye", 2, False, Properties(will_delay_interval=5)),
                 properties=Properties(session_expiry_interval=10, receive_maximum=10,
                                       user_properties=(("k", "v"),))),
-     b"\x10\x32\x00\x04MQTT\x05\xd6\x00\x1e"
-     b"\x0f\x11\x00\x00\x00\x0a\x21\x00\x0a\x26\x00\x01k\x00\x01v"
-     b"\x00\x02c1"
-     b"\x05\x18\x00\x00\x00\x05\x00\x01w\x00\x03bye"
-     b"\x00\x01u\x00\x01p"),
+     (b"\x10\x32\x00\x04MQTT\x05\xd6\x00\x1e"
+      b"\x0f\x11\x00\x00\x00\x0a\x21\x00\x0a\x26\x00\x01k\x00\x01v"
+      b"\x00\x02c1"
+      b"\x05\x18\x00\x00\x00\x05\x00\x01w\x00\x03bye"
+      b"\x00\x01u\x00\x01p")),
     (5, Connect("", 5, password=b"secret"),  # 5.0 allows a password without a user name
      b"\x10\x15\x00\x04MQTT\x05\x42\x00\x3c\x00\x00\x00\x00\x06secret"),
     (5, Connack(), b"\x20\x03\x00\x00\x00"),
@@ -122,9 +121,9 @@ CASES: list[tuple[int, Packet, bytes]] = [
     (5, Publish("a/b", b"hi", 1, packet_id=10,
                 properties=Properties(content_type="text", topic_alias=5,
                                       user_properties=(("a", "1"),))),
-     b"\x32\x1b\x00\x03a/b\x00\x0a"
-     b"\x11\x03\x00\x04text\x23\x00\x05\x26\x00\x01a\x00\x011"
-     b"hi"),
+     (b"\x32\x1b\x00\x03a/b\x00\x0a"
+      b"\x11\x03\x00\x04text\x23\x00\x05\x26\x00\x01a\x00\x011"
+      b"hi")),
     (5, Publish("", b"hi", properties=Properties(topic_alias=5)),  # 3.3.2.3.4 alias only
      b"\x30\x08\x00\x00\x03\x23\x00\x05hi"),
     (5, Puback(10), b"\x40\x02\x00\x0a"),
@@ -536,7 +535,7 @@ def test_decode_packet_requires_exactly_one_packet() -> None:
 
 def test_decoder_arguments() -> None:
     with pytest.raises(ValueError):
-        Decoder(role="client")  # type: ignore[arg-type]
+        Decoder(role="client")
     with pytest.raises(ValueError):
         Decoder(version=3)
     with pytest.raises(ValueError):
@@ -653,9 +652,10 @@ def test_paho_client_bytes(version: int) -> None:
     what we encode (CONNACK, SUBACK, PUBACK)."""
     mqtt = pytest.importorskip("paho.mqtt.client")
     from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties as PahoProperties
+    from paho.mqtt.properties import Properties as _PahoProperties
     from paho.mqtt.subscribeoptions import SubscribeOptions
 
+    PahoProperties: Any = _PahoProperties  # untyped in paho
     proto = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-1", protocol=proto)
     client.username_pw_set("user", "pw")
@@ -695,7 +695,8 @@ def test_paho_client_bytes(version: int) -> None:
 
             def receive(count: int) -> None:
                 while len(received) < count:
-                    data = conn.recv(65536)  # type: ignore[union-attr]
+                    assert conn is not None
+                    data = conn.recv(65536)
                     assert data, "paho closed the connection"
                     received.extend(decoder.feed(data))
 
@@ -744,9 +745,9 @@ def test_paho_client_bytes(version: int) -> None:
 
 # --------------------------------------------------------------------------- Hypothesis
 
-_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+_chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 texts = st.text(_chars, max_size=12)
-topics = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00+#"),
+topics = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00+#"),
                  min_size=1, max_size=12)
 packet_ids = st.integers(1, 65535)
 payloads = st.binary(max_size=40)
@@ -826,9 +827,13 @@ def packets(draw: st.DrawFn, version: int) -> Packet:
                        draw(st.booleans()) if qos else False, draw(packet_ids) if qos else None,
                        draw(_props(version, P.PUBLISH)))
     if kind in (P.PUBACK, P.PUBREC, P.PUBREL, P.PUBCOMP):
-        cls = {P.PUBACK: Puback, P.PUBREC: Pubrec, P.PUBREL: Pubrel, P.PUBCOMP: Pubcomp}[kind]
+        classes: dict[PacketType, type[Puback | Pubrec | Pubrel | Pubcomp]] = {
+            P.PUBACK: Puback, P.PUBREC: Pubrec, P.PUBREL: Pubrel, P.PUBCOMP: Pubcomp}
+        cls = classes[kind]
         allowed = PUBACK_CODES if kind in (P.PUBACK, P.PUBREC) else PUBREL_CODES
-        return cls(draw(packet_ids), draw(_codes(version, allowed)), draw(_props(version, kind)))
+        ack: Packet = cls(draw(packet_ids), draw(_codes(version, allowed)),
+                          draw(_props(version, kind)))
+        return ack
     if kind == P.SUBSCRIBE:
         if version == 5:
             opts = st.builds(SO, st.integers(0, 2), st.booleans(), st.booleans(),

@@ -9,8 +9,9 @@ unless marked 3.1.1.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable, Literal
+from collections.abc import Callable
+from functools import cache
+from typing import Literal
 
 from iotserver.mqtt.packets import (
     AUTH_CODES,
@@ -132,7 +133,7 @@ _SMALL_VARINTS = tuple(bytes((i,)) for i in range(128))
 class _Reader:
     """Bounds-checked cursor over ``data[pos:end]``; every overrun is a Malformed Packet."""
 
-    __slots__ = ("data", "pos", "end")
+    __slots__ = ("data", "end", "pos")
 
     def __init__(self, data: bytes, pos: int, end: int) -> None:
         self.data = data
@@ -289,7 +290,7 @@ def _read_properties(r: _Reader, context: int) -> Properties:
             raise _protocol(f"property {name} given more than once")  # 2.2.2.2 per property
         if spec.boolean:
             if value not in (0, 1):
-                raise _protocol(f"property {name} must be 0 or 1, got {value}")
+                raise _protocol(f"property {name} must be 0 or 1, got {value!r}")
             value = bool(value)
         elif name in _NONZERO and value == 0:
             raise _protocol(f"property {name} must not be 0")
@@ -373,7 +374,7 @@ _SERVER_TO_CLIENT = frozenset({2, 3, 4, 5, 6, 7, 9, 11, 13, 14, 15})
 _HeaderError = tuple[int, str] | None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _header_table(role: str, version: int | None, phase: str, second_connect: bool
                   ) -> tuple[_HeaderError, ...]:
     """For each possible first byte: None if acceptable now, else (reason code, message).
@@ -407,8 +408,8 @@ def _header_table(role: str, version: int | None, phase: str, second_connect: bo
             elif qos == 0 and flags & 0x08:
                 err = (_MALFORMED, "PUBLISH QoS 0 with DUP set")  # MQTT-3.3.1-2
         elif flags != _FIXED_FLAGS[ptype]:
-            err = (_MALFORMED, f"{PacketType(ptype).name} with reserved flags "  # MQTT-2.1.3-1
-                               f"0b{flags:04b}")
+            # MQTT-2.1.3-1
+            err = (_MALFORMED, f"{PacketType(ptype).name} with reserved flags 0b{flags:04b}")
         table.append(err)
     return tuple(table)
 
@@ -548,7 +549,7 @@ def _decode_publish(data: bytes, pos: int, end: int, flags: int, version: int | 
     return Publish(topic, data[pos:end], qos, bool(flags & 1), bool(flags & 8), packet_id, props)
 
 
-def _ack_decoder(cls: type[Puback] | type[Pubrec] | type[Pubrel] | type[Pubcomp],
+def _ack_decoder(cls: type[Puback | Pubrec | Pubrel | Pubcomp],
                  ptype: PacketType, allowed: frozenset[ReasonCode]) -> _DecodeFn:
     name = ptype.name
 
@@ -654,7 +655,7 @@ def _decode_unsuback(data: bytes, pos: int, end: int, flags: int, version: int |
     return Unsuback(packet_id, codes, props)
 
 
-def _decode_empty(cls: type[Pingreq] | type[Pingresp]) -> _DecodeFn:
+def _decode_empty(cls: type[Pingreq | Pingresp]) -> _DecodeFn:
     instance = cls()
 
     def decode(data: bytes, pos: int, end: int, flags: int, version: int | None,
@@ -759,7 +760,7 @@ class Decoder:
         """Bytes held of a packet not yet complete."""
         return len(self._pending)
 
-    def feed(self, data: bytes) -> list[Packet]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Packet]:
         """Decode every complete packet in the buffered bytes plus ``data``."""
         if self._error is not None:
             raise self._error

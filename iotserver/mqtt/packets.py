@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple, Union
+from typing import NamedTuple, TypeAlias
 
 MQTT_3_1_1 = 4  #: protocol level of MQTT 3.1.1 (3.1.1 section 3.1.2.2)
 MQTT_5 = 5  #: protocol level of MQTT 5.0 (5.0 section 3.1.2.2)
@@ -456,10 +456,10 @@ class Auth:
     properties: Properties = NO_PROPERTIES
 
 
-Packet = Union[
-    Connect, Connack, Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Suback, Unsubscribe,
-    Unsuback, Pingreq, Pingresp, Disconnect, Auth,
-]
+Packet: TypeAlias = (
+    Connect | Connack | Publish | Puback | Pubrec | Pubrel | Pubcomp | Subscribe | Suback
+    | Unsubscribe | Unsuback | Pingreq | Pingresp | Disconnect | Auth
+)
 
 PACKET_TYPES: dict[type, PacketType] = {
     Connect: PacketType.CONNECT, Connack: PacketType.CONNACK, Publish: PacketType.PUBLISH,

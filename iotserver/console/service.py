@@ -1,0 +1,264 @@
+"""The SSH console service: twisted.conch on a Twisted endpoint, keys and admin passwords only.
+
+Authentication: public keys listed in the authorized_keys file (re-read at every login, so adding
+a key needs no restart; a file writable by others is ignored, as sshd does) and, when
+``password_login`` is on, passwords of ``admin`` users from the user file. The console runs
+arbitrary Python as the server, which is exactly what an admin can do; engineers and operators
+use the protocols. With neither keys nor passwords nobody can log in: there is no anonymous
+or "none" authentication.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from twisted.conch.checkers import IAuthorizedKeysDB, readAuthorizedKeyFile
+from twisted.conch.ssh import keys
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from iotserver.confparse import is_loopback_endpoint
+from iotserver.console.config import ConsoleConfig
+from iotserver.console.session import ConsoleContext, ConsoleRealm
+from iotserver.lifecycle import AsyncService, StartupError
+from iotserver.security.users import Role
+
+log = Logger(namespace="iotserver.console")
+
+# Roles allowed to log in with a password (see module docstring).
+CONSOLE_ROLES = frozenset({Role.ADMIN})
+
+DISCONNECT_BY_APPLICATION = 11  # RFC 4253 section 11.1
+
+
+def load_or_create_host_key(path: Path) -> tuple[keys.Key, bool]:
+    """The server's Ed25519 host key; created with mode 0600 on first start."""
+    created = False
+    if not path.exists():
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private = ed25519.Ed25519PrivateKey.generate()
+        data = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        key = keys.Key(private)
+        pub = path.with_name(path.name + ".pub")
+        pub.write_bytes(key.public().toString("openssh") + b" iotserver-console\n")
+        created = True
+    elif path.stat().st_mode & 0o077:
+        log.warn("console host key {path} is readable by others; chmod 600 it", path=str(path))
+    try:
+        return keys.Key.fromFile(str(path)), created
+    except (keys.BadKeyError, ValueError, OSError) as exc:
+        raise StartupError(f"console host key {path}: {exc}") from None
+
+
+@implementer(IAuthorizedKeysDB)
+class AuthorizedKeysFile:
+    """Public keys from an OpenSSH authorized_keys file, read at each login attempt.
+
+    Every key listed may log in under any user name (the name is only used in the log).
+    Options before the key type (``from=...``) are not supported; such lines are skipped.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def keys(self) -> list[keys.Key]:
+        try:
+            with open(self.path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    log.error("console: {path} is writable by group or others; ignoring it "
+                              "(chmod 600)", path=str(self.path))
+                    return []
+                return list(readAuthorizedKeyFile(f))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.error("console: cannot read {path}: {exc}", path=str(self.path), exc=str(exc))
+            return []
+
+    def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
+        return self.keys()
+
+
+@implementer(ICredentialsChecker)
+class UserPasswordChecker:
+    """Passwords of the user file (scrypt, verified in a thread); only console roles pass."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, core: Any) -> None:
+        self._core = core  # core.users may be replaced at start and reloaded: look it up late
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        name = credentials.username.decode("utf-8", "replace")
+        password = credentials.password.decode("utf-8", "replace")
+        d: Deferred[Any] = self._core.users.verify_deferred(name, password)
+
+        def check(user: Any) -> bytes:
+            if user is None:
+                log.warn("console: password login failed for {user!r}", user=name)
+                raise UnauthorizedLogin("wrong user name or password")
+            if user.role not in CONSOLE_ROLES:
+                log.warn("console: {user!r} has role {role}; only admin may use the console",
+                         user=name, role=user.role.value)
+                raise UnauthorizedLogin("role not allowed")
+            return credentials.username  # type: ignore[no-any-return]
+
+        return d.addCallback(check)
+
+
+def _factory_class() -> type:
+    """The SSH factory (conch's factory module imports the reactor: built on first use)."""
+    from twisted.conch.ssh.factory import SSHFactory
+    from twisted.conch.ssh.transport import SSHServerTransport
+
+    class ConsoleTransport(SSHServerTransport):  # type: ignore[misc]
+        def receiveError(self, reason_code: int, description: bytes) -> None:
+            # conch logs every client's goodbye as an error; only unusual reasons are news.
+            if reason_code == DISCONNECT_BY_APPLICATION:
+                return
+            log.info("console: client disconnected with code {code}: {text}",
+                     code=reason_code, text=description.decode("utf-8", "replace"))
+
+        def connectionLost(self, reason: Any) -> None:
+            super().connectionLost(reason)
+            self.factory.forget(self)
+
+    class ConsoleFactory(SSHFactory):  # type: ignore[misc]
+        protocol = ConsoleTransport
+
+        def __init__(self, portal: Any, host_key: keys.Key) -> None:
+            self.portal = portal
+            key_type = host_key.sshType()
+            self.publicKeys = {key_type: host_key.public()}
+            self.privateKeys = {key_type: host_key}
+            self.connections: dict[Any, Deferred[None]] = {}
+
+        def buildProtocol(self, addr: Any) -> Any:
+            proto = super().buildProtocol(addr)
+            self.connections[proto] = Deferred()
+            return proto
+
+        def forget(self, proto: Any) -> None:
+            d = self.connections.pop(proto, None)
+            if d is not None:
+                d.callback(None)
+
+        def disconnect_all(self, clock: Any, grace: float = 2.0) -> Deferred[Any]:
+            """Close every connection; abort those that do not close within ``grace`` s."""
+            waiting = list(self.connections.values())
+            for proto in list(self.connections):
+                try:
+                    proto.sendDisconnect(DISCONNECT_BY_APPLICATION, b"server shutting down")
+                except Exception:
+                    proto.transport.loseConnection()
+
+            def abort() -> None:
+                for proto in list(self.connections):
+                    proto.transport.abortConnection()
+
+            call = clock.callLater(grace, abort)
+            done = DeferredList(waiting)
+            done.addBoth(lambda _: call.cancel() if call.active() else None)
+            return done
+
+    return ConsoleFactory
+
+
+class ConsoleService(AsyncService):
+    """Listens on ``cfg.endpoint`` and serves console sessions until stopped."""
+
+    name = "console"
+
+    def __init__(self, core: Any, cfg: ConsoleConfig) -> None:
+        super().__init__()
+        self.core = core
+        self.cfg = cfg
+        self.factory: Any = None
+        self.port: Any = None
+        self.context: ConsoleContext | None = None
+        self.host_key_fingerprint = ""
+
+    @property
+    def sessions(self) -> set[Any]:
+        return self.context.sessions if self.context is not None else set()
+
+    async def start(self) -> None:
+        from twisted.cred.portal import Portal
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.error import CannotListenError
+
+        from twisted.conch.checkers import SSHPublicKeyChecker
+
+        data_dir = self.core.config.server.data_dir
+        host_key_path = self.cfg.host_key_path(data_dir)
+        host_key, created = load_or_create_host_key(host_key_path)
+        self.host_key_fingerprint = host_key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+        if created:
+            log.info("console: created host key {path}", path=str(host_key_path))
+        log.info("console host key fingerprint {fp}", fp=self.host_key_fingerprint)
+
+        authorized = AuthorizedKeysFile(self.cfg.authorized_keys_path(data_dir))
+        checkers: list[Any] = [SSHPublicKeyChecker(authorized)]
+        if self.cfg.password_login:
+            checkers.append(UserPasswordChecker(self.core))
+        clock = self.core.clock if hasattr(self.core.clock, "callLater") else reactor
+        self.context = ConsoleContext(self.core, clock)
+        portal = Portal(ConsoleRealm(self.context), checkers)
+        self.factory = _factory_class()(portal, host_key)
+
+        endpoint = serverFromString(reactor, self.cfg.endpoint)
+        try:
+            self.port = await endpoint.listen(self.factory)
+        except CannotListenError as exc:
+            raise StartupError(f"SSH console cannot listen on {self.cfg.endpoint}: "
+                               f"{exc.socketError or exc}") from None
+        self.core.listening("SSH console", self.cfg.endpoint)
+        self._warn_about_access(authorized)
+
+    def _warn_about_access(self, authorized: AuthorizedKeysFile) -> None:
+        if not is_loopback_endpoint(self.cfg.endpoint):
+            log.warn("the SSH console listens on {ep}, reachable from other hosts; it runs "
+                     "Python as the server: keep it on loopback unless you need it",
+                     ep=self.cfg.endpoint)
+        if authorized.keys():
+            return
+        admins = [u.name for u in self.core.users.users() if u.role in CONSOLE_ROLES]
+        if self.cfg.password_login and admins:
+            return
+        log.warn("console: nobody can log in yet. Add a public key with\n"
+                 "    mkdir -p {dir} && cat ~/.ssh/id_ed25519.pub >> {path} && chmod 600 {path}"
+                 "\nthen: ssh -p <port> admin@<host>", dir=str(authorized.path.parent),
+                 path=str(authorized.path))
+
+    async def stop(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            await port.stopListening()
+        if self.context is not None:
+            for session in list(self.context.sessions):
+                session.disconnect()
+        if self.factory is not None and self.factory.connections:
+            await self.factory.disconnect_all(self.context.clock if self.context else None)
+
+
+def make_service(core: Any, cfg: ConsoleConfig) -> ConsoleService:
+    return ConsoleService(core, cfg)
