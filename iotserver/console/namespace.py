@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import inspect
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -128,13 +129,26 @@ def to_ns(when: Any, now_ns: int) -> int | None:
     raise TypeError(f"expected None, seconds, nanoseconds, ISO-8601 text or a datetime, got {when!r}")
 
 
+# Deferreds the console made for work it started (asyncio coroutines): cancelled when the
+# session ends. Deferreds from the server itself (a write on its way to a PLC) never are.
+_owned: weakref.WeakSet[Deferred[Any]] = weakref.WeakSet()
+
+
 def as_deferred(obj: Any) -> Deferred[Any] | None:
     """A Deferred for a Deferred, an asyncio coroutine or future; None for anything else."""
     if isinstance(obj, Deferred):
         return obj
     if inspect.iscoroutine(obj) or isinstance(obj, asyncio.Future):
-        return Deferred.fromFuture(asyncio.ensure_future(obj))
+        d: Deferred[Any] = Deferred.fromFuture(asyncio.ensure_future(obj))
+        _owned.add(d)
+        return d
     return None
+
+
+def cancel_if_owned(d: Deferred[Any]) -> None:
+    """Cancel ``d`` when the console started the work behind it (see ``_owned``)."""
+    if d in _owned and not d.called:
+        d.cancel()
 
 
 class Tags:
@@ -322,17 +336,21 @@ def with_timeout(obj: Any, timeout: float, clock: Any) -> Deferred[Any]:
     if d.called:
         return d
     timed_out: list[bool] = []
-    out: Deferred[Any] = Deferred()
+    out: Deferred[Any] = Deferred(lambda _: d.cancel())  # cancelling out cancels the work
 
     def expire() -> None:
         timed_out.append(True)
         d.cancel()
 
     timer = clock.callLater(timeout, expire)
+    if d in _owned:
+        _owned.add(out)
 
     def settle(result: Any) -> None:
         if timer.active():
             timer.cancel()
+        if out.called:  # cancelled from outside: the result has nowhere to go
+            return
         if timed_out:
             out.errback(DeferTimeout(f"no result within {timeout:g} s"))
         elif isinstance(result, Failure):

@@ -21,6 +21,7 @@ from twisted.conch.avatar import ConchUser
 from twisted.conch.interfaces import IConchUser, ISession
 from twisted.conch.ssh.session import SSHSession
 from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -32,6 +33,7 @@ from iotserver.console.namespace import (
     ConsoleExit,
     WriteResult,
     as_deferred,
+    cancel_if_owned,
     display,
     make_namespace,
     with_timeout,
@@ -94,8 +96,11 @@ def evaluate(source: str, namespace: dict[str, Any], filename: str = "<ssh>") ->
 
 
 def error_line(exc: BaseException) -> str:
-    """The exception as the last line(s) of a traceback, without the frames."""
-    return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+    """The exception as the last line of a traceback, without the frames (or module path)."""
+    if isinstance(exc, SyntaxError):  # keeps the offending line and the caret
+        return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _Input:
@@ -150,6 +155,7 @@ class ConsoleSession:
         self._finished = False
         self._closed = False
         self._call: IDelayedCall | None = None
+        self._pending: Deferred[Any] | None = None  # an exec result being waited for
         self.context.sessions.add(self)
 
     # -- ISession ---------------------------------------------------------------------------
@@ -192,6 +198,9 @@ class ConsoleSession:
         self._finished = True
         if self._call is not None and self._call.active():
             self._call.cancel()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            cancel_if_owned(pending)
         self._terminal_lost()
         self.context.sessions.discard(self)
 
@@ -260,16 +269,18 @@ class ConsoleSession:
         if d is None:
             self._done(value)
             return
-        d = with_timeout(d, EXEC_TIMEOUT, self.context.clock)
-        d.addCallbacks(self._done, lambda f: self._fail("", f.value))
+        self._pending = with_timeout(d, EXEC_TIMEOUT, self.context.clock)
+        self._pending.addCallbacks(self._done, lambda f: self._fail("", f.value))
 
     def _done(self, value: Any) -> None:
+        self._pending = None
         if value is not None:
             self.send(self._text(display(value)))
         failed = isinstance(value, WriteResult) and not value.ok
         self.finish(1 if failed else 0)
 
     def _fail(self, output: str, exc: BaseException) -> None:
+        self._pending = None
         self.send(self._text(output))
         self.send(self._text(error_line(exc)), stderr=True)
         self.finish(1)
@@ -311,6 +322,8 @@ def console_manhole_class() -> type:
                 self.write(display(obj))
                 return
             later = [False]
+            self.handler.pending.add(d)
+            d.addBoth(lambda r: (self.handler.pending.discard(d), r)[1])
 
             def shown(result: Any) -> None:
                 self.locals["_"] = result
@@ -327,6 +340,7 @@ def console_manhole_class() -> type:
         gone = False
 
         def connectionMade(self) -> None:
+            self.pending: set[Deferred[Any]] = set()  # results still to print
             super().connectionMade()
             self.interpreter = ConsoleInterpreter(self, self.namespace)
 
@@ -354,5 +368,7 @@ def console_manhole_class() -> type:
 
         def connectionLost(self, reason: Any) -> None:
             self.gone = True
+            for d in list(self.pending):  # nobody is left to see them
+                cancel_if_owned(d)
 
     return ConsoleManhole

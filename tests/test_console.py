@@ -1,0 +1,313 @@
+"""The SSH console driven by the real OpenSSH client: exec, interactive pty, refused logins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogLevel, globalLogPublisher
+
+from iotserver import app, config
+from iotserver.security.users import Role, User, hash_password, save_users
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(shutil.which("ssh") is None or shutil.which("ssh-keygen") is None,
+                       reason="needs the OpenSSH client"),
+]
+
+SSH_COMMON = [
+    "-F", "/dev/null",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "ConnectTimeout=5",
+]
+
+
+def keygen(path: Path) -> Path:
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+@dataclass
+class Console:
+    port: int
+    data: Path
+    key: Path
+    core: Any
+    root: Any
+    errors: list[dict[str, Any]]
+
+    async def ssh(self, command: str, *, key: Path | None = None, user: str = "admin",
+                  extra: list[str] | None = None, env: dict[str, str] | None = None
+                  ) -> tuple[str, str, int]:
+        """Run the ssh client without blocking the reactor; (stdout, stderr, exit status)."""
+        args = SSH_COMMON + ["-p", str(self.port)] + (extra if extra is not None else [
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(key or self.key)])
+        args += [f"{user}@127.0.0.1", command]
+        out, err, code = await getProcessOutputAndValue(
+            shutil.which("ssh"), args, env=env or {"PATH": os.environ.get("PATH", "")})
+        return out.decode(), err.decode(), code
+
+
+def console_config(tmp_path: Path, port: int, extra: str = "") -> config.Config:
+    return config.parse(f"""
+[server]
+data_dir = "{tmp_path / 'data'}"
+
+[[tags]]
+path = "Site/Setpoint"
+type = "float32"
+unit = "bar"
+access = "readwrite"
+range = [0, 100]
+initial = 10
+history = 100
+
+[[tags]]
+path = "Site/Counter"
+type = "int32"
+initial = 3
+
+[[signals]]
+name = "Site/Vibration"
+sample_rate = 1000
+
+[console]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+{extra}
+""", source="test.toml")
+
+
+async def start_console(tmp_path: Path, port: int, extra: str = "", *,
+                        authorize: bool = True) -> Console:
+    key = keygen(tmp_path / "id_test")
+    data = tmp_path / "data"
+    if authorize:
+        (data / "console").mkdir(parents=True)
+        auth = data / "console" / "authorized_keys"
+        auth.write_bytes(b"# operators\n" + (tmp_path / "id_test.pub").read_bytes())
+        auth.chmod(0o600)
+    errors: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical) or "log_failure" in event:
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    root, core = app.build(console_config(tmp_path, port, extra), reactor)
+    root.startService()
+    await core.services["console"].started
+    console = Console(port, data, key, core, root, errors)
+    console._observer = observe  # type: ignore[attr-defined]
+    return console
+
+
+async def stop_console(console: Console) -> None:
+    await console.root.stopService()
+    globalLogPublisher.removeObserver(console._observer)  # type: ignore[attr-defined]
+
+
+@pytest_twisted.async_yield_fixture
+async def console(tmp_path: Path, free_port: int) -> AsyncIterator[Console]:
+    c = await start_console(tmp_path, free_port)
+    yield c
+    await stop_console(c)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_expression_statements_and_errors(console: Console) -> None:
+    out, err, code = await console.ssh("6 * 7")
+    assert (out, code) == ("42\n", 0), err
+    out, err, code = await console.ssh("x = tags.read('Site/Counter').value; print('x is', x); x + 1")
+    assert (out, code) == ("x is 3\n4\n", 0), err
+    out, err, code = await console.ssh("print('before'); 1 / 0")
+    assert code == 1
+    assert out == "before\n"
+    assert err.strip() == "ZeroDivisionError: division by zero"
+    out, err, code = await console.ssh("tags.read('No/Such')")
+    assert code == 1 and err.strip() == "NotFound: unknown tag 'No/Such'"
+    out, err, code = await console.ssh("exit(3)")
+    assert code == 3
+    assert console.errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_write_waits_for_the_quality(console: Console) -> None:
+    out, _, code = await console.ssh("tags.write('Site/Setpoint', 42.5)")
+    assert (out, code) == ("Site/Setpoint <- 42.5: Good\n", 0)
+    assert console.core.store.read("Site/Setpoint").value == pytest.approx(42.5)
+    out, _, code = await console.ssh("tags.write('Site/Setpoint', 500)")
+    assert (out, code) == ("Site/Setpoint <- 500: BadOutOfRange\n", 1)
+    out, _, code = await console.ssh("h = history('Site/Setpoint'); list(h.values)")
+    assert code == 0 and "42.5" in out
+    out, _, code = await console.ssh("tags.show('Site/*')")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["path", "value", "quality"]
+    assert lines[2].startswith("Site/Setpoint") and "42.5 bar" in lines[2] and "Good" in lines[2]
+    out, _, code = await console.ssh("wait(__import__('asyncio').sleep(0.05, 'slept'))")
+    assert (out, code) == ("'slept'\n", 0)
+    out, err, code = await console.ssh("wait(__import__('asyncio').sleep(5), timeout=0.1)")
+    assert code == 1 and "TimeoutError" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_key_is_refused(console: Console, tmp_path: Path) -> None:
+    stranger = keygen(tmp_path / "id_stranger")
+    out, err, code = await console.ssh("1", key=stranger)
+    assert code == 255 and out == ""
+    assert "Permission denied" in err
+    # no password method offered while password_login is off
+    assert "password" not in err
+
+
+def drive_pty(port: int, key: Path) -> tuple[bytes, int | None]:
+    """An interactive session through a pty: expression, window resize, Ctrl-D (blocking)."""
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    args = ["ssh", "-tt", *SSH_COMMON, "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-i", str(key), "admin@127.0.0.1"]
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def expect(token: bytes, timeout: float = 10.0) -> bool:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while token not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        return token in seen
+
+    try:
+        if expect(b">>> "):
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
+            proc.send_signal(signal.SIGWINCH)
+            os.write(master, b"6 * 7\r")
+            expect(b"42")
+            os.write(master, b"tags.write('Site/Setpoint', 7)\r")
+            expect(b"Good")
+            os.write(master, b"\x04")  # Ctrl-D
+        status = proc.wait(timeout=10)
+        expect(b"\x00", 0.2)  # drain what is left
+        return seen, status
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return seen, None
+    finally:
+        os.close(master)
+
+
+@pytest_twisted.ensureDeferred
+async def test_interactive_session_resize_and_ctrl_d(console: Console) -> None:
+    seen, status = await threads.deferToThread(drive_pty, console.port, console.key)
+    text = seen.decode("utf-8", "replace")
+    assert "iotserver console" in text
+    assert "42" in text
+    assert "Site/Setpoint <- 7: Good" in text
+    assert status == 0
+    assert console.errors == []
+    assert console.core.services["console"].sessions == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None:
+    users = tmp_path / "data" / "users.toml"
+    users.parent.mkdir(parents=True)
+    save_users(users, [User("boss", Role.ADMIN, hash_password("s3cret")),
+                       User("eng", Role.ENGINEER, hash_password("engpw"))])
+    askpass = tmp_path / "askpass.sh"
+    askpass.write_text('#!/bin/sh\necho "$CONSOLE_TEST_PASSWORD"\n')
+    askpass.chmod(0o700)
+    c = await start_console(tmp_path, free_port, "password_login = true", authorize=False)
+    try:
+        async def login(user: str, password: str) -> tuple[str, str, int]:
+            env = {"PATH": os.environ.get("PATH", ""), "SSH_ASKPASS": str(askpass),
+                   "SSH_ASKPASS_REQUIRE": "force", "CONSOLE_TEST_PASSWORD": password}
+            extra = ["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password",
+                     "-o", "NumberOfPasswordPrompts=1"]
+            return await c.ssh("'hello'", user=user, extra=extra, env=env)
+
+        assert await login("boss", "s3cret") == ("'hello'\n", "", 0)
+        out, err, code = await login("boss", "wrong")
+        assert code == 255 and "Permission denied" in err
+        out, err, code = await login("eng", "engpw")  # right password, role not allowed
+        assert code == 255 and "Permission denied" in err
+        assert c.errors == []
+    finally:
+        await stop_console(c)
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_port: int) -> None:
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            from twisted.logger import formatEvent
+
+            warnings.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        c = await start_console(tmp_path, free_port, authorize=False)
+        fingerprint = c.core.services["console"].host_key_fingerprint
+        host_key = c.data / "console" / "ssh_host_ed25519_key"
+        assert stat.S_IMODE(host_key.stat().st_mode) == 0o600
+        assert (c.data / "console" / "ssh_host_ed25519_key.pub").exists()
+        assert any("nobody can log in" in w and "authorized_keys" in w for w in warnings)
+        out, err, code = await c.ssh("1")
+        assert code == 255 and "Permission denied" in err
+        await stop_console(c)
+        root, core = app.build(console_config(tmp_path, free_port), reactor)
+        root.startService()
+        await core.services["console"].started
+        assert core.services["console"].host_key_fingerprint == fingerprint
+        await root.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_open_sessions(console: Console) -> None:
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    service = console.core.services["console"]
+    running = Deferred.fromCoroutine(
+        console.ssh("wait(__import__('asyncio').sleep(30), timeout=30)"))
+    for _ in range(200):
+        await task.deferLater(reactor, 0.05, lambda: None)
+        if service.sessions:
+            break
+    assert service.sessions
+    await service.stopService()
+    out, err, code = await running
+    assert code != 0 and out == ""
+    assert service.sessions == set()
