@@ -65,6 +65,28 @@ def test_twistd_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "memory_tags.sqlite3").exists()
 
 
+def test_iotserver_run_is_the_twistd_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[simulator]\nenabled = true\n")
+    proc = subprocess.Popen(
+        ["iotserver", "run", "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
+        cwd=tmp_path,
+    )
+    lines: list[str] = []
+    try:
+        assert _wait_for(proc, "iotserver ready", lines), "".join(lines)
+        assert any("AsyncioSelectorReactor" in line for line in lines)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Server Shut Down" in out
+    assert not (tmp_path / "twistd.pid").exists()
+
+
 def test_wrong_reactor_is_one_clear_line(tmp_path: Path) -> None:
     res = subprocess.run(
         ["twistd", "-n", "--pidfile=", "iotserver"], capture_output=True, text=True,

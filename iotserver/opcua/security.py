@@ -1,0 +1,450 @@
+"""OPC UA security: application certificate, trust list with rejected folder, users and roles.
+
+PKI folder (the layout OPC UA stacks share, Part 12 F.1)::
+
+    <pki_dir>/own/certs/iotserver.der      our application instance certificate
+    <pki_dir>/own/private/iotserver.pem    its key (0600)
+    <pki_dir>/trusted/certs/  trusted/crl/  client certificates / CAs we trust, their CRLs
+    <pki_dir>/issuers/certs/  issuers/crl/  CAs used to build chains (not trusted by themselves)
+    <pki_dir>/rejected/certs/               copies of refused certificates
+
+An unknown client certificate is refused with Bad_CertificateUntrusted and copied into
+``rejected/certs``; the operator trusts it by moving the file to ``trusted/certs`` (picked up on
+the next connection attempt, no restart). Certificates issued by the server's local CA
+(``<data_dir>/tls/ca.pem``) are trusted as well: whoever holds that CA key administers the server.
+
+Users: username/password against the shared user file (scrypt, verified synchronously during
+ActivateSession because asyncua calls the user manager synchronously: tens of ms per login,
+repeated failures are throttled), X509 user tokens mapped to users by certificate CN or SAN
+(the user certificate must itself be trusted), anonymous only when configured. Roles:
+operator = read-only, engineer = read/write, admin = read/write and source control. No role
+may change the address space (AddNodes etc. are refused for everyone: ``allow_remote_admin``
+off, and no session is ever an asyncua Admin).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User, UserRole
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from iotserver.security import pki
+from iotserver.security.users import Role, UserDB
+
+log = logging.getLogger("iotserver.opcua")
+
+MAX_REJECTED_FILES = 200  # a scanner must not fill the disk with rejected certificates
+
+
+# --------------------------------------------------------------------------- application cert
+
+
+@dataclass(frozen=True)
+class AppCert:
+    cert_path: Path
+    key_path: Path
+    cert: x509.Certificate
+    created: bool
+
+
+def _san_uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _self_signed_app_cert(application_uri: str, common_name: str, dns: list[str],
+                          ips: list[str], days: int = 825) -> tuple[x509.Certificate, Any]:
+    """A self-signed application instance certificate (Part 6 6.2.2), when no CA key exists."""
+    import ipaddress
+
+    key = pki.generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _dt.datetime.now(_dt.UTC)
+    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+    alt += [x509.DNSName(d) for d in dns]
+    alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
+                                     key_encipherment=True, data_encipherment=True,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def ensure_app_cert(pki_dir: Path, application_uri: str, *, hostnames: list[str],
+                    ip_addresses: list[str], ca_cert: x509.Certificate | None,
+                    ca_key_path: Path | None) -> AppCert:
+    """Load our application certificate, (re)issuing it when missing, expired or for another URI.
+
+    Signed by the server's local CA when its key is available, else self-signed.
+    """
+    layout(pki_dir)
+    cert_path = pki_dir / "own" / "certs" / "iotserver.der"
+    key_path = pki_dir / "own" / "private" / "iotserver.pem"
+    if cert_path.exists() and key_path.exists():
+        cert = pki.load_cert(cert_path)
+        key = pki.load_key(key_path)
+        now = _dt.datetime.now(_dt.UTC)
+        fresh = cert.not_valid_after_utc > now + _dt.timedelta(days=1)
+        if cert.public_key() == key.public_key() and fresh and \
+                application_uri in _san_uris(cert):
+            return AppCert(cert_path, key_path, cert, False)
+        log.warning("OPC UA application certificate %s is expired or names another "
+                    "ApplicationUri: issuing a new one", cert_path)
+    common_name = f"iotserver@{(hostnames or ip_addresses or ['localhost'])[0]}"
+    ca_key = None
+    if ca_cert is not None and ca_key_path is not None and ca_key_path.exists():
+        candidate = pki.load_key(ca_key_path)
+        if candidate.public_key() == ca_cert.public_key():
+            ca_key = candidate
+    if ca_key is not None and ca_cert is not None:
+        cert, key = pki.issue_opcua_app_cert(
+            ca_cert, ca_key, application_uri, common_name=common_name,  # type: ignore[arg-type]
+            dns_names=hostnames, ip_addresses=ip_addresses)
+    else:
+        cert, key = _self_signed_app_cert(application_uri, common_name, hostnames, ip_addresses)
+    pki.write_key_pem(key, key_path, force=True)
+    pki.write_cert_der(cert, cert_path, force=True)
+    if ca_key is not None and ca_cert is not None:
+        # clients that verify chains find our issuer here too
+        issuer_copy = pki_dir / "issuers" / "certs" / "iotserver-ca.der"
+        pki.write_cert_der(ca_cert, issuer_copy, force=True)
+    return AppCert(cert_path, key_path, cert, True)
+
+
+def layout(pki_dir: Path) -> None:
+    for sub in ("own/certs", "own/private", "trusted/certs", "trusted/crl", "issuers/certs",
+                "issuers/crl", "rejected/certs"):
+        (pki_dir / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(pki_dir / "own" / "private", 0o700)
+
+
+# --------------------------------------------------------------------------- trust list
+
+
+def thumbprint(cert: x509.Certificate) -> str:
+    return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = attrs[0].value if attrs else ""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def _load_certs(folder: Path) -> list[x509.Certificate]:
+    out: list[x509.Certificate] = []
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in (".der", ".pem", ".crt", ".cer"):
+            try:
+                out += pki.load_cert_chain(path)
+            except (ValueError, OSError) as exc:
+                log.warning("PKI: ignoring %s: %s", path, exc)
+    return out
+
+
+def _load_crls(folder: Path) -> list[x509.CertificateRevocationList]:
+    out: list[x509.CertificateRevocationList] = []
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in (".crl", ".der", ".pem"):
+            continue
+        try:
+            data = path.read_bytes()
+            out.append(x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----")
+                       else x509.load_der_x509_crl(data))
+        except (ValueError, OSError) as exc:
+            log.warning("PKI: ignoring CRL %s: %s", path, exc)
+    return out
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+class TrustList:
+    """The trusted/issuers/rejected folders, re-read whenever one of them changes."""
+
+    def __init__(self, pki_dir: Path, extra_anchors: list[x509.Certificate] = ()) -> None:
+        self.pki_dir = pki_dir
+        self._extra = list(extra_anchors)
+        self._stamp: tuple[float, ...] = ()
+        self._trusted: list[x509.Certificate] = []
+        self._trusted_der: set[bytes] = set()
+        self._issuers: list[x509.Certificate] = []
+        self._crls: list[x509.CertificateRevocationList] = []
+
+    def _folders(self) -> list[Path]:
+        p = self.pki_dir
+        return [p / "trusted", p / "trusted" / "certs", p / "trusted" / "crl",
+                p / "issuers" / "certs", p / "issuers" / "crl"]
+
+    def refresh(self) -> None:
+        stamp = tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in self._folders())
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        p = self.pki_dir
+        self._trusted = _load_certs(p / "trusted") + _load_certs(p / "trusted" / "certs")
+        self._trusted += self._extra
+        self._trusted_der = {c.public_bytes(serialization.Encoding.DER) for c in self._trusted}
+        self._issuers = _load_certs(p / "issuers" / "certs")
+        self._crls = _load_crls(p / "trusted" / "crl") + _load_crls(p / "issuers" / "crl")
+
+    def check(self, cert: x509.Certificate) -> int:
+        """0 when trusted and valid, else the OPC UA status code (Part 4 6.1.3, Table 106)."""
+        self.refresh()
+        chain = self._chain(cert)
+        if chain is None:
+            return ua.StatusCodes.BadCertificateUntrusted
+        now = _dt.datetime.now(_dt.UTC)
+        for link in chain:
+            if not link.not_valid_before_utc <= now <= link.not_valid_after_utc:
+                return (ua.StatusCodes.BadCertificateTimeInvalid if link is cert
+                        else ua.StatusCodes.BadCertificateIssuerTimeInvalid)
+        for child, issuer in zip(chain, chain[1:], strict=False):
+            for crl in self._crls:
+                if crl.issuer == issuer.subject and \
+                        crl.get_revoked_certificate_by_serial_number(child.serial_number):
+                    return (ua.StatusCodes.BadCertificateRevoked if child is cert
+                            else ua.StatusCodes.BadCertificateIssuerRevoked)
+        return 0
+
+    def _chain(self, cert: x509.Certificate) -> list[x509.Certificate] | None:
+        """cert .. trust anchor, or None when no chain leads to a trusted certificate."""
+        if cert.public_bytes(serialization.Encoding.DER) in self._trusted_der:
+            return [cert]
+        chain = [cert]
+        current = cert
+        for _ in range(8):
+            anchor = next((t for t in self._trusted if _is_ca(t) and _issued_by(current, t)),
+                          None)
+            if anchor is not None:
+                return chain + [anchor]
+            nxt = next((i for i in self._issuers
+                        if _is_ca(i) and i not in chain and _issued_by(current, i)), None)
+            if nxt is None:
+                return None
+            chain.append(nxt)
+            current = nxt
+        return None
+
+    def reject(self, cert: x509.Certificate) -> Path | None:
+        """Copy a refused certificate into ``rejected/certs`` for the operator to review."""
+        folder = self.pki_dir / "rejected" / "certs"
+        name = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in _common_name(cert))
+        path = folder / f"{name or 'certificate'} [{thumbprint(cert)}].der"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                return path
+            if sum(1 for _ in folder.iterdir()) >= MAX_REJECTED_FILES:
+                log.warning("PKI: %s holds %d files; not storing more rejected certificates",
+                            folder, MAX_REJECTED_FILES)
+                return None
+            pki.write_cert_der(cert, path)
+        except (OSError, FileExistsError) as exc:
+            log.warning("PKI: cannot store rejected certificate: %s", exc)
+            return None
+        return path
+
+
+class ClientCertificateValidator:
+    """asyncua ``certificate_validator``: trust list, validity, ApplicationUri (Part 4 Table 106)."""
+
+    def __init__(self, trust: TrustList) -> None:
+        self.trust = trust
+
+    async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        code = self.trust.check(cert)
+        if code == ua.StatusCodes.BadCertificateUntrusted:
+            path = self.trust.reject(cert)
+            log.warning("OPC UA: refused untrusted client certificate %r (%s); to trust it, "
+                        "move %s to %s", _common_name(cert), app.ApplicationUri, path,
+                        self.trust.pki_dir / "trusted" / "certs")
+        if code:
+            raise ServiceError(code)
+        if app.ApplicationUri not in _san_uris(cert):
+            log.warning("OPC UA: client certificate %r does not name ApplicationUri %s",
+                        _common_name(cert), app.ApplicationUri)
+            raise ServiceError(ua.StatusCodes.BadCertificateUriInvalid)
+
+
+# --------------------------------------------------------------------------- users
+
+
+@dataclass
+class IotUser(User):
+    """asyncua User (role ``User`` for everyone) with our role and login kind."""
+
+    access: str = "operator"  # operator | engineer | admin
+    via: str = "anonymous"  # anonymous | password | certificate
+
+    @property
+    def can_write(self) -> bool:
+        return self.access in ("engineer", "admin")
+
+
+class IotRuleset(PermissionRuleset):
+    """Every session may use the ordinary services; none may change the address space."""
+
+    def __init__(self) -> None:
+        self._allowed = frozenset(ua.NodeId(t) for t in USER_TYPES)
+
+    def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
+        return action_type_id in self._allowed
+
+
+@dataclass
+class _Throttle:
+    """After ``limit`` failed logins for a name within ``window`` s, refuse it for ``block`` s.
+
+    scrypt costs tens of ms of event loop time per attempt; this bounds what a password
+    guesser can take, at the price of a short lockout for the attacked name.
+    """
+
+    limit: int = 5
+    window: float = 60.0
+    block: float = 30.0
+    failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def blocked(self, name: str, now: float) -> bool:
+        recent = [t for t in self.failures.get(name, []) if now - t < self.window]
+        if recent:
+            self.failures[name] = recent
+        else:
+            self.failures.pop(name, None)
+        return len(recent) >= self.limit and now - recent[-1] < self.block
+
+    def failed(self, name: str, now: float) -> None:
+        self.failures.setdefault(name, []).append(now)
+        if len(self.failures) > 10_000:  # bounded memory under a spray of names
+            self.failures.pop(next(iter(self.failures)))
+
+
+def certificate_identities(cert: x509.Certificate) -> list[str]:
+    """CN, then SAN URIs, e-mail addresses and DNS names: the keys ``user_for_certificate`` uses."""
+    out = [_common_name(cert)] if _common_name(cert) else []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for kind in (x509.UniformResourceIdentifier, x509.RFC822Name, x509.DNSName):
+            out += list(san.get_values_for_type(kind))
+    except x509.ExtensionNotFound:
+        pass
+    return out
+
+
+class IotUserManager:
+    """asyncua user manager over the shared user file (see module docstring)."""
+
+    def __init__(self, users: Callable[[], UserDB], trust: TrustList, *,
+                 allow_anonymous: bool) -> None:
+        self._users = users
+        self._trust = trust
+        self.allow_anonymous = allow_anonymous
+        self.throttle = _Throttle()
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        if username is not None:
+            return self._password_login(username, password or "")
+        if certificate:
+            return self._certificate_login(certificate)
+        if self.allow_anonymous:
+            return IotUser(role=UserRole.User, name="anonymous", access="operator",
+                           via="anonymous")
+        return None
+
+    def _password_login(self, name: str, password: str) -> User | None:
+        now = time.monotonic()
+        if self.throttle.blocked(name, now):
+            log.warning("OPC UA: login for %r refused: too many failed attempts", name)
+            return None
+        user = self._users().verify(name, password)
+        if user is None:
+            self.throttle.failed(name, now)
+            log.warning("OPC UA: failed password login for %r", name)
+            return None
+        return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
+                       via="password")
+
+    def _certificate_login(self, der: bytes) -> User | None:
+        try:
+            cert = x509.load_der_x509_certificate(bytes(der))
+        except ValueError:
+            return None
+        code = self._trust.check(cert)
+        if code:
+            if code == ua.StatusCodes.BadCertificateUntrusted:
+                self._trust.reject(cert)
+            log.warning("OPC UA: user certificate %r refused: %s", _common_name(cert),
+                        ua.StatusCode(code).name)
+            return None
+        db = self._users()
+        for identity in certificate_identities(cert):
+            user = db.user_for_certificate(identity)
+            if user is not None:
+                return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
+                               via="certificate")
+        log.warning("OPC UA: user certificate %r is trusted but mapped to no user "
+                    "(add it to a user's 'certificates' list)", _common_name(cert))
+        return None
+
+
+def role_of(user: Any) -> str:
+    """Our role name for an asyncua session user (server-internal sessions count as admin)."""
+    if isinstance(user, IotUser):
+        return user.access
+    if isinstance(user, User) and user.role == UserRole.Admin:
+        return "admin"
+    return "operator"
+
+
+def can_write(user: Any) -> bool:
+    return role_of(user) in (Role.ENGINEER.value, Role.ADMIN.value)
