@@ -69,8 +69,9 @@ class Core:
             if self.config.server.users_file.exists():
                 self.users.path = self.config.server.users_file
                 self.users.reload()
-                log.info("reloaded {n} users from {path}", n=len(self.users),
-                         path=str(self.users.path))
+                log.info(
+                    "reloaded {n} users from {path}", n=len(self.users), path=str(self.users.path)
+                )
         except UserFileError as exc:
             problems.append(str(exc))
         for hook in list(self.reload_hooks):
@@ -111,13 +112,18 @@ class CoreService(Service):
                 raise StartupError(str(exc)) from None
             log.info("{n} users loaded from {path}", n=len(self.core.users), path=str(users_file))
         else:
-            log.info("no user file at {path}: password logins are off until "
-                     "'iotserver users add' creates it", path=str(users_file))
+            log.info(
+                "no user file at {path}: password logins are off until "
+                "'iotserver users add' creates it",
+                path=str(users_file),
+            )
         self._ensure_tls()
         if not self._defined:
             self._define_tags()
             self._defined = True
-        self.core.store.register_owner("memory", MemoryOwner(self.core.store, self.core.persistence))
+        self.core.store.register_owner(
+            "memory", MemoryOwner(self.core.store, self.core.persistence)
+        )
 
     def _ensure_tls(self) -> None:
         """Load the configured certificate, or create a local CA and server certificate."""
@@ -128,8 +134,12 @@ class CoreService(Service):
             if cfg.tls.cert is not None and cfg.tls.key is not None:
                 ca_path = cfg.tls.ca or cfg.tls.cert
                 material = pki.TlsMaterial(
-                    ca_path, cfg.tls.cert, cfg.tls.key,
-                    pki.load_cert(ca_path), pki.load_cert(cfg.tls.cert), pki.load_key(cfg.tls.key),
+                    ca_path,
+                    cfg.tls.cert,
+                    cfg.tls.key,
+                    pki.load_cert(ca_path),
+                    pki.load_cert(cfg.tls.cert),
+                    pki.load_key(cfg.tls.key),
                 )
             else:
                 material = pki.ensure_server_material(
@@ -166,8 +176,12 @@ class CoreService(Service):
                     initial = TagValue(value, Quality(quality), ts, store.now_ns())
                     restored += 1
                 except (ValueError, TypeError):
-                    log.warn("memory tag {path}: saved value {v!r} no longer fits, using the "
-                             "configured initial value", path=tag.path, v=value)
+                    log.warn(
+                        "memory tag {path}: saved value {v!r} no longer fits, using the "
+                        "configured initial value",
+                        path=tag.path,
+                        v=value,
+                    )
             store.define(tag, initial)
             if tag.historize and _historizable(tag):
                 ring = core.rings.create(f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag))
@@ -199,6 +213,7 @@ class ServerRoot(MultiService):
         self.failed: str | None = None
         self.shutdown_timeout: float | None = None
         self.clock: IReactorTime | None = None
+        self.core: Core | None = None
 
     def startService(self) -> None:
         try:
@@ -214,8 +229,12 @@ class ServerRoot(MultiService):
         children = [c for c in self if isinstance(c, AsyncService) and c.started is not None]
 
         def _ready(_: object) -> None:
-            if not any(c.failure for c in children):
-                log.info("iotserver ready")
+            if any(c.failure for c in children):
+                return
+            listeners = self.core.listeners if self.core is not None else []
+            for what, where in listeners:
+                log.info("  {what:<14} {where}", what=what, where=where)
+            log.info("iotserver ready: {n} listeners", n=len(listeners))
 
         def _when_running() -> None:
             # "ready" only once the reactor runs (signal handlers installed, listeners up)
@@ -231,8 +250,9 @@ class ServerRoot(MultiService):
         if self.shutdown_timeout and self.clock is not None:
             # Bounded shutdown: a service that hangs must not keep SIGTERM from working.
             def _late(failure: Failure) -> None:
-                log.warn("services did not stop within {t} s; exiting anyway",
-                         t=self.shutdown_timeout)
+                log.warn(
+                    "services did not stop within {t} s; exiting anyway", t=self.shutdown_timeout
+                )
 
             d.addTimeout(self.shutdown_timeout, self.clock)
             d.addErrback(_late)
@@ -251,17 +271,21 @@ def _ring_dtype(tag: TagDef) -> Any:
     return np.float64
 
 
-def build(config: Config, clock: IReactorTime, *, stop_reactor: Callable[[], None] | None = None
-          ) -> tuple[ServerRoot, Core]:
+def build(
+    config: Config, clock: IReactorTime, *, stop_reactor: Callable[[], None] | None = None
+) -> tuple[ServerRoot, Core]:
     """The whole server as one MultiService (not started)."""
     import importlib
 
     store = TagStore(clock, write_timeout=config.server.write_timeout)
     rings = RingRegistry(max_bytes=config.history.max_bytes)
-    core = Core(config=config, clock=clock, store=store, rings=rings, signals=SignalHub(store, rings))
+    core = Core(
+        config=config, clock=clock, store=store, rings=rings, signals=SignalHub(store, rings)
+    )
     root = ServerRoot()
     root.stop_reactor = stop_reactor
     root.clock = clock
+    root.core = core
 
     plant = None
     if config.simulator.enabled:
@@ -313,8 +337,11 @@ def summary_lines(config: Config) -> list[str]:
         "simulator: "
         + (f"on, prefix {config.simulator.prefix!r}" if config.simulator.enabled else "off"),
         "TLS certificate: "
-        + ("generated in <data_dir>/tls on first start" if config.tls.generated
-           else str(config.tls.cert)),
+        + (
+            "generated in <data_dir>/tls on first start"
+            if config.tls.generated
+            else str(config.tls.cert)
+        ),
     ]
     for name, section in config.sections.items():
         describe = getattr(section, "summary", None)

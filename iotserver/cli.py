@@ -57,7 +57,9 @@ def _cmd_show_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+def build_parser() -> tuple[
+    argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]
+]:
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -67,7 +69,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
 
     p = sub.add_parser("run", help="run the server in the foreground (twistd -n --reactor=asyncio)")
-    p.add_argument("--config", "-c", help="TOML configuration file (default: built-in simulated plant)")
+    p.add_argument(
+        "--config", "-c", help="TOML configuration file (default: built-in simulated plant)"
+    )
     p.add_argument("--logfile", "-l", help="log file (default: stdout)")
     p.add_argument(
         "--pidfile", default="", help="pid file (default: none; twistd's own default is twistd.pid)"

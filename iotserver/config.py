@@ -88,7 +88,6 @@ class ServerConfig:
     users_file: Path
 
 
-
 @dataclass(frozen=True)
 class TlsConfig:
     """Server certificate for every TLS listener; generated in ``<data_dir>/tls`` when unset."""
@@ -212,7 +211,7 @@ def parse_tag(r: Reader, *, owner: str = "memory", history_default: int = 10_000
         history = history_raw
     else:
         raise r.error("history", "expected true/false or a capacity in samples (integer >= 0)")
-    if history and (not data_type.is_numeric and data_type is not DataType.BOOLEAN or shape):
+    if history and ((not data_type.is_numeric and data_type is not DataType.BOOLEAN) or shape):
         raise r.error("history", f"only numeric and boolean scalars are historized, not {path}")
     tag_owner = r.str("owner", owner)
     persist = r.bool("persist", tag_owner == "memory" and access_text == "readwrite")

@@ -198,7 +198,7 @@ class Reader:
     def _check_range(self, name: str, value: Any, lo: Any, hi: Any) -> None:
         if value is None:
             return
-        if lo is not None and value < lo or hi is not None and value > hi:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"{lo if lo is not None else '-inf'} .. {hi if hi is not None else 'inf'}"
             raise self.error(name, f"expected a value in {bounds}, got {value!r}")
 
@@ -215,9 +215,11 @@ class Reader:
         value = self._typed(
             name,
             default,
-            lambda v: isinstance(v, list)
-            and len(v) == 2
-            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v),
+            lambda v: (
+                isinstance(v, list)
+                and len(v) == 2
+                and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+            ),
             "an array of two numbers [low, high]",
         )
         if value is None:

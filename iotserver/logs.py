@@ -23,7 +23,9 @@ QUIET_LIBRARIES = ("asyncua", "pymodbus", "aiosqlite")
 
 class TwistedLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        level = next((lv for threshold, lv in _LEVELS if record.levelno >= threshold), LogLevel.debug)
+        level = next(
+            (lv for threshold, lv in _LEVELS if record.levelno >= threshold), LogLevel.debug
+        )
         try:
             text = record.getMessage()
         except Exception:  # a library's bad format string must not break logging

@@ -15,7 +15,7 @@ from iotserver.tags.model import Quality
 def make_config(tmp_path: Path, extra: str = "") -> config.Config:
     text = f"""
 [server]
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 
 [simulator]
 enabled = true

@@ -34,6 +34,15 @@ SSH_COMMON = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tcp_fd_reserved() -> None:
+    """Twisted reserves one fd (/dev/null) process-wide on its first listenTCP; not our leak."""
+    from twisted.internet.protocol import Factory
+
+    port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    pytest_twisted.blockon(port.stopListening())
+
+
 def keygen(path: Path) -> Path:
     import subprocess
 
@@ -131,7 +140,8 @@ async def console(tmp_path: Path, free_port: int) -> AsyncIterator[Console]:
 async def test_exec_expression_statements_and_errors(console: Console) -> None:
     out, err, code = await console.ssh("6 * 7")
     assert (out, code) == ("42\n", 0), err
-    out, err, code = await console.ssh("x = tags.read('Site/Counter').value; print('x is', x); x + 1")
+    out, err, code = await console.ssh(
+        "x = tags.read('Site/Counter').value; print('x is', x); x + 1")
     assert (out, code) == ("x is 3\n4\n", 0), err
     out, err, code = await console.ssh("print('before'); 1 / 0")
     assert code == 1
@@ -255,9 +265,9 @@ async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None
             return await c.ssh("'hello'", user=user, extra=extra, env=env)
 
         assert await login("boss", "s3cret") == ("'hello'\n", "", 0)
-        out, err, code = await login("boss", "wrong")
+        _, err, code = await login("boss", "wrong")
         assert code == 255 and "Permission denied" in err
-        out, err, code = await login("eng", "engpw")  # right password, role not allowed
+        _, err, code = await login("eng", "engpw")  # right password, role not allowed
         assert code == 255 and "Permission denied" in err
         assert c.errors == []
     finally:
@@ -282,7 +292,7 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
         assert stat.S_IMODE(host_key.stat().st_mode) == 0o600
         assert (c.data / "console" / "ssh_host_ed25519_key.pub").exists()
         assert any("nobody can log in" in w and "authorized_keys" in w for w in warnings)
-        out, err, code = await c.ssh("1")
+        _, err, code = await c.ssh("1")
         assert code == 255 and "Permission denied" in err
         await stop_console(c)
         root, core = app.build(console_config(tmp_path, free_port), reactor)
@@ -308,6 +318,6 @@ async def test_stop_closes_open_sessions(console: Console) -> None:
             break
     assert service.sessions
     await service.stopService()
-    out, err, code = await running
+    out, _, code = await running
     assert code != 0 and out == ""
     assert service.sessions == set()

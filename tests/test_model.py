@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from iotserver.tags.model import (
-    Access, CoerceError, DataType, DeadbandKind, Quality, Scaling, TagDef, coerce,
+    Access,
+    CoerceError,
+    DataType,
+    DeadbandKind,
+    Quality,
+    Scaling,
+    TagDef,
+    coerce,
 )
 
 

@@ -28,13 +28,16 @@ def make_plant(update_hz: float = 10.0) -> tuple[SimulatedPlant, TagStore, Clock
 
 
 def test_a_few_dozen_tags_all_good_after_first_step() -> None:
-    plant, store, clock, _ = make_plant()
+    plant, store, _clock, _ = make_plant()
     plant.startService()
     try:
         values = store.read_many("Plant/**")
         assert 30 <= len(values) <= 80
-        bad = [p for p, v in values.items() if v.quality is not Quality.GOOD
-               and not p.startswith("Plant/Vib")]
+        bad = [
+            p
+            for p, v in values.items()
+            if v.quality is not Quality.GOOD and not p.startswith("Plant/Vib")
+        ]
         assert bad == []
         writable = [t.path for t in store.tags("Plant/**") if t.writable]
         assert "Plant/Line1/Press1/TemperatureSetpoint" in writable

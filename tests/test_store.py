@@ -8,10 +8,22 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from iotserver.tags.model import (
-    Access, Change, DataType, DeadbandKind, Quality, TagDef, TagValue, Update,
+    Access,
+    Change,
+    DataType,
+    DeadbandKind,
+    Quality,
+    TagDef,
+    TagValue,
+    Update,
 )
 from iotserver.tags.store import (
-    DuplicateTagError, MemoryOwner, TagStore, UnknownTagError, WriteRefused, compile_pattern,
+    DuplicateTagError,
+    MemoryOwner,
+    TagStore,
+    UnknownTagError,
+    WriteRefused,
+    compile_pattern,
 )
 
 
@@ -55,7 +67,7 @@ def test_define_read_and_duplicates() -> None:
 
 
 def test_apply_stamps_times_and_read_many() -> None:
-    store, clock = make_store()
+    store, _clock = make_store()
     for name in ("A/x", "A/y", "B/z"):
         store.define(f64(name))
     store.apply([Update("A/x", 1.5), Update("A/y", 2.5, Quality.UNCERTAIN, 123), Update("Q", 1)])
@@ -244,13 +256,21 @@ def test_write_owner_answers_and_failures() -> None:
 def test_memory_owner_applies_and_persists(tmp_path: Any) -> None:
     from iotserver.tags.persist import MemoryTagPersistence
 
-    store, clock = make_store()
+    store, _clock = make_store()
     db = MemoryTagPersistence(tmp_path / "m.sqlite3")
     store.register_owner("memory", MemoryOwner(store, db))
-    store.define(TagDef(path="S/sp", data_type=DataType.FLOAT64, access=Access.READ_WRITE,
-                        persist=True))
-    store.define(TagDef(path="S/arr", data_type=DataType.INT32, shape=(3,),
-                        access=Access.READ_WRITE, persist=True))
+    store.define(
+        TagDef(path="S/sp", data_type=DataType.FLOAT64, access=Access.READ_WRITE, persist=True)
+    )
+    store.define(
+        TagDef(
+            path="S/arr",
+            data_type=DataType.INT32,
+            shape=(3,),
+            access=Access.READ_WRITE,
+            persist=True,
+        )
+    )
     assert result_of(store.write("S/sp", 12.5)) is Quality.GOOD
     assert result_of(store.write("S/arr", [1, 2, 3])) is Quality.GOOD
     assert store.read("S/sp").value == 12.5

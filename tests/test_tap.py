@@ -42,7 +42,10 @@ def test_twistd_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc.wait(TIMEOUT)
     proc = subprocess.Popen(
         ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config", str(cfg)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(tmp_path),
         cwd=tmp_path,
     )
     lines: list[str] = []
@@ -70,7 +73,10 @@ def test_iotserver_run_is_the_twistd_line(tmp_path: Path) -> None:
     cfg.write_text("[simulator]\nenabled = true\n")
     proc = subprocess.Popen(
         ["iotserver", "run", "--config", str(cfg)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(tmp_path),
         cwd=tmp_path,
     )
     lines: list[str] = []
@@ -89,8 +95,12 @@ def test_iotserver_run_is_the_twistd_line(tmp_path: Path) -> None:
 
 def test_wrong_reactor_is_one_clear_line(tmp_path: Path) -> None:
     res = subprocess.run(
-        ["twistd", "-n", "--pidfile=", "iotserver"], capture_output=True, text=True,
-        timeout=TIMEOUT, env=_env(tmp_path), cwd=tmp_path,
+        ["twistd", "-n", "--pidfile=", "iotserver"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(tmp_path),
+        cwd=tmp_path,
     )
     assert res.returncode == 2
     assert "--reactor=asyncio" in res.stderr and "Traceback" not in res.stderr + res.stdout
@@ -101,7 +111,11 @@ def test_bad_config_names_key_without_traceback(tmp_path: Path) -> None:
     cfg.write_text('[server]\nname = "x"\n\n[[tags]]\npath = "A/B"\ntype = "float99"\n')
     res = subprocess.run(
         ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config", str(cfg)],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(tmp_path), cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(tmp_path),
+        cwd=tmp_path,
     )
     assert res.returncode == 2
     assert f"{cfg}:6: tags[0].type: expected one of" in res.stderr
@@ -110,15 +124,21 @@ def test_bad_config_names_key_without_traceback(tmp_path: Path) -> None:
 
 def test_check_config_command(tmp_path: Path) -> None:
     good = subprocess.run(
-        ["iotserver", "check-config"], capture_output=True, text=True, timeout=TIMEOUT,
+        ["iotserver", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
         env=_env(tmp_path),
     )
     assert good.returncode == 0 and "simulator: on" in good.stdout
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[simulator]\nenabeld = true\n")
     bad = subprocess.run(
-        ["iotserver", "check-config", str(cfg)], capture_output=True, text=True,
-        timeout=TIMEOUT, env=_env(tmp_path),
+        ["iotserver", "check-config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(tmp_path),
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
@@ -136,7 +156,10 @@ def test_acknowledged_memory_write_survives_kill_9(tmp_path: Path, how: str) -> 
     """A child acknowledges memory-tag writes, then dies by SIGKILL: every ack must be on disk."""
     db = tmp_path / "m.sqlite3"
     child = subprocess.Popen(
-        [sys.executable, "-c", f"""
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 from twisted.internet.task import Clock
 from iotserver.tags.model import TagDef, DataType, Access
@@ -150,8 +173,10 @@ while True:
     i += 1
     d = store.write("S/x", i)
     print(i, flush=True)  # the acknowledgement
-"""],
-        stdout=subprocess.PIPE, text=True,
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert child.stdout is not None
     acked = 0

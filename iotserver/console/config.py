@@ -42,7 +42,7 @@ class ConsoleConfig:
 
     def summary(self) -> list[str]:
         where = "loopback only" if is_loopback_endpoint(self.endpoint) else "REACHABLE OFF-HOST"
-        keys = str(self.authorized_keys) if self.authorized_keys else "<data_dir>/console/authorized_keys"
+        keys = str(self.authorized_keys or "<data_dir>/console/authorized_keys")
         lines = [f"SSH console on {self.endpoint} ({where})", f"authorized keys: {keys}"]
         lines.append(
             "password login: admin users of the user file" if self.password_login

@@ -126,7 +126,9 @@ def to_ns(when: Any, now_ns: int) -> int | None:
         if when >= 1e15:  # already nanoseconds (1e15 ns is 1970-01-12; 1e15 s is far future)
             return int(when)
         return int(when * 1_000_000_000)
-    raise TypeError(f"expected None, seconds, nanoseconds, ISO-8601 text or a datetime, got {when!r}")
+    raise TypeError(
+        f"expected None, seconds, nanoseconds, ISO-8601 text or a datetime, got {when!r}"
+    )
 
 
 # Deferreds the console made for work it started (asyncio coroutines): cancelled when the
@@ -152,7 +154,7 @@ def cancel_if_owned(d: Deferred[Any]) -> None:
 
 
 class Tags:
-    """Tag helpers bound to the store (``tags.read``, ``tags.write``, ``tags.find``, ``tags.show``)."""
+    """Tag helpers bound to the store: ``read``, ``write``, ``find`` and ``show``."""
 
     def __init__(self, core: Any) -> None:
         self._core = core
@@ -195,7 +197,7 @@ class Tags:
             return
         widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
         for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 class Services:
@@ -262,7 +264,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
             raise NotFound(f"no history for {path!r} (set history = true on the tag)") from None
         now = core.store.now_ns()
         lo, hi = to_ns(start, now), to_ns(end, now)
-        ts, values = ring.range(lo if lo is not None else -(2**63), hi if hi is not None else 2**63 - 1)
+        ts, values = ring.range(-(2**63) if lo is None else lo, 2**63 - 1 if hi is None else hi)
         return Series(ts, values)
 
     def signal(name: str, seconds: float = 1.0) -> Series:
@@ -289,7 +291,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
         """A Deferred for ``obj`` (Deferred or asyncio coroutine) failing after ``timeout`` s."""
         return with_timeout(obj, timeout, clock)
 
-    def help(obj: Any = None) -> None:  # noqa: A001 - the builtin would block on stdin
+    def help(obj: Any = None) -> None:  # shadows the builtin, which would block on stdin
         """Print the console overview, or the documentation of ``obj``."""
         if obj is None:
             print(HELP, end="")
@@ -298,7 +300,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
 
         print(pydoc.render_doc(obj, renderer=pydoc.plaintext), end="")
 
-    def exit(code: int = 0) -> None:  # noqa: A001 - the builtin would stop the server
+    def exit(code: int = 0) -> None:  # shadows the builtin, which stops the process
         """End this console session."""
         raise ConsoleExit(code)
 

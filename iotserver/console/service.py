@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
-from twisted.conch.checkers import IAuthorizedKeysDB, readAuthorizedKeyFile
 from twisted.conch.ssh import keys
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -23,6 +23,14 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from zope.interface import implementer
+
+with warnings.catch_warnings():  # conch.checkers imports spwd, deprecated since Python 3.11
+    warnings.filterwarnings("ignore", ".*spwd", DeprecationWarning)
+    from twisted.conch.checkers import (
+        IAuthorizedKeysDB,
+        SSHPublicKeyChecker,
+        readAuthorizedKeyFile,
+    )
 
 from iotserver.confparse import is_loopback_endpoint
 from iotserver.console.config import ConsoleConfig
@@ -205,8 +213,6 @@ class ConsoleService(AsyncService):
         from twisted.internet import reactor
         from twisted.internet.endpoints import serverFromString
         from twisted.internet.error import CannotListenError
-
-        from twisted.conch.checkers import SSHPublicKeyChecker
 
         data_dir = self.core.config.server.data_dir
         host_key_path = self.cfg.host_key_path(data_dir)

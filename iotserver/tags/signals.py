@@ -35,7 +35,7 @@ class SignalChannel:
     def __init__(self, config: SignalConfig, ring: RingBuffer) -> None:
         self.config = config
         self.ring = ring
-        self.period_ns = int(round(1e9 / config.sample_rate))
+        self.period_ns = round(1e9 / config.sample_rate)
         self.stats = ChannelStats()
         self.next_start_ns = 0  # where the next contiguous block would start
 

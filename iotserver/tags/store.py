@@ -264,7 +264,8 @@ class TagStore:
             if entry.history is not None and value is not None:
                 entry.history.append(tv.source_ns, value)
             if quality != entry.reported_quality or (
-                (value != entry.reported) if entry.plain
+                (value != entry.reported)
+                if entry.plain
                 else entry.tag.deadband_exceeded(entry.reported, value)
             ):
                 if entry.subs:
@@ -318,7 +319,7 @@ class TagStore:
         self._subs.append(sub)
         for path, entry in self._entries.items():
             if sub.matches(path):
-                entry.subs = entry.subs + (sub,)
+                entry.subs = (*entry.subs, sub)
                 if initial:
                     sub.pending[path] = Change(entry.tag, entry.value)
         if sub.pending:
