@@ -47,6 +47,9 @@ name = "Plant/Line1/Pump1/Vibration"
 sample_rate = 10240
 block_size = 1024
 capacity = 1048576
+window = 4096
+hop = 2048
+bands = [[10, 100], [100, 1000], [1000, 5000]]
 """
 
 
@@ -109,7 +112,11 @@ class HistoryConfig:
 
 @dataclass(frozen=True)
 class SignalConfig:
-    """A high-rate channel: samples in blocks into a ring buffer; RMS and peak become tags."""
+    """A high-rate channel: samples in blocks into a ring buffer; window analytics become tags.
+
+    Every ``hop`` samples the last ``window`` samples are analysed (RMS, peak, peak-to-peak,
+    crest factor, kurtosis, and the RMS of each frequency band from an FFT).
+    """
 
     name: str
     sample_rate: float
@@ -117,6 +124,23 @@ class SignalConfig:
     block_size: int
     unit: str
     description: str
+    window: int = 4096
+    hop: int = 4096
+    bands: tuple[tuple[float, float], ...] = ()
+    history: int = 3600
+
+    def derived_names(self) -> list[str]:
+        """Names of the tags under the channel's path, in publication order."""
+        return list(SIGNAL_DERIVED) + [band_tag_name(lo, hi) for lo, hi in self.bands]
+
+
+def band_tag_name(lo: float, hi: float) -> str:
+    """``Band_10_1000Hz`` for the band 10..1000 Hz (integers print without a decimal point)."""
+
+    def fmt(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else str(x).replace(".", "p")
+
+    return f"Band_{fmt(lo)}_{fmt(hi)}Hz"
 
 
 @dataclass(frozen=True)
@@ -256,13 +280,41 @@ def _parse_signal(r: Reader) -> SignalConfig:
     problem = check_tag_path(name)
     if problem:
         raise r.error("name", problem)
+    rate = r.float("sample_rate", positive=True, max=10_000_000)
+    capacity = r.int("capacity", 1_048_576, min=1024, max=1 << 31)
+    window = r.int("window", 4096, min=16, max=1 << 20)
+    if window > capacity:
+        raise r.error("window", f"expected at most capacity ({capacity}) samples, got {window}")
+    hop = r.int("hop", window, min=1, max=window)
+    bands = []
+    if r.has("bands"):
+        raw = r.raw("bands")
+        if not isinstance(raw, list):
+            raise r.error("bands", "expected an array of [low_hz, high_hz] pairs")
+        for i, pair in enumerate(raw):
+            ok = (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(isinstance(x, int | float) and not isinstance(x, bool) for x in pair)
+            )
+            if not ok or not 0 <= pair[0] < pair[1] <= rate / 2:
+                raise r.error(
+                    "bands",
+                    f"entry {i}: expected [low_hz, high_hz] with 0 <= low < high <= "
+                    f"sample_rate/2 ({rate / 2:g}), got {pair!r}",
+                )
+            bands.append((float(pair[0]), float(pair[1])))
     sig = SignalConfig(
         name=name,
-        sample_rate=r.float("sample_rate", positive=True, max=10_000_000),
-        capacity=r.int("capacity", 1_048_576, min=1024, max=1 << 31),
+        sample_rate=rate,
+        capacity=capacity,
         block_size=r.int("block_size", 1024, min=1, max=1 << 20),
         unit=r.str("unit", "g"),
         description=r.str("description", ""),
+        window=window,
+        hop=hop,
+        bands=tuple(bands),
+        history=r.int("history", 3600, min=0, max=1 << 24),
     )
     r.done()
     return sig
@@ -355,7 +407,7 @@ def all_tag_paths(config: Config) -> list[tuple[str, str]]:
     """(path, where) for every tag the configuration defines, in definition order."""
     out = [(t.path, f"tags[{i}].path") for i, t in enumerate(config.tags)]
     for i, sig in enumerate(config.signals):
-        out += [(f"{sig.name}/{d}", f"signals[{i}].name") for d in SIGNAL_DERIVED]
+        out += [(f"{sig.name}/{d}", f"signals[{i}].name") for d in sig.derived_names()]
     for name, section in config.sections.items():
         defs = getattr(section, "tag_defs", None)
         if defs is not None:
@@ -363,8 +415,8 @@ def all_tag_paths(config: Config) -> list[tuple[str, str]]:
     return out
 
 
-# Tags each signal channel publishes (computed on every block).
-SIGNAL_DERIVED = ("RMS", "Peak")
+# Tags each signal channel publishes (computed on every window), before its band tags.
+SIGNAL_DERIVED = ("RMS", "Peak", "PeakToPeak", "CrestFactor", "Kurtosis")
 
 
 def _check_unique_paths(config: Config, ctx: Context) -> None:

@@ -298,7 +298,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
             return
         import pydoc
 
-        print(pydoc.render_doc(obj, renderer=pydoc.plaintext), end="")
+        print(pydoc.render_doc(obj, renderer=pydoc.plaintext), end="")  # type: ignore[attr-defined]
 
     def exit(code: int = 0) -> None:  # shadows the builtin, which stops the process
         """End this console session."""

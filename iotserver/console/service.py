@@ -22,6 +22,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 with warnings.catch_warnings():  # conch.checkers imports spwd, deprecated since Python 3.11
@@ -86,7 +87,7 @@ class AuthorizedKeysFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def keys(self) -> list[keys.Key]:
+    def authorized(self) -> list[keys.Key]:
         try:
             with open(self.path, "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
@@ -102,7 +103,7 @@ class AuthorizedKeysFile:
             return []
 
     def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
-        return self.keys()
+        return self.authorized()
 
 
 @implementer(ICredentialsChecker)
@@ -137,7 +138,7 @@ def _factory_class() -> type:
     from twisted.conch.ssh.factory import SSHFactory
     from twisted.conch.ssh.transport import SSHServerTransport
 
-    class ConsoleTransport(SSHServerTransport):  # type: ignore[misc]
+    class ConsoleTransport(SSHServerTransport):
         def receiveError(self, reason_code: int, description: bytes) -> None:
             # conch logs every client's goodbye as an error; only unusual reasons are news.
             if reason_code == DISCONNECT_BY_APPLICATION:
@@ -145,11 +146,11 @@ def _factory_class() -> type:
             log.info("console: client disconnected with code {code}: {text}",
                      code=reason_code, text=description.decode("utf-8", "replace"))
 
-        def connectionLost(self, reason: Any) -> None:
+        def connectionLost(self, reason: Failure | None = None) -> None:
             super().connectionLost(reason)
-            self.factory.forget(self)
+            self.factory.forget(self)  # type: ignore[attr-defined]
 
-    class ConsoleFactory(SSHFactory):  # type: ignore[misc]
+    class ConsoleFactory(SSHFactory):
         protocol = ConsoleTransport
 
         def __init__(self, portal: Any, host_key: keys.Key) -> None:
@@ -223,12 +224,12 @@ class ConsoleService(AsyncService):
         log.info("console host key fingerprint {fp}", fp=self.host_key_fingerprint)
 
         authorized = AuthorizedKeysFile(self.cfg.authorized_keys_path(data_dir))
-        checkers: list[Any] = [SSHPublicKeyChecker(authorized)]
+        checkers: list[Any] = [SSHPublicKeyChecker(authorized)]  # type: ignore[arg-type]
         if self.cfg.password_login:
             checkers.append(UserPasswordChecker(self.core))
         clock = self.core.clock if hasattr(self.core.clock, "callLater") else reactor
         self.context = ConsoleContext(self.core, clock)
-        portal = Portal(ConsoleRealm(self.context), checkers)
+        portal = Portal(ConsoleRealm(self.context), checkers)  # type: ignore[arg-type]
         self.factory = _factory_class()(portal, host_key)
 
         endpoint = serverFromString(reactor, self.cfg.endpoint)
@@ -245,7 +246,7 @@ class ConsoleService(AsyncService):
             log.warn("the SSH console listens on {ep}, reachable from other hosts; it runs "
                      "Python as the server: keep it on loopback unless you need it",
                      ep=self.cfg.endpoint)
-        if authorized.keys():
+        if authorized.authorized():
             return
         admins = [u.name for u in self.core.users.users() if u.role in CONSOLE_ROLES]
         if self.cfg.password_login and admins:

@@ -23,7 +23,6 @@ from twisted.conch.ssh.session import SSHSession
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python import components
 from twisted.python.failure import Failure
@@ -59,7 +58,7 @@ class ConsoleContext:
         self.sessions: set[ConsoleSession] = set()
 
 
-class ConsoleAvatar(ConchUser):  # type: ignore[misc]
+class ConsoleAvatar(ConchUser):
     """A logged-in console user; each session channel gets its own ConsoleSession."""
 
     def __init__(self, username: str, context: ConsoleContext) -> None:
@@ -87,8 +86,10 @@ def evaluate(source: str, namespace: dict[str, Any], filename: str = "<ssh>") ->
     """Run ``source`` (statements allowed); the value of a final expression is returned."""
     tree = ast.parse(source, filename, "exec")
     last: ast.Expression | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+    final = tree.body[-1] if tree.body else None
+    if isinstance(final, ast.Expr):
+        tree.body.pop()
+        last = ast.Expression(final.value)
     exec(compile(tree, filename, "exec"), namespace)
     if last is None:
         return None
@@ -154,7 +155,7 @@ class ConsoleSession:
         self._terminal: Any = None  # insults.ServerProtocol of a shell
         self._finished = False
         self._closed = False
-        self._call: IDelayedCall | None = None
+        self._call: Any = None  # IDelayedCall of a scheduled exec
         self._pending: Deferred[Any] | None = None  # an exec result being waited for
         self.context.sessions.add(self)
 
@@ -295,7 +296,7 @@ def console_manhole_class() -> type:
     from twisted.conch.insults import insults
     from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
 
-    class ConsoleInterpreter(ManholeInterpreter):  # type: ignore[misc]
+    class ConsoleInterpreter(ManholeInterpreter):
         def runcode(self, code: Any) -> None:
             with self.monkeyPatcher:
                 try:
@@ -331,12 +332,12 @@ def console_manhole_class() -> type:
                     self.write(display(result), later[0])
 
             def failed(failure: Failure) -> None:
-                self.write(error_line(failure.value), later[0])
+                self.write(error_line(failure.value or Exception("?")), later[0])
 
             d.addCallbacks(shown, failed)
             later[0] = True
 
-    class ConsoleManhole(ColoredManhole):  # type: ignore[misc]
+    class ConsoleManhole(ColoredManhole):
         gone = False
 
         def connectionMade(self) -> None:

@@ -1,0 +1,283 @@
+"""asyncua's internal server and session, with our services for the tag namespace.
+
+:class:`IotSession` answers Read, Write and HistoryRead for tag and signal nodes itself and
+hands every other node to asyncua:
+
+* Read (Part 4 5.11.2): values come straight from the tag store (the current sample, honouring
+  TimestampsToReturn); UserAccessLevel reflects the session's role.
+* Write (Part 4 5.11.4): one StatusCode per item, never a fault for the whole request. A value
+  goes through ``store.write`` to the tag's owner and the answer is the owner's Quality; the
+  address space is *not* updated by the write: the store's change notification does that, so a
+  write to a PLC tag shows what the PLC took.
+* HistoryRead (Part 11): :mod:`iotserver.opcua.history` over the ring buffers.
+
+:class:`IotInternalServer` wires in the subscription service of :mod:`.monitoring` and creates
+:class:`IotSession` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from asyncua import ua
+from asyncua.server.internal_server import InternalServer
+from asyncua.server.internal_session import InternalSession
+
+from iotserver.opcua.addrspace import CURRENT_WRITE
+from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_variant
+from iotserver.opcua.monitoring import IotSubscriptionService
+from iotserver.opcua.security import can_write, role_of
+
+if TYPE_CHECKING:
+    from iotserver.opcua.addrspace import TagSpace
+    from iotserver.opcua.history import HistoryReader, Series
+    from iotserver.tags.store import TagStore
+
+log = logging.getLogger("iotserver.opcua")
+A = ua.AttributeIds
+
+
+class Services:
+    """What the sessions need from the service: the store, the tag space, history."""
+
+    def __init__(self, store: TagStore, space: TagSpace, history: HistoryReader,
+                 series: Callable[[ua.NodeId], Series | None]) -> None:
+        self.store = store
+        self.space = space
+        self.history = history
+        self.series = series
+        self.writes = 0
+        self.writes_refused = 0
+
+
+class IotInternalServer(InternalServer):
+    """InternalServer with our subscription service and session class."""
+
+    def __init__(self, user_manager: Any, *, max_items: int, min_interval_ms: float) -> None:
+        super().__init__(user_manager=user_manager)
+        self.subscription_service = IotSubscriptionService(
+            self.aspace, self, max_items=max_items, min_interval_ms=min_interval_ms)
+        self.isession.subscription_service = self.subscription_service
+        self.services: Services | None = None
+
+    def create_session(self, name: str, user: Any = None, external: bool = False
+                       ) -> InternalSession:
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        return IotSession(self, self.aspace, self.subscription_service, name,
+                          user=user or User(role=UserRole.Anonymous), external=external)
+
+
+def _index_range(text: str) -> tuple[int, int] | None:
+    """A one-dimensional NumericRange ``a`` or ``a:b`` (Part 4 7.27), else None."""
+    try:
+        if ":" in text:
+            lo_s, hi_s = text.split(":", 1)
+            lo, hi = int(lo_s), int(hi_s)
+            return (lo, hi) if 0 <= lo < hi else None
+        n = int(text)
+        return (n, n) if n >= 0 else None
+    except ValueError:
+        return None
+
+
+class IotSession(InternalSession):
+    """A client session; see the module docstring."""
+
+    iserver: IotInternalServer
+
+    def activate_session(self, params: ua.ActivateSessionParameters,
+                         peer_certificate: bytes | None) -> ua.ActivateSessionResult:
+        # asyncua passes the secure channel's certificate to the user manager for every token
+        # type; only an X509 *user token* may log a user in by certificate.
+        token = params.UserIdentityToken
+        if not isinstance(token, ua.X509IdentityToken):
+            peer_certificate = None
+        result = super().activate_session(params, peer_certificate)
+        log.info("OPC UA session %s activated for %s (%s)", self.name,
+                 getattr(self.user, "name", None) or "anonymous", role_of(self.user))
+        return result
+
+    # -- Read ----------------------------------------------------------------------------
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        svc = self.iserver.services
+        if svc is None:
+            return await super().read(params)
+        space = svc.space
+        results: list[ua.DataValue | None] = [None] * len(params.NodesToRead)
+        rest = []
+        for i, rv in enumerate(params.NodesToRead):
+            tag = space.by_node.get(rv.NodeId)
+            if tag is None or rv.AttributeId not in (A.Value, A.UserAccessLevel):
+                rest.append(i)
+                continue
+            if rv.AttributeId == A.UserAccessLevel:
+                level = space.aspace.read_attribute_value(rv.NodeId, A.AccessLevel).Value.Value
+                if not can_write(self.user):
+                    level &= ~CURRENT_WRITE
+                results[i] = ua.DataValue(ua.Variant(level, ua.VariantType.Byte))
+                continue
+            results[i] = self._read_tag(svc, tag, rv, params.TimestampsToReturn)
+        if rest:
+            sub = ua.ReadParameters()
+            sub.MaxAge = params.MaxAge
+            sub.TimestampsToReturn = params.TimestampsToReturn
+            sub.NodesToRead = [params.NodesToRead[i] for i in rest]
+            for i, dv in zip(rest, await super().read(sub), strict=True):
+                results[i] = dv
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _read_tag(svc: Services, tag: Any, rv: ua.ReadValueId,
+                  timestamps: ua.TimestampsToReturn) -> ua.DataValue:
+        if timestamps == ua.TimestampsToReturn.Invalid:
+            return ua.DataValue(StatusCode=status(ua.StatusCodes.BadTimestampsToReturnInvalid))
+        try:
+            tv = svc.store.read(tag.path)
+        except KeyError:
+            return ua.DataValue(StatusCode=status(ua.StatusCodes.BadNodeIdUnknown))
+        value = tv.value
+        quality = int(tv.quality)
+        if rv.IndexRange:
+            rng = _index_range(rv.IndexRange)
+            if rng is None or len(tag.shape) != 1:
+                return ua.DataValue(StatusCode=status(ua.StatusCodes.BadIndexRangeInvalid))
+            if value is None or rng[0] >= tag.shape[0]:
+                return ua.DataValue(StatusCode=status(ua.StatusCodes.BadIndexRangeNoData))
+            value = value[rng[0]:rng[1] + 1]
+            tag = _SliceTag(tag)
+        variant = (ua.Variant(None, ua.VariantType.Null) if quality & 0x80000000 or value is None
+                   else to_variant(tag, value))
+        space = svc.space
+        src = space.times.source(tv.source_ns)
+        srv = space.times.server(tv.server_ns)
+        if timestamps == ua.TimestampsToReturn.Source:
+            srv = None
+        elif timestamps == ua.TimestampsToReturn.Server:
+            src = None
+        elif timestamps == ua.TimestampsToReturn.Neither:
+            src = srv = None
+        return ua.DataValue(variant, status(quality), src, srv)
+
+    # -- Write ---------------------------------------------------------------------------
+    async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
+        svc = self.iserver.services
+        if svc is None:
+            return await super().write(params)
+        items = params.NodesToWrite
+        results: list[ua.StatusCode | None] = [None] * len(items)
+        pending: list[tuple[int, Any]] = []
+        rest = []
+        loop = asyncio.get_running_loop()
+        user = self.user
+        principal = f"opcua:{getattr(user, 'name', None) or 'anonymous'}"
+        for i, wv in enumerate(items):
+            tag = svc.space.by_node.get(wv.NodeId)
+            if tag is None:
+                if wv.NodeId in svc.space.channels:
+                    results[i] = status(ua.StatusCodes.BadNotWritable)
+                else:
+                    rest.append(i)
+                continue
+            code = self._check_write(tag, wv)
+            if code:
+                results[i] = status(code)
+                continue
+            try:
+                value = from_variant(tag, wv.Value.Value)
+            except WriteTypeError as exc:
+                log.info("OPC UA write to %s refused: %s", tag.path, exc)
+                results[i] = status(ua.StatusCodes.BadTypeMismatch)
+                continue
+            d = svc.store.write(tag.path, value, principal=principal)
+            pending.append((i, d.asFuture(loop)))
+        if rest:
+            sub = ua.WriteParameters()
+            sub.NodesToWrite = [items[i] for i in rest]
+            for i, sc in zip(rest, await super().write(sub), strict=True):
+                results[i] = sc
+        if pending:
+            done = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            for (i, _), quality in zip(pending, done, strict=True):
+                code = (int(quality) if isinstance(quality, int)
+                        else ua.StatusCodes.BadInternalError)
+                results[i] = status(code)
+                tag = svc.space.by_node.get(items[i].NodeId)
+                log.info("OPC UA write %s by %s: %s", tag.path if tag else items[i].NodeId,
+                         principal, ua.StatusCode(code).name)
+        svc.writes += len(items)
+        svc.writes_refused += sum(1 for r in results if r is not None and r.is_bad())
+        return results  # type: ignore[return-value]
+
+    def _check_write(self, tag: Any, wv: ua.WriteValue) -> int:
+        """Checks before the store sees the value (Part 4 5.11.4.4 operation results)."""
+        if wv.AttributeId != A.Value:
+            return ua.StatusCodes.BadNotWritable  # WriteMask is 0 for every attribute
+        if not tag.writable:
+            return ua.StatusCodes.BadNotWritable
+        if not can_write(self.user):
+            return ua.StatusCodes.BadUserAccessDenied
+        if wv.IndexRange:
+            return ua.StatusCodes.BadWriteNotSupported
+        dv = wv.Value
+        if dv is None:
+            return ua.StatusCodes.BadTypeMismatch
+        if dv.StatusCode is not None and dv.StatusCode.value != 0:
+            return ua.StatusCodes.BadWriteNotSupported  # we do not take status from clients
+        # Source/server timestamps in the written DataValue are ignored rather than refused:
+        # many clients (asyncua's among them) always send one, and the tag's timestamp is the
+        # owner's (the PLC's) anyway.
+        return 0
+
+    # -- HistoryRead ---------------------------------------------------------------------
+    async def history_read(self, params: ua.HistoryReadParameters) -> list[ua.HistoryReadResult]:
+        svc = self.iserver.services
+        if svc is None:
+            return await super().history_read(params)
+        details = params.HistoryReadDetails
+        results: list[ua.HistoryReadResult | None] = [None] * len(params.NodesToRead)
+        rest = []
+        aggregates = getattr(details, "AggregateType", None) or []
+        if isinstance(details, ua.ReadProcessedDetails) and \
+                len(aggregates) != len(params.NodesToRead):
+            raise ua.uaerrors.BadAggregateListMismatch  # Part 11 6.4.4.2
+        for i, rv in enumerate(params.NodesToRead):
+            series = svc.series(rv.NodeId)
+            if series is None:
+                if rv.NodeId in svc.space.by_node:
+                    res = ua.HistoryReadResult()
+                    res.StatusCode = status(ua.StatusCodes.BadHistoryOperationUnsupported)
+                    results[i] = res
+                else:
+                    rest.append(i)
+                continue
+            if svc.space.by_node.get(rv.NodeId) is not None and \
+                    not svc.space.by_node[rv.NodeId].historize:
+                res = ua.HistoryReadResult()
+                res.StatusCode = status(ua.StatusCodes.BadNotReadable)
+                results[i] = res
+                continue
+            aggregate = aggregates[i] if isinstance(details, ua.ReadProcessedDetails) else None
+            results[i] = svc.history.read(details, series, rv, params.TimestampsToReturn,
+                                          params.ReleaseContinuationPoints, aggregate)
+        if rest:
+            sub = ua.HistoryReadParameters()
+            sub.HistoryReadDetails = details
+            sub.TimestampsToReturn = params.TimestampsToReturn
+            sub.ReleaseContinuationPoints = params.ReleaseContinuationPoints
+            sub.NodesToRead = [params.NodesToRead[i] for i in rest]
+            for i, res in zip(rest, await super().history_read(sub), strict=True):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+
+class _SliceTag:
+    """A tag view whose shape is that of a 1-D slice (for IndexRange reads)."""
+
+    def __init__(self, tag: Any) -> None:
+        self._tag = tag
+        self.shape = (0,)
+        self.data_type = tag.data_type
