@@ -183,11 +183,10 @@ class CoreService(Service):
                         v=value,
                     )
             store.define(tag, initial)
-            if tag.historize and _historizable(tag):
-                ring = core.rings.create(f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag))
-                store.set_history(tag.path, ring)
+            self._attach_history(tag)
         for sig in core.config.signals:
-            core.signals.add(sig)
+            for tag in core.signals.add(sig).derived_tags():
+                self._attach_history(tag)
         log.info(
             "tag store: {n} tags, {r} memory values restored, history {mb:.1f} MiB of {cap:.0f} MiB",
             n=len(store),
@@ -195,6 +194,11 @@ class CoreService(Service):
             mb=core.rings.total_bytes / 2**20,
             cap=core.config.history.max_bytes / 2**20,
         )
+
+    def _attach_history(self, tag: TagDef) -> None:
+        if tag.historize and _historizable(tag):
+            ring = self.core.rings.create(f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag))
+            self.core.store.set_history(tag.path, ring)
 
     def stopService(self) -> None:
         super().stopService()

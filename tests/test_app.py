@@ -58,6 +58,8 @@ async def test_server_runs_simulated_plant_and_keeps_memory_tags(tmp_path: Path)
         assert len(ring) >= 512 * 5  # ~20 blocks/s of 512 samples
         hist = core.rings.get("tag:Plant/Line1/Pump1/Speed")
         assert len(hist) >= 5
+        kurt = core.rings.get("tag:Plant/Line1/Pump1/Vibration/Kurtosis")  # derived, historized
+        assert len(kurt) >= 1
         # memory tags: configured and simulator setpoints
         assert await store.write("Site/Setpoint", 42.5) is Quality.GOOD
         assert await store.write("Plant/Line1/Pump1/SpeedSetpoint", 900) is Quality.GOOD
