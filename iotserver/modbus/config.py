@@ -125,7 +125,7 @@ class ServerConfig:
     max_requests_in_flight: int = 16
     bad_quality: str = "last"  # "last" | "exception" (04)
     unmapped_reads: str = "exception"  # "exception" (02) | "zero"
-    roles: Mapping[str, str] = DEFAULT_ROLES  # TLS role (lower case) -> none|read|readwrite
+    roles: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROLES)  # TLS role (lower case) -> none|read|readwrite
     no_role: str = "none"  # access of a TLS client whose certificate carries no known role
     identity: Identity = field(default_factory=Identity)
     map: tuple[MapEntry, ...] = ()
@@ -463,13 +463,13 @@ _DEFAULT_DATA_TYPE = {
 }
 
 
-def compatible(mtype: ModbusType, data_type: DataType, scaled: bool = False) -> bool:
-    """May a tag of ``data_type`` be carried as ``mtype``?"""
+def compatible(mtype: ModbusType, data_type: DataType) -> bool:
+    """May a tag of ``data_type`` be carried as ``mtype``? (bool/bit: Boolean, string: String)."""
     if mtype.kind in (Kind.BOOL, Kind.BIT):
         return data_type is DataType.BOOLEAN
     if mtype.kind is Kind.STRING:
         return data_type is DataType.STRING
-    return data_type.is_numeric and not (scaled and False)
+    return data_type.is_numeric
 
 
 def _device_tag(r: Reader, dev: str, default_order: Order, unit: int,

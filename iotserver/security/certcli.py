@@ -97,7 +97,10 @@ def _refuse_existing(paths: list[Path], what: str) -> None:
 
 
 def _mkdir_private(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` and any missing parents with mode 0700 (keys and state live there)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=0o700, exist_ok=True)
 
 
 # --------------------------------------------------------------------------- init
@@ -138,7 +141,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     _mkdir_private(tls)
     _mkdir_private(opcua_key.parent)
-    opcua_cert.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir_private(opcua_cert.parent)
     force = args.force
     written: list[Path] = []
     if not args.renew:
