@@ -55,7 +55,7 @@ class Core:
     reload_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     def listening(self, what: str, where: str) -> None:
-        """Record a listener for the startup summary; warn when it is reachable off-host."""
+        """Record a listener for the startup summary (each service warns about its own exposure)."""
         self.listeners.append((what, where))
         log.info("listening: {what} on {where}", what=what, where=where)
 

@@ -30,8 +30,13 @@ def _reactor_running() -> None:
     """Start the reactor once before any leak accounting: its own pipes are not a test's leak."""
     import pytest_twisted
     from twisted.internet import reactor, task
+    from twisted.internet.protocol import Factory
 
     pytest_twisted.blockon(task.deferLater(reactor, 0, lambda: None))
+    # The first TCP listener of a process opens /dev/null for good (Twisted's reserved fd for
+    # EMFILE handling): open one here so no test is blamed for it.
+    port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    pytest_twisted.blockon(port.stopListening())
 
 
 @pytest.fixture(autouse=True)

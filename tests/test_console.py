@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,6 @@ def _tcp_fd_reserved() -> None:
 
 
 def keygen(path: Path) -> Path:
-    import subprocess
-
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path
 
@@ -151,6 +150,13 @@ async def test_exec_expression_statements_and_errors(console: Console) -> None:
     assert code == 1 and err.strip() == "NotFound: unknown tag 'No/Such'"
     out, err, code = await console.ssh("exit(3)")
     assert code == 3
+    out, err, code = await console.ssh("import sys; sys.exit(5)")  # never stops the server
+    assert code == 5
+    out, err, code = await console.ssh("exit('bye')")
+    assert (err, code) == ("bye\n", 1)
+    out, err, code = await console.ssh("1 +")
+    assert code == 1 and "SyntaxError" in err and "Traceback" not in err
+    assert (await console.ssh("'still here'"))[0] == "'still here'\n"
     assert console.errors == []
 
 
@@ -175,12 +181,24 @@ async def test_exec_write_waits_for_the_quality(console: Console) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_key_is_refused(console: Console, tmp_path: Path) -> None:
+    from twisted.logger import formatEvent
+
     stranger = keygen(tmp_path / "id_stranger")
-    out, err, code = await console.ssh("1", key=stranger)
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        out, err, code = await console.ssh("1", key=stranger, user="mallory")
+    finally:
+        globalLogPublisher.removeObserver(observe)
     assert code == 255 and out == ""
     assert "Permission denied" in err
     # no password method offered while password_login is off
     assert "password" not in err
+    assert any("offered for 'mallory' is not authorized" in line for line in seen)
 
 
 def drive_pty(port: int, key: Path) -> tuple[bytes, int | None]:
@@ -290,7 +308,9 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
         fingerprint = c.core.services["console"].host_key_fingerprint
         host_key = c.data / "console" / "ssh_host_ed25519_key"
         assert stat.S_IMODE(host_key.stat().st_mode) == 0o600
-        assert (c.data / "console" / "ssh_host_ed25519_key.pub").exists()
+        listed = subprocess.run(["ssh-keygen", "-lf", str(host_key) + ".pub"], check=True,
+                                capture_output=True, text=True).stdout
+        assert listed.split()[1] == fingerprint  # what ssh shows on first connection
         assert any("nobody can log in" in w and "authorized_keys" in w for w in warnings)
         _, err, code = await c.ssh("1")
         assert code == 255 and "Permission denied" in err
@@ -321,3 +341,22 @@ async def test_stop_closes_open_sessions(console: Console) -> None:
     out, _, code = await running
     assert code != 0 and out == ""
     assert service.sessions == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_in_use_is_a_clear_startup_error(tmp_path: Path, free_port: int) -> None:
+    from twisted.internet.protocol import Factory
+
+    from iotserver.lifecycle import StartupError
+
+    blocker = reactor.listenTCP(free_port, Factory(), interface="127.0.0.1")
+    root, core = app.build(console_config(tmp_path, free_port), reactor)
+    try:
+        root.startService()
+        service = core.services["console"]
+        await service.started
+        assert service.failure is not None and service.failure.check(StartupError)
+        assert f"SSH console cannot listen on tcp:{free_port}" in str(service.failure.value)
+    finally:
+        await root.stopService()
+        await blocker.stopListening()

@@ -45,7 +45,7 @@ iotserver console: Python inside the running server (the reactor thread: never b
 class ConsoleExit(Exception):
     """Raised by ``exit()``: ends the session (an exec request exits with ``code``)."""
 
-    def __init__(self, code: int = 0) -> None:
+    def __init__(self, code: int | str | None = 0) -> None:
         super().__init__(code)
         self.code = code
 
@@ -300,7 +300,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
 
         print(pydoc.render_doc(obj, renderer=pydoc.plaintext), end="")  # type: ignore[attr-defined]
 
-    def exit(code: int = 0) -> None:  # shadows the builtin, which stops the process
+    def exit(code: int | str | None = 0) -> None:  # shadows the builtin, which stops the process
         """End this console session."""
         raise ConsoleExit(code)
 

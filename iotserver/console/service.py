@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.conch.ssh import keys
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -33,7 +33,7 @@ with warnings.catch_warnings():  # conch.checkers imports spwd, deprecated since
         readAuthorizedKeyFile,
     )
 
-from iotserver.confparse import is_loopback_endpoint
+from iotserver.confparse import endpoint_interface, endpoint_port, is_loopback_endpoint
 from iotserver.console.config import ConsoleConfig
 from iotserver.console.session import ConsoleContext, ConsoleRealm
 from iotserver.lifecycle import AsyncService, StartupError
@@ -50,30 +50,34 @@ DISCONNECT_BY_APPLICATION = 11  # RFC 4253 section 11.1
 def load_or_create_host_key(path: Path) -> tuple[keys.Key, bool]:
     """The server's Ed25519 host key; created with mode 0600 on first start."""
     created = False
-    if not path.exists():
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private = ed25519.Ed25519PrivateKey.generate()
-        data = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        key = keys.Key(private)
-        pub = path.with_name(path.name + ".pub")
-        pub.write_bytes(key.public().toString("openssh") + b" iotserver-console\n")
-        created = True
-    elif path.stat().st_mode & 0o077:
-        log.warn("console host key {path} is readable by others; chmod 600 it", path=str(path))
     try:
+        if not path.exists():
+            _create_host_key(path)
+            created = True
+        elif path.stat().st_mode & 0o077:
+            log.warn("console host key {path} is readable by others; chmod 600 it",
+                     path=str(path))
         return keys.Key.fromFile(str(path)), created
     except (keys.BadKeyError, ValueError, OSError) as exc:
         raise StartupError(f"console host key {path}: {exc}") from None
+
+
+def _create_host_key(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private = ed25519.Ed25519PrivateKey.generate()
+    data = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    public = keys.Key(private).public().toString("openssh")
+    path.with_name(path.name + ".pub").write_bytes(public + b" iotserver-console\n")
 
 
 @implementer(IAuthorizedKeysDB)
@@ -104,6 +108,32 @@ class AuthorizedKeysFile:
 
     def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
         return self.authorized()
+
+
+@implementer(ICredentialsChecker)
+class LoggingKeyChecker:
+    """conch's public key checker, plus an audit line for keys that are not authorized."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, keydb: AuthorizedKeysFile) -> None:
+        self._checker = SSHPublicKeyChecker(keydb)  # type: ignore[arg-type]
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        d: Deferred[bytes] = self._checker.requestAvatarId(credentials)
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(UnauthorizedLogin):
+                try:
+                    fp = keys.Key.fromString(credentials.blob).fingerprint(
+                        keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+                except keys.BadKeyError:
+                    fp = "(unreadable)"
+                log.info("console: key SHA256:{fp} offered for {user!r} is not authorized",
+                         fp=fp, user=credentials.username.decode("utf-8", "replace"))
+            return failure
+
+        return d.addErrback(refused)
 
 
 @implementer(ICredentialsChecker)
@@ -159,6 +189,9 @@ def _factory_class() -> type:
             self.publicKeys = {key_type: host_key.public()}
             self.privateKeys = {key_type: host_key}
             self.connections: dict[Any, Deferred[None]] = {}
+
+        def __repr__(self) -> str:
+            return "<SSH console>"
 
         def buildProtocol(self, addr: Any) -> Any:
             proto = super().buildProtocol(addr)
@@ -218,13 +251,15 @@ class ConsoleService(AsyncService):
         data_dir = self.core.config.server.data_dir
         host_key_path = self.cfg.host_key_path(data_dir)
         host_key, created = load_or_create_host_key(host_key_path)
-        self.host_key_fingerprint = host_key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+        # the form OpenSSH prints when it first connects, so operators can compare
+        self.host_key_fingerprint = "SHA256:" + host_key.fingerprint(
+            keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
         if created:
             log.info("console: created host key {path}", path=str(host_key_path))
         log.info("console host key fingerprint {fp}", fp=self.host_key_fingerprint)
 
         authorized = AuthorizedKeysFile(self.cfg.authorized_keys_path(data_dir))
-        checkers: list[Any] = [SSHPublicKeyChecker(authorized)]  # type: ignore[arg-type]
+        checkers: list[Any] = [LoggingKeyChecker(authorized)]
         if self.cfg.password_login:
             checkers.append(UserPasswordChecker(self.core))
         clock = self.core.clock if hasattr(self.core.clock, "callLater") else reactor
@@ -251,10 +286,15 @@ class ConsoleService(AsyncService):
         admins = [u.name for u in self.core.users.users() if u.role in CONSOLE_ROLES]
         if self.cfg.password_login and admins:
             return
+        port = endpoint_port(self.cfg.endpoint) or "PORT"
+        host = endpoint_interface(self.cfg.endpoint)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        users = ("\nor add an admin user: iotserver users add NAME --role admin"
+                 if self.cfg.password_login else "")
         log.warn("console: nobody can log in yet. Add a public key with\n"
                  "    mkdir -p {dir} && cat ~/.ssh/id_ed25519.pub >> {path} && chmod 600 {path}"
-                 "\nthen: ssh -p <port> admin@<host>", dir=str(authorized.path.parent),
-                 path=str(authorized.path))
+                 "{users}\nthen: ssh -p {port} admin@{host}", dir=str(authorized.path.parent),
+                 path=str(authorized.path), port=port, host=host, users=users)
 
     async def stop(self) -> None:
         port, self.port = self.port, None

@@ -258,11 +258,14 @@ class ConsoleSession:
         try:
             with redirect_stdout(out):
                 value = evaluate(source, namespace)
-        except ConsoleExit as exc:
+        except (ConsoleExit, SystemExit) as exc:  # SystemExit must never reach the event loop
             self.send(self._text(out.getvalue()))
-            self.finish(int(exc.code))
+            code = exc.code
+            if code is not None and not isinstance(code, int):
+                self.send(self._text(str(code)), stderr=True)
+            self.finish(code if isinstance(code, int) else (0 if code is None else 1))
             return
-        except Exception as exc:
+        except BaseException as exc:
             self._fail(out.getvalue(), exc)
             return
         self.send(self._text(out.getvalue()))
@@ -297,6 +300,10 @@ def console_manhole_class() -> type:
     from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
 
     class ConsoleInterpreter(ManholeInterpreter):
+        def push(self, line: bytes) -> bool:
+            # manhole decodes strictly; a stray byte must not cost the session
+            return bool(super().push(line.decode("utf-8", "replace").encode("utf-8")))
+
         def runcode(self, code: Any) -> None:
             with self.monkeyPatcher:
                 try:

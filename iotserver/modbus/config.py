@@ -476,14 +476,14 @@ def _device_tag(r: Reader, dev: str, default_order: Order, unit: int,
                 groups: Mapping[str, PollGroup]) -> DeviceTag:
     from iotserver.config import parse_tag
 
-    table = _table(r)
     type_text = r.data.get("type")
     if type_text is not None and not isinstance(type_text, str):
         raise r.error("type", "expected a Modbus type string such as 'float32' or 'bit:3'")
-    mtype = _mtype(r, table, type_text)
     # The tag's own data type follows from the Modbus type unless given as data_type; the
     # common keys go through config.parse_tag with that substituted for "type".
     data = {k: v for k, v in r.data.items() if k not in ("type", "data_type")}
+    table = _table(Reader(data, r.prefix, r.ctx))
+    mtype = _mtype(r, table, type_text)
     if "data_type" in r.data:
         data["type"] = r.data["data_type"]
     elif "scaling" in r.data or "scale" in r.data or "offset" in r.data:
@@ -491,6 +491,7 @@ def _device_tag(r: Reader, dev: str, default_order: Order, unit: int,
     else:
         data["type"] = _DEFAULT_DATA_TYPE[mtype.kind].value
     sub = Reader(data, r.prefix, r.ctx)
+    sub.raw("table")
     owner = f"modbus:{dev}"
     tag = parse_tag(sub, owner=owner)
     if tag.owner != owner:
@@ -514,7 +515,8 @@ def _device_tag(r: Reader, dev: str, default_order: Order, unit: int,
     address = sub.int("address", min=0, max=65535)
     dtag = DeviceTag(
         key=r.prefix, tag=tag, table=table, address=address, mtype=mtype,
-        order=_order(sub, default_order), group=group, unit=sub.int("unit", unit, min=0, max=255),
+        order=_order(sub, default_order), group=group,
+        unit=sub.int("unit_id", unit, min=0, max=255),
     )
     if address + dtag.width > 65536:
         raise r.error("address", f"{mtype.kind.value} at {address} runs past address 65535")
@@ -532,7 +534,7 @@ def _device(r: Reader) -> DeviceConfig:
         host, port = parse_device_endpoint(r.str("endpoint"))
     except ValueError as exc:
         raise r.error("endpoint", str(exc)) from None
-    unit = r.int("unit", 1, min=0, max=255)
+    unit = r.int("unit_id", 1, min=0, max=255)
     order = _order(r, Order.ABCD)
     interval = r.float("interval", 1.0, positive=True, max=86_400)
     b = r.table("backoff")
@@ -602,7 +604,8 @@ def _default_toml() -> str:
         ("Line1/Press1/TemperatureSetpoint", 12, "float32", ""),
         ("Line1/Press1/StrokeCount", 14, "uint32", ""),
         ("Line1/Conveyor/Mode", 16, "int16", ""),
-        ("Utilities/Heartbeat", 17, "int32", ""),
+        ("Line1/Press1/Running", 17, "bool", ""),
+        ("Utilities/Heartbeat", 18, "int32", ""),
         ("Line2/Oven/Zone1/Temperature", 20, "float32", ""),
         ("Line2/Oven/Zone2/Temperature", 22, "float32", ""),
         ("Line2/Oven/Zone3/Temperature", 24, "float32", ""),

@@ -33,7 +33,7 @@ DEFAULT_POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_Rs
 MODES = ("Sign", "SignAndEncrypt")
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
-_PENDING_DEFAULT_TOML = """\
+DEFAULT_TOML = """\
 # OPC UA server on loopback. This built-in default also offers security policy None and
 # anonymous (read-only) sessions so a local client works on first start; a warning is logged.
 # A configuration file gets the secure defaults unless it lists "None" / allow_anonymous itself.

@@ -89,8 +89,11 @@ class HistoryReader:
              ) -> ua.HistoryReadResult:
         result = ua.HistoryReadResult()
         result.HistoryData = ua.HistoryData()
-        if release:
-            return result  # stateless points: nothing to free (Part 11 6.3)
+        if release and rv.ContinuationPoint:
+            # Part 4 5.11.3: release the point (stateless: nothing to free), return no data.
+            # Items without a point are read normally: asyncua clients send release=True by
+            # default on every first request.
+            return result
         try:
             if timestamps in (ua.TimestampsToReturn.Neither, ua.TimestampsToReturn.Invalid):
                 raise HistoryError(ua.StatusCodes.BadTimestampsToReturnInvalid)
@@ -151,7 +154,7 @@ class HistoryReader:
         if forward:
             lo = start if start is not None else _MIN_NS
             hi = end if end is not None else _MAX_NS
-            if phase == 0 and bounds and start is not None:
+            if phase == 0 and bounds and start is not None and not _has(ring, lo):
                 out.append(self._bound(series, lo, before=True))
             if phase <= 1:
                 ts, vals = ring.range(max(lo, next_ts) if phase == 1 else lo, hi)
@@ -173,8 +176,8 @@ class HistoryReader:
         top = start if start is not None else end
         assert top is not None
         bottom = end if start is not None and end is not None else _MIN_NS
-        if phase == 0 and bounds and start is not None:
-            out.append(self._bound(series, top, before=False, inclusive=True))
+        if phase == 0 and bounds and start is not None and not _has(ring, top):
+            out.append(self._bound(series, top, before=False))
         if phase <= 1:
             upper = (next_ts + 1) if phase == 1 else top + 1
             ts, vals = ring.range(bottom + 1 if bottom != _MIN_NS else _MIN_NS, upper)
@@ -192,12 +195,15 @@ class HistoryReader:
         if bounds and start is not None and end is not None:
             if len(out) >= limit:
                 return out, self._pack(series, RAW, 2, 0, 0, 0)
-            out.append(self._bound(series, bottom, before=True, inclusive=True))
+            out.append(self._bound(series, bottom, before=True))
         return out, None
 
-    def _bound(self, series: Series, at: int, *, before: bool, inclusive: bool = False
-               ) -> ua.DataValue:
-        """The bounding value at ``at`` (Part 11 6.4.3.2), or Bad_BoundNotFound."""
+    def _bound(self, series: Series, at: int, *, before: bool) -> ua.DataValue:
+        """The bounding value at ``at`` (Part 11 6.4.3.2), or Bad_BoundNotFound.
+
+        ``before``: the sample at or before ``at``, else the one at or after it. A sample
+        exactly at a start time is already the first raw value, so callers skip the bound then.
+        """
         ring = series.ring
         if before:
             ts, vals = ring.range(_MIN_NS, at + 1)
@@ -280,6 +286,10 @@ class HistoryReader:
                 variant = ua.Variant(series.to_python(value), series.vtype)
             out.append(ua.DataValue(variant, status(code), ns_to_datetime(t)))
         return out
+
+
+def _has(ring: RingBuffer, at: int) -> bool:
+    return len(ring.range(at, at + 1)[0]) > 0
 
 
 def _given(when: Any) -> bool:

@@ -35,6 +35,8 @@ from asyncua.server.address_space import AddressSpace
 from asyncua.server.internal_subscription import InternalSubscription
 from asyncua.server.monitored_item_service import MonitoredItemService
 from asyncua.server.subscription_service import SubscriptionService
+from asyncua.ua.uaprotocol_auto import DataChangeFilter  # ua.DataChangeFilter is a subclass:
+# decoded filters are instances of this base class, not of ua.DataChangeFilter
 
 from iotserver.opcua.convert import status
 
@@ -160,6 +162,11 @@ def eu_range(aspace: AddressSpace, node_id: ua.NodeId) -> tuple[float, float] | 
     return None
 
 
+def _no_filter(flt: Any) -> bool:
+    """A missing filter arrives as None or as a null ExtensionObject (Part 6 5.2.2.15)."""
+    return flt is None or (isinstance(flt, ua.ExtensionObject) and flt.Body is None)
+
+
 class Limits:
     """Server-wide monitored item count (``max_monitored_items``)."""
 
@@ -196,9 +203,9 @@ class IotMonitoredItemService(MonitoredItemService):
 
     def _check_filter(self, node_id: ua.NodeId, attr: int, flt: Any) -> tuple[int, float]:
         """(status, absolute deadband) for a requested filter (Part 4 7.22.2, Part 8 7.2)."""
-        if flt is None:
+        if _no_filter(flt):
             return 0, 0.0
-        if not isinstance(flt, ua.DataChangeFilter):
+        if not isinstance(flt, DataChangeFilter):
             return ua.StatusCodes.BadMonitoredItemFilterUnsupported, 0.0
         if attr != _VALUE:
             return ua.StatusCodes.BadFilterNotAllowed, 0.0
@@ -211,8 +218,8 @@ class IotMonitoredItemService(MonitoredItemService):
             return ua.StatusCodes.BadDeadbandFilterInvalid, 0.0
         dtype = self.aspace.read_attribute_value(node_id, ua.AttributeIds.DataType)
         dt_id = dtype.Value.Value if dtype.Value is not None else None
-        if not (isinstance(dt_id, ua.NodeId) and dt_id.NamespaceIndex == 0 and
-                isinstance(dt_id.Identifier, int) and 2 <= dt_id.Identifier <= 11 or
+        if not ((isinstance(dt_id, ua.NodeId) and dt_id.NamespaceIndex == 0 and
+                isinstance(dt_id.Identifier, int) and 2 <= dt_id.Identifier <= 11) or
                 dt_id in (ua.NodeId(26), ua.NodeId(27), ua.NodeId(28))):  # Number, Integer, UInt
             return ua.StatusCodes.BadDeadbandFilterInvalid, 0.0
         if kind == ua.DeadbandType.Absolute:
@@ -259,7 +266,7 @@ class IotMonitoredItemService(MonitoredItemService):
         item.queue_size = self._revise_queue(rp.QueueSize)
         item.discard_oldest = bool(rp.DiscardOldest)
         item.filter = rp.Filter
-        if isinstance(rp.Filter, ua.DataChangeFilter):
+        if isinstance(rp.Filter, DataChangeFilter):
             item.trigger = rp.Filter.Trigger
         item.deadband = limit
         item.timestamps = timestamps
@@ -292,7 +299,7 @@ class IotMonitoredItemService(MonitoredItemService):
         item.queue_size = self._revise_queue(rp.QueueSize)
         item.discard_oldest = bool(rp.DiscardOldest)
         item.filter = rp.Filter
-        item.trigger = (rp.Filter.Trigger if isinstance(rp.Filter, ua.DataChangeFilter)
+        item.trigger = (rp.Filter.Trigger if isinstance(rp.Filter, DataChangeFilter)
                         else ua.DataChangeTrigger.StatusValue)
         item.deadband = limit
         queue = self.isub._triggered_datachanges.get(item.mid)

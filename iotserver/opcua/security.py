@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -248,7 +249,7 @@ class TrustList:
             if not link.not_valid_before_utc <= now <= link.not_valid_after_utc:
                 return (ua.StatusCodes.BadCertificateTimeInvalid if link is cert
                         else ua.StatusCodes.BadCertificateIssuerTimeInvalid)
-        for child, issuer in zip(chain, chain[1:], strict=False):
+        for child, issuer in itertools.pairwise(chain):
             for crl in self._crls:
                 if crl.issuer == issuer.subject and \
                         crl.get_revoked_certificate_by_serial_number(child.serial_number):
@@ -266,7 +267,7 @@ class TrustList:
             anchor = next((t for t in self._trusted if _is_ca(t) and _issued_by(current, t)),
                           None)
             if anchor is not None:
-                return chain + [anchor]
+                return [*chain, anchor]
             nxt = next((i for i in self._issuers
                         if _is_ca(i) and i not in chain and _issued_by(current, i)), None)
             if nxt is None:
@@ -296,7 +297,11 @@ class TrustList:
 
 
 class ClientCertificateValidator:
-    """asyncua ``certificate_validator``: trust list, validity, ApplicationUri (Part 4 Table 106)."""
+    """asyncua ``certificate_validator``: trust list, validity, ApplicationUri.
+
+    The checks of Part 4 6.1.3 (Table 106) in its order: chain and trust first, so an unknown
+    certificate always ends up in ``rejected/`` whatever else is wrong with it.
+    """
 
     def __init__(self, trust: TrustList) -> None:
         self.trust = trust

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
+from asyncua.common.utils import ServiceError
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 
@@ -62,6 +63,9 @@ class IotInternalServer(InternalServer):
             self.aspace, self, max_items=max_items, min_interval_ms=min_interval_ms)
         self.isession.subscription_service = self.subscription_service
         self.services: Services | None = None
+        self.source_methods: dict[ua.NodeId, str] = {}
+        self.max_sessions = 100
+        self.active_sessions: set[InternalSession] = set()
 
     def create_session(self, name: str, user: Any = None, external: bool = False
                        ) -> InternalSession:
@@ -96,10 +100,33 @@ class IotSession(InternalSession):
         token = params.UserIdentityToken
         if not isinstance(token, ua.X509IdentityToken):
             peer_certificate = None
+        active = self.iserver.active_sessions
+        if self not in active and len(active) >= self.iserver.max_sessions:
+            raise ServiceError(ua.StatusCodes.BadTooManySessions)  # Part 4 5.6.2
         result = super().activate_session(params, peer_certificate)
+        active.add(self)
         log.info("OPC UA session %s activated for %s (%s)", self.name,
                  getattr(self.user, "name", None) or "anonymous", role_of(self.user))
         return result
+
+    async def close_session(self, delete_subs: bool = True) -> None:
+        self.iserver.active_sessions.discard(self)
+        await super().close_session(delete_subs)
+
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        """Source control methods need the engineer or admin role."""
+        methods = self.iserver.source_methods
+        if not any(m.MethodId in methods for m in params) or can_write(self.user):
+            return await super().call(params)
+        results = []
+        for m in params:
+            if m.MethodId in methods:
+                res = ua.CallMethodResult()
+                res.StatusCode = status(ua.StatusCodes.BadUserAccessDenied)
+                results.append(res)
+            else:
+                results.extend(await super().call([m]))
+        return results
 
     # -- Read ----------------------------------------------------------------------------
     async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
@@ -177,7 +204,12 @@ class IotSession(InternalSession):
         for i, wv in enumerate(items):
             tag = svc.space.by_node.get(wv.NodeId)
             if tag is None:
-                if wv.NodeId in svc.space.channels:
+                node = self.aspace.get(wv.NodeId)
+                if node is None:  # asyncua would answer BadUserAccessDenied
+                    results[i] = status(ua.StatusCodes.BadNodeIdUnknown)
+                elif wv.AttributeId not in node.attributes:
+                    results[i] = status(ua.StatusCodes.BadAttributeIdInvalid)
+                elif wv.NodeId in svc.space.channels:
                     results[i] = status(ua.StatusCodes.BadNotWritable)
                 else:
                     rest.append(i)
@@ -248,17 +280,12 @@ class IotSession(InternalSession):
             series = svc.series(rv.NodeId)
             if series is None:
                 if rv.NodeId in svc.space.by_node:
+                    # AccessLevel has no HistoryRead bit (Part 4 5.11.3.4)
                     res = ua.HistoryReadResult()
-                    res.StatusCode = status(ua.StatusCodes.BadHistoryOperationUnsupported)
+                    res.StatusCode = status(ua.StatusCodes.BadNotReadable)
                     results[i] = res
                 else:
                     rest.append(i)
-                continue
-            if svc.space.by_node.get(rv.NodeId) is not None and \
-                    not svc.space.by_node[rv.NodeId].historize:
-                res = ua.HistoryReadResult()
-                res.StatusCode = status(ua.StatusCodes.BadNotReadable)
-                results[i] = res
                 continue
             aggregate = aggregates[i] if isinstance(details, ua.ReadProcessedDetails) else None
             results[i] = svc.history.read(details, series, rv, params.TimestampsToReturn,

@@ -16,6 +16,7 @@ number of tags.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -60,10 +61,8 @@ class ValuePump:
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     def _on_define(self, tag: TagDef, added: bool) -> None:
         if added:

@@ -1,4 +1,4 @@
-"""``iotserver certs``: create the local CA and server certificates, issue client certificates, show.
+"""``iotserver certs``: create the local CA and server certificates, issue client certificates.
 
 Files (the names the server looks for, so ``certs init`` output is used without configuration)::
 
@@ -72,7 +72,8 @@ def _places(args: argparse.Namespace) -> Places:
 
 
 def _opcua_files(pki_dir: Path) -> tuple[Path, Path]:
-    return pki_dir / "own" / "certs" / "iotserver.der", pki_dir / "own" / "private" / "iotserver.pem"
+    own = pki_dir / "own"
+    return own / "certs" / "iotserver.der", own / "private" / "iotserver.pem"
 
 
 def _load_ca(tls_dir: Path) -> tuple[Any, Any]:
@@ -153,6 +154,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
         pki.write_key_pem(app_key, opcua_key, force=force),
         pki.write_cert_der(app_cert, opcua_cert, force=force),
     ]
+    # the issuer beside our application certificate, where OPC UA stacks build chains from
+    issuers = places.opcua_pki / "issuers" / "certs"
+    _mkdir_private(issuers)
+    written.append(pki.write_cert_der(ca_cert, issuers / "iotserver-ca.der", force=True))
     for path in written:
         print(f"wrote {path}")
     print(f"server certificate for {', '.join([*hostnames, *ips])}; "

@@ -14,7 +14,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from iotserver.security.users import Role, User, UserFileError, hash_password, load_users, save_users
+from iotserver.security.users import (
+    Role,
+    User,
+    UserFileError,
+    hash_password,
+    load_users,
+    save_users,
+)
 
 MIN_PASSWORD = 8
 

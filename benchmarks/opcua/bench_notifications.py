@@ -1,0 +1,311 @@
+"""OPC UA data-change notifications/s: iotserver's server vs a plain asyncua server.
+
+Both servers run here, one after the other, on the Twisted asyncio reactor in this process;
+the subscribing clients run in a child process (one asyncua client per subscriber, 100 ms
+publishing interval, a monitored item per tag with a queue of 100 so that every change is
+delivered rather than replaced). The load changes every tag as fast as the server takes it:
+
+* plain asyncua: ``Server.write_attribute_value`` per tag (the fast API, facts.md), yielding to
+  the loop every 5 ms;
+* iotserver: ``TagStore.apply`` batches of all tags; the OPC UA service's value pump writes them
+  into the address space (and conflates when it cannot keep up).
+
+Measured: notifications received per second by each client over a fixed window.
+
+    python benchmarks/opcua/bench_notifications.py [--tags 1000 10000] [--clients 1 2]
+        [--seconds 5]
+
+Target: >= 3x plain asyncua with one client; two clients without halving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PUBLISH_MS = 100
+QUEUE = 100
+FOLDER = 100  # tags per folder
+
+
+def tag_path(i: int) -> str:
+    return f"Bench/G{i // FOLDER:03d}/T{i:05d}"
+
+
+# --------------------------------------------------------------------------- client process
+
+
+async def _client_main(url: str, ns_uri: str, tags: int, clients: int, seconds: float,
+                       warmup: float) -> None:
+    from asyncua import Client, ua
+
+    counts = [0] * clients
+    counting = [False]
+
+    def counter(k: int) -> Any:
+        """Replaces the subscription's publish callback: count, skip per-item dispatch.
+
+        The client process only decodes, so that it is not what limits the measurement.
+        """
+
+        async def publish_callback(result: ua.PublishResult) -> None:
+            if counting[0]:
+                for notif in result.NotificationMessage.NotificationData or []:
+                    items = getattr(notif, "MonitoredItems", None)
+                    if items:
+                        counts[k] += len(items)
+
+        return publish_callback
+
+    class Handler:
+        def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+            pass
+
+    conns = []
+    for k in range(clients):
+        c = Client(url, timeout=60)
+        await c.connect()
+        ns = await c.get_namespace_index(ns_uri)
+        sub = await c.create_subscription(PUBLISH_MS, Handler())
+        nodes = [c.get_node(ua.NodeId(tag_path(i), ns)) for i in range(tags)]
+        for j in range(0, tags, 1000):
+            await sub.subscribe_data_change(nodes[j:j + 1000], queuesize=QUEUE)
+        conns.append((c, sub))
+    for k, (c, sub) in enumerate(conns):
+        c.uaclient._subscription_callbacks[sub.subscription_id] = counter(k)
+    print("READY", flush=True)
+    await asyncio.sleep(warmup)
+    counting[0] = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    counting[0] = False
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"rates": [n / elapsed for n in counts]}), flush=True)
+    for c, _ in conns:
+        try:
+            await asyncio.wait_for(c.disconnect(), 10)
+        except Exception:  # noqa: BLE001 - the server may already be loaded down
+            pass
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class PlainServer:
+    """A plain asyncua server with the same tags, and a writer loop."""
+
+    name = "plain asyncua"
+
+    async def start(self, port: int, tags: int) -> str:
+        from asyncua import Server, ua
+
+        self.server = Server()
+        await self.server.init()
+        self.server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/bench")
+        self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        self.ns_uri = "urn:bench:plain"
+        idx = await self.server.register_namespace(self.ns_uri)
+        objects = self.server.nodes.objects
+        root = await objects.add_folder(ua.NodeId("Bench", idx), "Bench")
+        self.ids = []
+        folder = None
+        for i in range(tags):
+            if i % FOLDER == 0:
+                name = tag_path(i).rsplit("/", 1)[0]
+                folder = await root.add_folder(ua.NodeId(name, idx), name.rsplit("/", 1)[1])
+            assert folder is not None
+            var = await folder.add_variable(ua.NodeId(tag_path(i), idx), f"T{i:05d}", 0.0)
+            self.ids.append(var.nodeid)
+        await self.server.start()
+        self.applied = 0
+        self._task = asyncio.ensure_future(self._load())
+        return self.ns_uri
+
+    async def _load(self) -> None:
+        from asyncua import ua
+
+        k = 0
+        deadline = time.perf_counter() + 0.005
+        while True:
+            k += 1
+            for nid in self.ids:
+                await self.server.write_attribute_value(
+                    nid, ua.DataValue(ua.Variant(float(k), ua.VariantType.Double)))
+                self.applied += 1
+                if time.perf_counter() >= deadline:
+                    await asyncio.sleep(0)
+                    deadline = time.perf_counter() + 0.005
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self.server.stop()
+
+
+class IotServer:
+    """iotserver's OPC UA service over a tag store, with a source applying batches."""
+
+    name = "iotserver"
+
+    async def start(self, port: int, tags: int) -> str:
+        from twisted.internet import reactor
+
+        from iotserver import config
+        from iotserver.app import Core
+        from iotserver.opcua.service import OpcUaService
+        from iotserver.tags.model import DataType, TagDef
+        from iotserver.tags.ring import RingRegistry
+        from iotserver.tags.signals import SignalHub
+        from iotserver.tags.store import TagStore
+
+        data = Path(tempfile.mkdtemp(prefix="bench-opcua-"))
+        cfg = config.parse(f"""
+[server]
+data_dir = "{data}"
+[opcua]
+endpoint = "opc.tcp://127.0.0.1:{port}/bench"
+security_policies = ["None"]
+allow_anonymous = true
+""")
+        store = TagStore(reactor)
+        rings = RingRegistry()
+        self.paths = [tag_path(i) for i in range(tags)]
+        for p in self.paths:
+            store.define(TagDef(p, DataType.FLOAT64, initial=0.0))
+        core = Core(config=cfg, clock=reactor, store=store, rings=rings,
+                    signals=SignalHub(store, rings))
+        self.store = store
+        self.service = OpcUaService(core, cfg.sections["opcua"])
+        await self.service._astart()
+        self.applied = 0
+        self._task = asyncio.ensure_future(self._load())
+        return cfg.sections["opcua"].namespace
+
+    async def _load(self) -> None:
+        from iotserver.tags.model import Update
+
+        k = 0
+        while True:
+            k += 1
+            v = float(k)
+            self.store.apply([Update(p, v) for p in self.paths])
+            self.applied += len(self.paths)
+            await asyncio.sleep(0.001)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self.service._astop()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def scenario(kind: type, tags: int, clients: int, seconds: float, warmup: float
+                   ) -> dict[str, Any]:
+    server = kind()
+    port = free_port()
+    ns_uri = await server.start(port, tags)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", f"opc.tcp://127.0.0.1:{port}/bench", ns_uri,
+        str(tags), str(clients), str(seconds), str(warmup),
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout is not None
+    result: dict[str, Any] = {"rates": [0.0] * clients}
+    applied_at_ready = 0
+    t_ready = time.perf_counter()
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            break
+        text = line.decode().strip()
+        if text == "READY":
+            applied_at_ready = server.applied
+            t_ready = time.perf_counter()
+        elif text.startswith("{"):
+            result = json.loads(text)
+            result["changes"] = (server.applied - applied_at_ready) / (
+                time.perf_counter() - t_ready)
+            break
+    await server.stop()
+    await proc.wait()
+    return result
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    rows = []
+    for tags in args.tags:
+        for clients in args.clients:
+            res = {}
+            for kind in (PlainServer, IotServer):
+                res[kind.name] = await scenario(kind, tags, clients, args.seconds, args.warmup)
+            rows.append((tags, clients, res))
+    print()
+    print(f"publishing interval {PUBLISH_MS} ms, queue size {QUEUE}, window {args.seconds} s")
+    print(f"{'tags':>6} {'clients':>7} | {'asyncua notif/s/client':>23} | "
+          f"{'iotserver notif/s/client':>25} | {'ratio':>5} | iotserver changes/s")
+    for tags, clients, res in rows:
+        plain = res["plain asyncua"]["rates"]
+        ours = res["iotserver"]["rates"]
+        p = sum(plain) / len(plain)
+        o = sum(ours) / len(ours)
+        ratio = o / p if p else float("inf")
+        print(f"{tags:>6} {clients:>7} | {p:>23,.0f} | {o:>25,.0f} | {ratio:>5.1f} | "
+              f"{res['iotserver'].get('changes', 0):,.0f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        url, ns_uri, tags, clients, seconds, warmup = sys.argv[2:8]
+        asyncio.run(_client_main(url, ns_uri, int(tags), int(clients), float(seconds),
+                                 float(warmup)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tags", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    args = parser.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install()
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    def run() -> None:
+        d = Deferred.fromFuture(asyncio.ensure_future(main_async(args)))
+        d.addErrback(lambda f: f.printTraceback())
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""The server's register image: the four Modbus tables, preencoded, kept current from the store.
+
+Reads must be cheap and never wait: each table is a numpy array of 65536 entries holding what
+a client would receive (registers already big-endian, ``>u2``; bits as 0/1 bytes), updated from
+one store subscription as tags change. A read is then a range check and a slice copy.
+
+Writes go the other way: :meth:`Image.plan_register_write` / :meth:`Image.plan_bit_write`
+decode the written registers into tag values and validate every one of them (coerce: type and
+range) before anything is written, so a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from twisted.logger import Logger
+
+from iotserver.modbus.codec import ExceptionCode, Table
+from iotserver.modbus.config import BIT_TABLES, MapEntry, compatible
+from iotserver.modbus.encoding import (
+    Kind,
+    decode_registers,
+    encode_value,
+    pack_bits,
+    set_bit,
+)
+from iotserver.tags.model import Change, CoerceError, TagDef, TagValue, coerce
+from iotserver.tags.store import Subscription, TagStore
+
+__all__ = ["SIZE", "Binding", "Image", "TableImage", "to_eng", "to_raw"]
+
+log = Logger(namespace="iotserver.modbus")
+
+SIZE = 0x10000  # MB AP 4.4: addresses 0..65535
+
+_INT_RANGE = {
+    Kind.INT16: (-(2**15), 2**15 - 1),
+    Kind.UINT16: (0, 2**16 - 1),
+    Kind.INT32: (-(2**31), 2**31 - 1),
+    Kind.UINT32: (0, 2**32 - 1),
+    Kind.INT64: (-(2**63), 2**63 - 1),
+    Kind.UINT64: (0, 2**64 - 1),
+}
+
+
+class Binding:
+    """A map entry and the tag it currently shows (None until the tag is defined)."""
+
+    __slots__ = ("bad", "entry", "problem", "tag")
+
+    def __init__(self, entry: MapEntry) -> None:
+        self.entry = entry
+        self.tag: TagDef | None = None
+        self.problem = "not defined"
+        self.bad = True
+
+    def bind(self, tag: TagDef | None) -> None:
+        self.tag = tag
+        if tag is None:
+            self.problem = "not defined"
+        elif tag.is_array:
+            self.problem = "an array tag"
+        elif not compatible(self.entry.mtype, tag.data_type):
+            self.problem = f"a {tag.data_type.value} tag, not {self.entry.mtype.kind.value}"
+        else:
+            self.problem = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.problem
+
+
+def to_raw(entry: MapEntry, value: Any) -> Any:
+    """Tag (engineering) value -> the number stored in the registers (scaled, rounded, clipped).
+
+    Integer register types saturate at their limits rather than wrap (a wrapped value reads as
+    plausible garbage); NaN becomes 0.
+    """
+    kind = entry.mtype.kind
+    if kind in (Kind.BOOL, Kind.BIT):
+        return bool(value)
+    if kind is Kind.STRING:
+        return str(value)
+    raw = entry.scaling.to_raw(float(value)) if entry.scaling is not None else value
+    limits = _INT_RANGE.get(kind)
+    if limits is None:
+        return float(raw)
+    if isinstance(raw, float):
+        if raw != raw:
+            return 0
+        if raw in (float("inf"), float("-inf")):
+            return limits[0] if raw < 0 else limits[1]
+        raw = round(raw)
+    return min(max(int(raw), limits[0]), limits[1])
+
+
+def to_eng(entry: MapEntry, tag: TagDef, raw: Any) -> Any:
+    """Registers' number -> a value for the tag (scaling applied; rounded for integer tags)."""
+    if entry.scaling is None:
+        return raw
+    eng = entry.scaling.to_eng(float(raw))
+    if tag.data_type.is_integer:
+        return round(eng)
+    return eng
+
+
+def _encode_string(entry: MapEntry, value: str) -> npt.NDArray[np.uint16]:
+    mtype = entry.mtype
+    data = value.encode(mtype.encoding, errors="replace")[: 2 * mtype.length]
+    return encode_value(mtype, entry.order, data.decode(mtype.encoding, errors="ignore"))
+
+
+@dataclass
+class TableImage:
+    """One table: values as served, which addresses are mapped/writable, who covers each."""
+
+    table: Table
+    values: npt.NDArray[Any]
+    run_end: npt.NDArray[np.int32]  # address -> end of its run of mapped addresses (a if none)
+    write_end: npt.NDArray[np.int32]  # the same for writable addresses
+    cover: dict[int, list[Binding]]  # address -> bindings covering it
+    bad: npt.NDArray[np.int16]  # address -> number of bad bindings covering it
+    bad_total: int = 0
+
+
+def _runs(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
+    """For each address, the end (exclusive) of the run of True starting there; a for False."""
+    idx = np.arange(SIZE, dtype=np.int64)
+    first_false = np.minimum.accumulate(np.where(mask, SIZE, idx)[::-1])[::-1]
+    return first_false.astype(np.int32)
+
+
+class Image:
+    """The four tables for one map; subscribes to the store while started."""
+
+    def __init__(self, entries: Iterable[MapEntry], store: TagStore, *,
+                 bad_quality: str = "last", unmapped_reads: str = "exception") -> None:
+        self.store = store
+        self.strict = unmapped_reads == "exception"
+        self.bad_exception = bad_quality == "exception"
+        self.bindings = [Binding(e) for e in entries]
+        self.by_path: dict[str, list[Binding]] = {}
+        for b in self.bindings:
+            self.by_path.setdefault(b.entry.path, []).append(b)
+        self.tables: dict[Table, TableImage] = {}
+        for table in Table:
+            bits = table in BIT_TABLES
+            mapped = np.zeros(SIZE, dtype=np.bool_)
+            writable = np.zeros(SIZE, dtype=np.bool_)
+            cover: dict[int, list[Binding]] = {}
+            for b in self.bindings:
+                e = b.entry
+                if e.table is not table:
+                    continue
+                mapped[e.address:e.end] = True
+                if e.writable:
+                    writable[e.address:e.end] = True
+                for a in range(e.address, e.end):
+                    cover.setdefault(a, []).append(b)
+            bad = np.zeros(SIZE, dtype=np.int16)
+            for b in self.bindings:
+                if b.entry.table is table:
+                    bad[b.entry.address:b.entry.end] += 1
+            self.tables[table] = TableImage(
+                table,
+                np.zeros(SIZE, dtype=np.uint8 if bits else ">u2"),
+                _runs(mapped), _runs(writable), cover, bad,
+                sum(1 for b in self.bindings if b.entry.table is table),
+            )
+        self._sub: Subscription | None = None
+        self._undefine: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the map to the store's tags and follow their changes."""
+        for path, bindings in self.by_path.items():
+            tag = self.store.tag(path) if path in self.store else None
+            for b in bindings:
+                b.bind(tag)
+                if b.problem and tag is not None:
+                    log.error("modbus map {key}: {path} is {problem}; its addresses read as 0 "
+                              "and refuse writes", key=b.entry.key, path=path, problem=b.problem)
+            if tag is None:
+                log.warn("modbus map: {path} is not defined (yet); its addresses read as 0",
+                         path=path)
+            else:
+                self._apply(bindings, self.store.read(path))
+        self._undefine = self.store.on_define(self._on_define)
+        self._sub = self.store.subscribe("**", self._on_changes, name="modbus server image",
+                                         initial=False)
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            self._sub.cancel()
+            self._sub = None
+        if self._undefine is not None:
+            self._undefine()
+            self._undefine = None
+
+    def _on_define(self, tag: TagDef, added: bool) -> None:
+        bindings = self.by_path.get(tag.path)
+        if not bindings:
+            return
+        for b in bindings:
+            b.bind(tag if added else None)
+        self._apply(bindings, self.store.read(tag.path) if added else None)
+
+    def _on_changes(self, changes: list[Change]) -> None:
+        by_path = self.by_path
+        for tag, tv in changes:
+            bindings = by_path.get(tag.path)
+            if bindings is not None:
+                if bindings[0].tag is not tag:
+                    for b in bindings:
+                        b.bind(tag)
+                self._apply(bindings, tv)
+
+    def refresh(self, paths: Iterable[str]) -> None:
+        """Re-encode tags from the store now (after a write, so the writer reads it back)."""
+        for path in paths:
+            bindings = self.by_path.get(path)
+            if bindings and path in self.store:
+                self._apply(bindings, self.store.read(path))
+
+    # -- encoding into the tables ------------------------------------------------------------
+    def _apply(self, bindings: list[Binding], tv: TagValue | None) -> None:
+        for b in bindings:
+            e = b.entry
+            t = self.tables[e.table]
+            good = tv is not None and b.usable and tv.value is not None and not tv.quality.is_bad
+            if good == b.bad:  # quality transition
+                b.bad = not good
+                delta = -1 if good else 1
+                t.bad[e.address:e.end] += delta
+                t.bad_total += delta
+            if tv is None or tv.value is None or not b.usable:
+                if not b.usable:
+                    self._put(t, b, None)
+                continue
+            self._put(t, b, tv.value)
+
+    def _put(self, t: TableImage, b: Binding, value: Any) -> None:
+        e = b.entry
+        if e.table in BIT_TABLES:
+            t.values[e.address] = 1 if value else 0
+            return
+        kind = e.mtype.kind
+        if kind is Kind.BIT:
+            t.values[e.address] = set_bit(int(t.values[e.address]), e.mtype, e.order, bool(value))
+            return
+        if value is None:
+            t.values[e.address:e.end] = 0
+            return
+        try:
+            if kind is Kind.STRING:
+                regs = _encode_string(e, str(value))
+            else:
+                regs = encode_value(e.mtype, e.order, to_raw(e, value))
+        except (ValueError, TypeError) as exc:
+            log.warn("modbus map {key}: cannot encode {path} = {v!r}: {exc}", key=e.key,
+                     path=e.path, v=value, exc=str(exc))
+            return
+        t.values[e.address:e.end] = regs
+
+    # -- reads (hot path) -------------------------------------------------------------------
+    def read_registers(self, table: Table, address: int, count: int) -> bytes | ExceptionCode:
+        """Wire bytes of ``count`` registers, or the exception to answer (02 unmapped, 04 bad)."""
+        t = self.tables[table]
+        end = address + count
+        if self.strict and t.run_end[address] < end:
+            return ExceptionCode.ILLEGAL_DATA_ADDRESS  # MB AP 6.3: address + quantity not valid
+        if self.bad_exception and t.bad_total and t.bad[address:end].any():
+            return ExceptionCode.SERVER_DEVICE_FAILURE
+        return t.values[address:end].tobytes()
+
+    def read_bits(self, table: Table, address: int, count: int) -> bytes | ExceptionCode:
+        """Packed coil/input bytes (MB AP 6.1), or the exception to answer."""
+        t = self.tables[table]
+        end = address + count
+        if self.strict and t.run_end[address] < end:
+            return ExceptionCode.ILLEGAL_DATA_ADDRESS
+        if self.bad_exception and t.bad_total and t.bad[address:end].any():
+            return ExceptionCode.SERVER_DEVICE_FAILURE
+        return pack_bits(t.values[address:end])
+
+    def register(self, table: Table, address: int) -> int:
+        """One register's current value (for FC16 mask write)."""
+        return int(self.tables[table].values[address])
+
+    # -- write planning -------------------------------------------------------------------
+    def _covering(self, t: TableImage, address: int, end: int) -> list[Binding] | ExceptionCode:
+        if t.write_end[address] < end:
+            return ExceptionCode.ILLEGAL_DATA_ADDRESS  # not mapped, or mapped read-only
+        seen: dict[int, Binding] = {}
+        for a in range(address, end):
+            for b in t.cover.get(a, ()):
+                seen[id(b)] = b
+        return list(seen.values())
+
+    def plan_register_write(
+        self, address: int, regs: npt.NDArray[np.uint16]
+    ) -> list[tuple[Binding, Any]] | ExceptionCode:
+        """Holding registers ``address..`` := ``regs``: the (binding, value) writes, validated.
+
+        02: an address is unmapped or read-only, a multi-register value is only partly
+        covered, or its tag is missing or not writable. 03: a value the tag refuses (type or
+        range, MB AP 6.12 "illegal data value"). A bit of a shared register is written only
+        when it changes.
+        """
+        t = self.tables[Table.HOLDING_REGISTERS]
+        end = address + len(regs)
+        covering = self._covering(t, address, end)
+        if isinstance(covering, ExceptionCode):
+            return covering
+        plan: list[tuple[Binding, Any]] = []
+        for b in covering:
+            e = b.entry
+            if e.address < address or e.end > end:
+                return ExceptionCode.ILLEGAL_DATA_ADDRESS
+            words = regs[e.address - address:e.end - address]
+            raw = decode_registers(e.mtype, e.order, words)
+            if e.mtype.kind is Kind.BIT:
+                current = decode_registers(e.mtype, e.order, [self.register(t.table, e.address)])
+                if raw == current:
+                    continue
+            if not b.usable or b.tag is None or not b.tag.writable or not e.writable:
+                return ExceptionCode.ILLEGAL_DATA_ADDRESS
+            code = self._check(b, b.tag, to_eng(e, b.tag, raw))
+            if isinstance(code, ExceptionCode):
+                return code
+            plan.append((b, code))
+        return plan
+
+    def plan_bit_write(
+        self, address: int, values: Iterable[bool]
+    ) -> list[tuple[Binding, Any]] | ExceptionCode:
+        """Coils ``address..`` := ``values`` (FC05/FC0F), validated like registers."""
+        t = self.tables[Table.COILS]
+        vals = list(values)
+        covering = self._covering(t, address, address + len(vals))
+        if isinstance(covering, ExceptionCode):
+            return covering
+        plan: list[tuple[Binding, Any]] = []
+        for b in covering:
+            if not b.usable or b.tag is None or not b.tag.writable:
+                return ExceptionCode.ILLEGAL_DATA_ADDRESS
+            value = self._check(b, b.tag, bool(vals[b.entry.address - address]))
+            if isinstance(value, ExceptionCode):
+                return value
+            plan.append((b, value))
+        return plan
+
+    @staticmethod
+    def _check(b: Binding, tag: TagDef, value: Any) -> Any:
+        try:
+            return coerce(tag, value)
+        except CoerceError:
+            return ExceptionCode.ILLEGAL_DATA_VALUE
+
+

@@ -1,0 +1,501 @@
+"""The PLC poller: one pymodbus ``AsyncModbusTcpClient`` and one asyncio task per device.
+
+Each device polls its groups of blocks (see planner) on its own loop, so a dead or slow PLC
+never delays another. Failures show in the tags within one poll: a timeout marks every tag of
+the device BadCommunicationError, a lost or refused connection BadNotConnected (last values
+kept). We reconnect ourselves (pymodbus' own reconnect is off) with exponential backoff and
+jitter, and tags are Good again on the first successful poll. An exception response marks just
+that block's tags Bad.
+
+The device also owns its writable tags (``modbus:<name>`` in the store): a write is encoded
+(scaling, type, order), sent as FC05/FC06/FC0F/FC10 (bits in registers: FC16 mask write, or
+read-modify-write), and answered with the PLC's verdict after the tag has been read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from iotserver.modbus.codec import Table
+from iotserver.modbus.config import DeviceConfig, DeviceTag
+from iotserver.modbus.encoding import Kind, bit_masks, encode_value, set_bit
+from iotserver.modbus.planner import Block, bad_updates, plan_blocks
+from iotserver.tags.model import Quality, TagDef
+from iotserver.tags.store import TagStore
+
+__all__ = ["Device", "DeviceStats", "read_quality", "write_quality"]
+
+log = Logger(namespace="iotserver.modbus")
+
+_READ_QUALITY = {
+    0x01: Quality.BAD_CONFIGURATION_ERROR,
+    0x02: Quality.BAD_CONFIGURATION_ERROR,
+    0x03: Quality.BAD_CONFIGURATION_ERROR,
+    0x04: Quality.BAD_DEVICE_FAILURE,
+    0x05: Quality.BAD_RESOURCE_UNAVAILABLE,
+    0x06: Quality.BAD_RESOURCE_UNAVAILABLE,
+    0x0A: Quality.BAD_COMMUNICATION_ERROR,
+    0x0B: Quality.BAD_COMMUNICATION_ERROR,
+}
+_WRITE_QUALITY = {
+    0x01: Quality.BAD_NOT_WRITABLE,
+    0x02: Quality.BAD_NOT_WRITABLE,
+    0x03: Quality.BAD_OUT_OF_RANGE,
+    0x04: Quality.BAD_DEVICE_FAILURE,
+    0x05: Quality.BAD_RESOURCE_UNAVAILABLE,
+    0x06: Quality.BAD_RESOURCE_UNAVAILABLE,
+    0x0A: Quality.BAD_COMMUNICATION_ERROR,
+    0x0B: Quality.BAD_COMMUNICATION_ERROR,
+}
+_INT_RANGE = {
+    Kind.INT16: (-(2**15), 2**15 - 1), Kind.UINT16: (0, 2**16 - 1),
+    Kind.INT32: (-(2**31), 2**31 - 1), Kind.UINT32: (0, 2**32 - 1),
+    Kind.INT64: (-(2**63), 2**63 - 1), Kind.UINT64: (0, 2**64 - 1),
+}
+
+
+def read_quality(code: int) -> Quality:
+    """Exception response to a read -> the quality of the block's tags."""
+    return _READ_QUALITY.get(code, Quality.BAD_DEVICE_FAILURE)
+
+
+def write_quality(code: int) -> Quality:
+    """Exception response to a write -> the write's final quality."""
+    return _WRITE_QUALITY.get(code, Quality.BAD_DEVICE_FAILURE)
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+@dataclass
+class DeviceStats:
+    """Per-device counters (console, metrics)."""
+
+    requests: int = 0
+    errors: int = 0  # exception responses
+    timeouts: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    polls: int = 0
+    values: int = 0
+    writes: int = 0
+    writes_failed: int = 0
+    rtt_last: float = 0.0
+    rtt_max: float = 0.0
+    rtt_sum: float = 0.0
+
+    @property
+    def rtt_avg(self) -> float:
+        ok = self.requests - self.timeouts
+        return self.rtt_sum / ok if ok > 0 else 0.0
+
+
+class _Group:
+    def __init__(self, name: str, interval: float, blocks: list[Block]) -> None:
+        self.name = name
+        self.interval = interval
+        self.blocks = blocks
+        self.next = 0.0
+
+
+class Device:
+    """One polled PLC."""
+
+    def __init__(self, cfg: DeviceConfig, store: TagStore, *,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.stats = DeviceStats()
+        self.state = "stopped"
+        self.last_error = ""
+        self._rng = rng or random.Random()
+        self._by_path: dict[str, DeviceTag] = {t.tag.path: t for t in cfg.tags}
+        self.paths = list(self._by_path)
+        self.groups: list[_Group] = []
+        for g in cfg.groups:
+            tags = [t for t in cfg.tags if t.group == g.name]
+            if tags:
+                blocks = plan_blocks(tags, max_gap=cfg.max_gap, max_registers=cfg.max_registers,
+                                     max_bits=cfg.max_bits)
+                self.groups.append(_Group(g.name, g.interval, blocks))
+        self._single: dict[str, Block] = {}
+        self._client: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._attempt = 0
+        self._consecutive_timeouts = 0
+        self._marked: Quality | None = None
+        self._bit_write = cfg.bit_write
+        self._ever_connected = False
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and bool(self._client.connected)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for g in self.groups for b in g.blocks]
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Register as the tags' owner and start polling (asyncio task on the reactor's loop)."""
+        # pymodbus logs every timeout as an error with a frame dump; we log state changes
+        # ourselves, once, with the device name.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+        self.store.register_owner(self.cfg.owner, self)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        """Stop polling, close the connection, mark the tags BadOutOfService. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._close()
+        self.store.unregister_owner(self.cfg.owner)
+        if self.state != "stopped":
+            self._mark(Quality.BAD_OUT_OF_SERVICE)
+        self.state = "stopped"
+
+    def reconnect(self) -> None:
+        """Drop the connection and reconnect now (backoff reset), e.g. from the console."""
+        log.info("modbus {dev}: reconnect requested", dev=self.name)
+        self._close()
+        self._attempt = 0
+        self._wakeup()
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def _sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._wake = fut
+        handle = loop.call_later(max(seconds, 0.0), self._wakeup)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._wake = None
+
+    def _wakeup(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _backoff(self) -> float:
+        b = self.cfg.backoff
+        delay = min(b.max, b.initial * (2 ** min(self._attempt, 30)))
+        self._attempt += 1
+        return max(0.0, delay * (1 + self._rng.uniform(-b.jitter, b.jitter)))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.state = "connecting"
+        while True:
+            try:
+                if not self.connected:
+                    if not await self._connect():
+                        self._mark(Quality.BAD_NOT_CONNECTED)
+                        self.state = "backoff"
+                        await self._sleep(self._backoff())
+                        continue
+                now = loop.time()
+                for g in self.groups:
+                    if g.next <= now and self.connected:
+                        await self._poll(g)
+                        g.next = max(g.next + g.interval, now)
+                if not self.connected:
+                    continue
+                if self.groups:
+                    await self._sleep(min(g.next for g in self.groups) - loop.time())
+                else:
+                    await self._sleep(3600)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.failure("modbus {dev}: poll loop error", dev=self.name)
+                self._close()
+                await self._sleep(self._backoff())
+
+    async def _connect(self) -> bool:
+        from pymodbus.client import AsyncModbusTcpClient
+
+        self._close()
+        self.state = "connecting"
+        client = AsyncModbusTcpClient(
+            self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
+            retries=self.cfg.retries, reconnect_delay=0,
+            trace_connect=self._on_connection_change,
+        )
+        # Our own timeout handling decides when to give up on a connection.
+        client.set_max_no_responses(1_000_000)
+        self._client = client
+        try:
+            ok = await client.connect()
+        except Exception as exc:  # pymodbus raises a variety on odd hosts
+            ok = False
+            self.last_error = str(exc)
+        if not ok or not client.connected:
+            self.stats.connect_failures += 1
+            if self._attempt == 0 or self._attempt % 10 == 0:
+                log.warn("modbus {dev}: cannot connect to {host}:{port}", dev=self.name,
+                         host=self.cfg.host, port=self.cfg.port)
+            self.last_error = self.last_error or "connection failed"
+            self._close()
+            return False
+        if self._ever_connected:
+            self.stats.reconnects += 1
+        self._ever_connected = True
+        self._attempt = 0
+        self._consecutive_timeouts = 0
+        self.state = "connected"
+        self.last_error = ""
+        log.info("modbus {dev}: connected to {host}:{port}", dev=self.name, host=self.cfg.host,
+                 port=self.cfg.port)
+        return True
+
+    def _on_connection_change(self, connected: bool) -> None:
+        """pymodbus trace hook: fail a request in flight at once when the connection drops."""
+        if connected:
+            return
+        client = self._client
+        ctx = getattr(client, "ctx", None)
+        fut = getattr(ctx, "response_future", None)
+        if fut is not None and not fut.done():
+            fut.set_exception(_Disconnected("connection lost"))
+
+    def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing must not fail the caller
+                pass
+
+    # -- requests -------------------------------------------------------------------------
+    async def _request(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """One request; raises _Timeout or _Disconnected; counts and times it."""
+        client = self._client
+        if client is None or not client.connected:
+            raise _Disconnected("not connected")
+        from pymodbus.exceptions import ConnectionException, ModbusIOException
+
+        self.stats.requests += 1
+        t0 = time.perf_counter()
+        try:
+            rr = await getattr(client, call)(*args, **kwargs)
+        except _Disconnected:
+            raise
+        except ConnectionException as exc:
+            raise _Disconnected(str(exc)) from None
+        except (ModbusIOException, asyncio.TimeoutError) as exc:
+            if client.connected:
+                self.stats.timeouts += 1
+                raise _Timeout(str(exc)) from None
+            raise _Disconnected(str(exc)) from None
+        rtt = time.perf_counter() - t0
+        st = self.stats
+        st.rtt_last = rtt
+        st.rtt_sum += rtt
+        if rtt > st.rtt_max:
+            st.rtt_max = rtt
+        if rr.isError():
+            st.errors += 1
+        return rr
+
+    async def _read(self, block: Block) -> Any:
+        kw = {"count": block.count, "device_id": block.unit}
+        call = {
+            Table.COILS: "read_coils",
+            Table.DISCRETE_INPUTS: "read_discrete_inputs",
+            Table.HOLDING_REGISTERS: "read_holding_registers",
+            Table.INPUT_REGISTERS: "read_input_registers",
+        }[block.table]
+        return await self._request(call, block.address, **kw)
+
+    @staticmethod
+    def _array(block: Block, rr: Any) -> np.ndarray[Any, Any]:
+        if block.bits:
+            return np.array(rr.bits[: block.count], dtype=np.bool_)
+        return np.array(rr.registers, dtype=np.uint16)
+
+    async def _poll(self, group: _Group) -> None:
+        """Read every block of the group; one store.apply for the whole poll."""
+        updates: list[tuple[Any, ...]] = []
+        self.stats.polls += 1
+        now = self.store.now_ns()
+        for block in list(group.blocks):
+            try:
+                rr = await self._read(block)
+            except _Timeout:
+                self._failed(Quality.BAD_COMMUNICATION_ERROR, "timeout", updates)
+                self._consecutive_timeouts += 1
+                if self._consecutive_timeouts >= 2:
+                    self._close()
+                return
+            except _Disconnected as exc:
+                self._failed(Quality.BAD_NOT_CONNECTED, str(exc), updates)
+                self._close()
+                return
+            self._consecutive_timeouts = 0
+            if rr.isError():
+                code = int(rr.exception_code)
+                if code == 0x02 and block.has_gaps:
+                    # MB AP 6.3: the device refuses the unused addresses we spanned
+                    log.warn("modbus {dev}: {table} {a}+{n} refused (02); reading it in "
+                             "gap-free blocks", dev=self.name, table=block.table.value,
+                             a=block.address, n=block.count)
+                    i = group.blocks.index(block)
+                    group.blocks[i:i + 1] = block.split()
+                paths = block.paths
+                updates += bad_updates(paths, self._last(paths), read_quality(code), now)
+                continue
+            try:
+                updates += block.decode(self._array(block, rr), now)
+            except ValueError as exc:  # short answer
+                log.warn("modbus {dev}: bad answer for {table} {a}: {exc}", dev=self.name,
+                         table=block.table.value, a=block.address, exc=str(exc))
+                paths = block.paths
+                updates += bad_updates(paths, self._last(paths), Quality.BAD_COMMUNICATION_ERROR,
+                                       now)
+        self._marked = None
+        self.stats.values += len(updates)
+        self.store.apply(updates)  # type: ignore[arg-type]
+
+    def _failed(self, quality: Quality, why: str, updates: list[tuple[Any, ...]]) -> None:
+        if self.last_error != why:
+            log.warn("modbus {dev}: {why}; tags {q}", dev=self.name, why=why, q=quality.text)
+        self.last_error = why
+        if updates:
+            self.store.apply(updates)  # type: ignore[arg-type]
+        self._mark(quality)
+
+    def _last(self, paths: list[str]) -> list[Any]:
+        read = self.store.read
+        return [read(p).value for p in paths]
+
+    def _mark(self, quality: Quality) -> None:
+        """All tags of the device Bad with ``quality``, keeping their last values (once)."""
+        if self._marked is quality:
+            return
+        self._marked = quality
+        paths = [p for p in self.paths if p in self.store]
+        self.store.apply(bad_updates(paths, self._last(paths), quality))  # type: ignore[arg-type]
+
+    # -- writes (TagOwner) ------------------------------------------------------------------
+    def write_tag(self, tag: TagDef, value: Any) -> Deferred[Quality]:
+        dtag = self._by_path.get(tag.path)
+        if dtag is None:
+            return Deferred.fromFuture(_done(Quality.BAD_NODE_ID_UNKNOWN))
+        return Deferred.fromFuture(asyncio.ensure_future(self._write(dtag, value)))
+
+    async def _write(self, t: DeviceTag, value: Any) -> Quality:
+        self.stats.writes += 1
+        quality = await self._write_inner(t, value)
+        if quality.is_bad:
+            self.stats.writes_failed += 1
+        return quality
+
+    async def _write_inner(self, t: DeviceTag, value: Any) -> Quality:
+        try:
+            regs = self._encode(t, value)
+        except (ValueError, TypeError, OverflowError):
+            return Quality.BAD_OUT_OF_RANGE
+        if not self.connected:
+            return Quality.BAD_NOT_CONNECTED
+        unit = t.unit
+        try:
+            if t.table is Table.COILS:
+                if self.cfg.single_writes:
+                    rr = await self._request("write_coil", t.address, bool(value), device_id=unit)
+                else:
+                    rr = await self._request("write_coils", t.address, [bool(value)],
+                                             device_id=unit)
+            elif t.mtype.kind is Kind.BIT:
+                rr = await self._write_bit(t, bool(value))
+            elif len(regs) == 1 and self.cfg.single_writes:
+                rr = await self._request("write_register", t.address, int(regs[0]),
+                                         device_id=unit)
+            else:
+                rr = await self._request("write_registers", t.address,
+                                         [int(r) for r in regs], device_id=unit)
+        except _Timeout:
+            return Quality.BAD_TIMEOUT
+        except _Disconnected:
+            return Quality.BAD_NOT_CONNECTED
+        if rr.isError():
+            return write_quality(int(rr.exception_code))
+        await self._reread(t)
+        return Quality.GOOD
+
+    async def _write_bit(self, t: DeviceTag, value: bool) -> Any:
+        if self._bit_write == "mask":
+            and_mask, or_mask = bit_masks(t.mtype, t.order, value)
+            rr = await self._request("mask_write_register", address=t.address,
+                                     and_mask=and_mask, or_mask=or_mask, device_id=t.unit)
+            if not (rr.isError() and int(rr.exception_code) == 0x01):
+                return rr
+            log.info("modbus {dev}: no FC16 mask write; using read-modify-write", dev=self.name)
+            self._bit_write = "rmw"
+        # read-modify-write: another writer between the two requests would be overwritten
+        rr = await self._request("read_holding_registers", t.address, count=1, device_id=t.unit)
+        if rr.isError():
+            return rr
+        new = set_bit(int(rr.registers[0]), t.mtype, t.order, value)
+        return await self._request("write_register", t.address, new, device_id=t.unit)
+
+    @staticmethod
+    def _encode(t: DeviceTag, value: Any) -> list[int]:
+        """Engineering value -> registers; out of the register type's range raises ValueError."""
+        kind = t.mtype.kind
+        if t.table is Table.COILS or kind in (Kind.BOOL, Kind.BIT):
+            return [1 if value else 0]
+        raw = value
+        scaling = t.tag.scaling
+        if scaling is not None:
+            raw = scaling.to_raw(float(value))
+        limits = _INT_RANGE.get(kind)
+        if limits is not None:
+            raw = round(raw)
+            if not limits[0] <= raw <= limits[1]:
+                raise ValueError(f"{raw} outside {kind.value}")
+        return [int(r) for r in encode_value(t.mtype, t.order, raw)]
+
+    async def _reread(self, t: DeviceTag) -> None:
+        """Read a written tag back so the store shows what the PLC now holds."""
+        block = self._single.get(t.tag.path)
+        if block is None:
+            block = plan_blocks([t])[0]
+            self._single[t.tag.path] = block
+        try:
+            rr = await self._read(block)
+        except (_Timeout, _Disconnected):
+            return
+        if not rr.isError():
+            self.store.apply(block.decode(self._array(block, rr), self.store.now_ns()))  # type: ignore[arg-type]
+
+
+def _done(value: Any) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
+    fut.set_result(value)
+    return fut
