@@ -115,12 +115,27 @@ async def test_backoff_per_peer(users: UserDB) -> None:
     assert r.reason == RC.BAD_USER_NAME_OR_PASSWORD
     assert calls == auth.free_failures + 1
     assert auth.stats["throttled"] == 1
-    # another address is not affected
+    # another address is not affected, nor another user from the same address
     assert (await auth.authenticate("c", "alice", b"s3cret", None, peer="10.0.0.8")).ok
-    # after the delay, the right password works and clears the record
+    assert (await auth.authenticate("c", "olga", b"pw", None, peer="10.0.0.9")).ok
+    # after the delay, the right password works and clears the (address, user) record
     clock.advance(auth.base_delay + 0.01)
     assert (await auth.authenticate("c", "alice", b"s3cret", None, peer="10.0.0.9")).ok
-    assert "peer:10.0.0.9" not in auth._failures
+    assert "peer:10.0.0.9 user:alice" not in auth._failures
+    assert auth._failures["peer:10.0.0.9"].count == auth.free_failures + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_backoff_per_address_over_all_names(users: UserDB) -> None:
+    """Password spraying: many names from one address trip the address-wide limit."""
+    auth = make(users)
+    users.verify_deferred = lambda n, p: defer.succeed(None)  # type: ignore[method-assign]
+    for i in range(auth.free_failures_per_peer):
+        await auth.authenticate("c", f"user{i}", b"guess", None, peer="10.6.6.6")
+    await auth.authenticate("c", "userX", b"guess", None, peer="10.6.6.6")
+    before = auth.stats["throttled"]
+    await auth.authenticate("c", "alice", b"s3cret", None, peer="10.6.6.6")
+    assert auth.stats["throttled"] == before + 1
 
 
 @pytest_twisted.ensureDeferred
@@ -130,7 +145,7 @@ async def test_backoff_doubles_and_is_capped(users: UserDB) -> None:
     delays = []
     for _ in range(auth.free_failures + 10):
         await auth.authenticate("c", "alice", b"bad", None)
-        rec = auth._failures["user:alice"]
+        rec = auth._failures["user:alice"]  # no address known: per user name
         delays.append(rec.blocked_until - clock.seconds())
         clock.advance(max(0.0, rec.blocked_until - clock.seconds()) + 0.001)
     over = delays[auth.free_failures :]
@@ -145,7 +160,7 @@ async def test_failure_records_expire(users: UserDB) -> None:
     await auth.authenticate("c", "alice", b"bad", None, peer="a")
     clock.advance(auth.forget_after + 1)
     await auth.authenticate("c", "alice", b"bad", None, peer="b")
-    assert list(auth._failures) == ["peer:b"]
+    assert list(auth._failures) == ["peer:b user:alice", "peer:b"]
 
 
 @pytest_twisted.ensureDeferred

@@ -49,11 +49,13 @@ class Msg(NamedTuple):
 
 
 class FakeBroker:
-    """The broker API the bridge uses: publish_internal and add_interceptor."""
+    """The broker API the bridge uses: publish_internal, add_interceptor (int handles, like
+    ``iotserver.mqtt.broker``), remove_interceptor."""
 
     def __init__(self) -> None:
         self.published: list[Msg] = []
         self.interceptors: dict[str, Any] = {}
+        self._handles: dict[int, str] = {}
 
     def publish_internal(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
@@ -62,9 +64,13 @@ class FakeBroker:
         assert isinstance(payload, bytes)
         self.published.append(Msg(topic, payload, qos, retain, properties))
 
-    def add_interceptor(self, topic_filter: str, callback: Any) -> Any:
+    def add_interceptor(self, topic_filter: str, callback: Any) -> int:
         self.interceptors[topic_filter] = callback
-        return lambda: self.interceptors.pop(topic_filter)
+        self._handles[len(self._handles) + 1] = topic_filter
+        return len(self._handles)
+
+    def remove_interceptor(self, handle: int) -> bool:
+        return self.interceptors.pop(self._handles.pop(handle), None) is not None
 
     def client_publish(self, user: str | None, topic: str, payload: bytes, *, qos: int = 1,
                        client_id: str = "c1", properties: Properties | None = None) -> Any:
@@ -244,6 +250,14 @@ def test_set_refused(env: SimpleNamespace, path: str, payload: bytes, status: st
     assert env.bridge.stats.writes_refused == 1
 
 
+def test_set_puback_reason_codes(env: SimpleNamespace) -> None:
+    assert write(env, "erik", "Line1/Setpoint", b"{bad").result == 0x99  # Payload format invalid
+    ok = write(env, "erik", "Line1/Setpoint", b"5")
+    assert ok.called and ok.result is None  # PUBACK after the write, plain success
+    refused = write(env, "erik", "Line1/Setpoint", b"500")
+    assert refused.result is None  # the write failed, the request was fine: see the result topic
+
+
 def test_set_wrapped_value(env: SimpleNamespace) -> None:
     write(env, "erik", "Line1/Setpoint", b'{"v": 7}')
     assert env.store.read("Line1/Setpoint").value == 7.0
@@ -253,7 +267,8 @@ def test_set_wrapped_value(env: SimpleNamespace) -> None:
 def test_set_without_write_role_never_reaches_the_store(env: SimpleNamespace,
                                                        user: str | None) -> None:
     writes = env.store.stats.writes
-    write(env, user, "Line1/Setpoint", b"50")
+    d = write(env, user, "Line1/Setpoint", b"50")
+    assert d.result == 0x87  # v5 PUBACK reason code: Not authorized
     assert env.broker.json(topic("Line1/Setpoint") + "/set/result") == {
         "ok": False, "status": "BadUserAccessDenied"}
     assert env.store.stats.writes == writes
@@ -340,9 +355,10 @@ def test_parse_set_payload() -> None:
 
 
 def sig(env: SimpleNamespace, payload: bytes, user: str | None = "erik",
-        channel: str = CHANNEL) -> None:
-    env.broker.client_publish(user, f"iotserver/signals/{channel}", payload, qos=0)
+        channel: str = CHANNEL) -> Any:
+    result = env.broker.client_publish(user, f"iotserver/signals/{channel}", payload, qos=0)
     env.clock.advance(0)
+    return result
 
 
 def test_signal_block_roundtrip_without_copy() -> None:
@@ -402,7 +418,7 @@ def raw_block(samples: int = 4, **kw: Any) -> bytes:
 )
 def test_malformed_blocks_are_counted_and_reported(env: SimpleNamespace, payload: bytes,
                                                    reason: str) -> None:
-    sig(env, payload)
+    assert sig(env, payload).result == 0x99
     assert env.bridge.stats.bad_blocks == 1 and env.bridge.stats.blocks == 0
     assert env.signals.channels[CHANNEL].stats.samples == 0
     err = env.broker.json(f"iotserver/signals/{CHANNEL}/error")
@@ -413,9 +429,9 @@ def test_block_rules_channel_user_and_time(env: SimpleNamespace) -> None:
     block = encode_signal_block(T0, RATE, np.zeros(16, np.float32))
     sig(env, block, channel="No/Such")
     assert "unknown signal channel" in env.broker.json("iotserver/signals/No/Such/error")["error"]
-    sig(env, block, user="olga")
+    assert sig(env, block, user="olga").result == 0x87
     assert "BadUserAccessDenied" in env.broker.json(f"iotserver/signals/{CHANNEL}/error")["error"]
-    sig(env, block)
+    assert sig(env, block) is None  # accepted: PUBACK at once
     assert env.bridge.stats.blocks == 1
     sig(env, block)  # same start again: time did not move forward
     assert "not after the previous block" in \

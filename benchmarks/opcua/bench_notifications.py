@@ -236,6 +236,7 @@ async def scenario(kind: type, tags: int, clients: int, seconds: float, warmup: 
     result: dict[str, Any] = {"rates": [0.0] * clients}
     applied_at_ready = 0
     t_ready = time.perf_counter()
+    cpu_ready = time.process_time()
     while True:
         line = await proc.stdout.readline()
         if not line:
@@ -244,28 +245,43 @@ async def scenario(kind: type, tags: int, clients: int, seconds: float, warmup: 
         if text == "READY":
             applied_at_ready = server.applied
             t_ready = time.perf_counter()
+            cpu_ready = time.process_time()
         elif text.startswith("{"):
             result = json.loads(text)
-            result["changes"] = (server.applied - applied_at_ready) / (
-                time.perf_counter() - t_ready)
+            wall = time.perf_counter() - t_ready
+            result["changes"] = (server.applied - applied_at_ready) / wall
+            result["server_cpu"] = (time.process_time() - cpu_ready) / wall
             break
     await server.stop()
     await proc.wait()
     return result
 
 
-async def main_async(args: argparse.Namespace) -> None:
+KINDS = {"plain": PlainServer, "iot": IotServer}
+
+
+def run_isolated(kind: str, tags: int, clients: int, seconds: float, warmup: float
+                 ) -> dict[str, Any]:
+    """One scenario in a fresh process: no GC state or caches carried between servers."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--scenario", kind, str(tags), str(clients), str(seconds),
+         str(warmup)], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main_table(args: argparse.Namespace) -> None:
     rows = []
     for tags in args.tags:
         for clients in args.clients:
-            res = {}
-            for kind in (PlainServer, IotServer):
-                res[kind.name] = await scenario(kind, tags, clients, args.seconds, args.warmup)
+            res = {KINDS[k].name: run_isolated(k, tags, clients, args.seconds, args.warmup)
+                   for k in ("plain", "iot")}
             rows.append((tags, clients, res))
     print()
     print(f"publishing interval {PUBLISH_MS} ms, queue size {QUEUE}, window {args.seconds} s")
     print(f"{'tags':>6} {'clients':>7} | {'asyncua notif/s/client':>23} | "
-          f"{'iotserver notif/s/client':>25} | {'ratio':>5} | iotserver changes/s")
+          f"{'iotserver notif/s/client':>25} | {'ratio':>5} | iotserver changes/s | "
+          "server CPU asyncua/iotserver")
     for tags, clients, res in rows:
         plain = res["plain asyncua"]["rates"]
         ours = res["iotserver"]["rates"]
@@ -273,7 +289,9 @@ async def main_async(args: argparse.Namespace) -> None:
         o = sum(ours) / len(ours)
         ratio = o / p if p else float("inf")
         print(f"{tags:>6} {clients:>7} | {p:>23,.0f} | {o:>25,.0f} | {ratio:>5.1f} | "
-              f"{res['iotserver'].get('changes', 0):,.0f}")
+              f"{res['iotserver'].get('changes', 0):>19,.0f} | "
+              f"{res['plain asyncua'].get('server_cpu', 0):.0%} / "
+              f"{res['iotserver'].get('server_cpu', 0):.0%}")
 
 
 def main() -> None:
@@ -282,13 +300,20 @@ def main() -> None:
         asyncio.run(_client_main(url, ns_uri, int(tags), int(clients), float(seconds),
                                  float(warmup)))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--scenario":
+        kind, tags, clients, seconds, warmup = sys.argv[2:7]
+        serve(KINDS[kind], int(tags), int(clients), float(seconds), float(warmup))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tags", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    args = parser.parse_args()
+    main_table(parser.parse_args())
 
+
+def serve(kind: type, tags: int, clients: int, seconds: float, warmup: float) -> None:
+    """Run one scenario on the Twisted asyncio reactor; print its result as JSON."""
     import logging
 
     logging.basicConfig(level=logging.ERROR)
@@ -298,13 +323,19 @@ def main() -> None:
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
+    result: dict[str, Any] = {}
+
+    async def go() -> None:
+        result.update(await scenario(kind, tags, clients, seconds, warmup))
+
     def run() -> None:
-        d = Deferred.fromFuture(asyncio.ensure_future(main_async(args)))
+        d = Deferred.fromFuture(asyncio.ensure_future(go()))
         d.addErrback(lambda f: f.printTraceback())
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)
     reactor.run()
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ range) before anything is written, so a refused request changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import operator
+import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +25,13 @@ from iotserver.modbus.codec import ExceptionCode, Table
 from iotserver.modbus.config import BIT_TABLES, MapEntry, compatible
 from iotserver.modbus.encoding import (
     Kind,
+    Order,
     decode_registers,
     encode_value,
+    from_wire,
     pack_bits,
     set_bit,
+    to_wire_bytes,
 )
 from iotserver.tags.model import Change, CoerceError, TagDef, TagValue, coerce
 from iotserver.tags.store import Subscription, TagStore
@@ -36,6 +41,7 @@ __all__ = ["SIZE", "Binding", "Image", "TableImage", "to_eng", "to_raw"]
 log = Logger(namespace="iotserver.modbus")
 
 SIZE = 0x10000  # MB AP 4.4: addresses 0..65535
+_UNSET = object()
 
 _INT_RANGE = {
     Kind.INT16: (-(2**15), 2**15 - 1),
@@ -47,19 +53,51 @@ _INT_RANGE = {
 }
 
 
-class Binding:
-    """A map entry and the tag it currently shows (None until the tag is defined)."""
+_STRUCT_CODES = {
+    Kind.INT16: "h", Kind.UINT16: "H", Kind.INT32: "i", Kind.UINT32: "I",
+    Kind.INT64: "q", Kind.UINT64: "Q", Kind.FLOAT32: "f", Kind.FLOAT64: "d",
+}
 
-    __slots__ = ("bad", "entry", "problem", "tag")
+
+def _byte_order(width: int, order: Order) -> Callable[[bytes], bytes] | None:
+    """Big-endian value bytes <-> wire bytes for ``order`` (None for ABCD: identity)."""
+    if order is Order.ABCD:
+        return None
+    words = list(range(width))
+    if order.word_swap:
+        words.reverse()
+    perm = [2 * w + (1 - b if order.byte_swap else b) for w in words for b in (0, 1)]
+    pick = operator.itemgetter(*perm)
+    return lambda data: bytes(pick(data))
+
+
+class Binding:
+    """A map entry, the tag it currently shows (None until defined), and its fast codec.
+
+    The struct-based codec here is the hot path of writes and tag updates; it agrees with
+    ``encoding.encode_value`` / ``decode_registers`` (tested) without their numpy overhead.
+    """
+
+    __slots__ = ("bad", "byte_swap", "entry", "kind", "last", "problem", "reorder", "start",
+                 "stop", "struct", "tag")
 
     def __init__(self, entry: MapEntry) -> None:
         self.entry = entry
         self.tag: TagDef | None = None
         self.problem = "not defined"
         self.bad = True
+        self.last: Any = _UNSET  # the value last encoded into the image
+        self.kind = entry.mtype.kind if entry.table not in BIT_TABLES else Kind.BOOL
+        self.start = 2 * entry.address  # byte offsets into the table's wire bytes
+        self.stop = 2 * entry.end
+        code = _STRUCT_CODES.get(self.kind)
+        self.struct = struct.Struct(">" + code) if code else None
+        self.reorder = _byte_order(entry.mtype.width, entry.order) if code else None
+        self.byte_swap = entry.order.byte_swap
 
     def bind(self, tag: TagDef | None) -> None:
         self.tag = tag
+        self.last = _UNSET
         if tag is None:
             self.problem = "not defined"
         elif tag.is_array:
@@ -72,6 +110,27 @@ class Binding:
     @property
     def usable(self) -> bool:
         return not self.problem
+
+    def wire(self, raw: Any) -> bytes:
+        """A register value (already scaled) -> its wire bytes."""
+        if self.struct is not None:
+            data = self.struct.pack(raw)
+            return self.reorder(data) if self.reorder is not None else data
+        return to_wire_bytes(encode_value(self.entry.mtype, self.entry.order, raw))
+
+    def unwire(self, data: bytes) -> Any:
+        """Wire bytes -> the register value (before scaling)."""
+        if self.struct is not None:
+            if self.reorder is not None:
+                data = self.reorder(data)
+            return self.struct.unpack(data)[0]
+        kind = self.kind
+        if kind is Kind.BIT:
+            reg = int.from_bytes(data, "little" if self.byte_swap else "big")
+            return bool((reg >> self.entry.mtype.bit) & 1)
+        if kind is Kind.BOOL:
+            return data != b"\x00\x00"
+        return decode_registers(self.entry.mtype, self.entry.order, from_wire(data))
 
 
 def to_raw(entry: MapEntry, value: Any) -> Any:
@@ -125,6 +184,11 @@ class TableImage:
     cover: dict[int, list[Binding]]  # address -> bindings covering it
     bad: npt.NDArray[np.int16]  # address -> number of bad bindings covering it
     bad_total: int = 0
+    raw: memoryview | None = None  # registers: the values' bytes (wire order), writable
+
+    def __post_init__(self) -> None:
+        if self.values.dtype.itemsize == 2:
+            self.raw = memoryview(self.values).cast("B")
 
 
 def _runs(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
@@ -230,25 +294,28 @@ class Image:
     def _apply(self, bindings: list[Binding], tv: TagValue | None) -> None:
         for b in bindings:
             e = b.entry
-            t = self.tables[e.table]
             good = tv is not None and b.usable and tv.value is not None and not tv.quality.is_bad
             if good == b.bad:  # quality transition
+                t = self.tables[e.table]
                 b.bad = not good
                 delta = -1 if good else 1
                 t.bad[e.address:e.end] += delta
                 t.bad_total += delta
-            if tv is None or tv.value is None or not b.usable:
-                if not b.usable:
-                    self._put(t, b, None)
-                continue
-            self._put(t, b, tv.value)
+            if not b.usable:
+                self._put(b, None)
+            elif tv is not None and tv.value is not None:
+                self._put(b, tv.value)
 
-    def _put(self, t: TableImage, b: Binding, value: Any) -> None:
+    def _put(self, b: Binding, value: Any) -> None:
+        if value is b.last and value is not None:
+            return
+        b.last = value
         e = b.entry
-        if e.table in BIT_TABLES:
+        t = self.tables[e.table]
+        kind = b.kind
+        if t.raw is None:
             t.values[e.address] = 1 if value else 0
             return
-        kind = e.mtype.kind
         if kind is Kind.BIT:
             t.values[e.address] = set_bit(int(t.values[e.address]), e.mtype, e.order, bool(value))
             return
@@ -257,14 +324,16 @@ class Image:
             return
         try:
             if kind is Kind.STRING:
-                regs = _encode_string(e, str(value))
+                data = to_wire_bytes(_encode_string(e, str(value)))
+            elif kind is Kind.BOOL:
+                data = b"\x00\x01" if value else b"\x00\x00"
             else:
-                regs = encode_value(e.mtype, e.order, to_raw(e, value))
-        except (ValueError, TypeError) as exc:
+                data = b.wire(to_raw(e, value))
+        except (ValueError, TypeError, struct.error) as exc:
             log.warn("modbus map {key}: cannot encode {path} = {v!r}: {exc}", key=e.key,
                      path=e.path, v=value, exc=str(exc))
             return
-        t.values[e.address:e.end] = regs
+        t.raw[b.start:b.stop] = data
 
     # -- reads (hot path) -------------------------------------------------------------------
     def read_registers(self, table: Table, address: int, count: int) -> bytes | ExceptionCode:
@@ -295,16 +364,19 @@ class Image:
     def _covering(self, t: TableImage, address: int, end: int) -> list[Binding] | ExceptionCode:
         if t.write_end[address] < end:
             return ExceptionCode.ILLEGAL_DATA_ADDRESS  # not mapped, or mapped read-only
+        cover = t.cover
+        if end - address == 1:
+            return cover[address]
         seen: dict[int, Binding] = {}
         for a in range(address, end):
-            for b in t.cover.get(a, ()):
+            for b in cover.get(a, ()):
                 seen[id(b)] = b
         return list(seen.values())
 
     def plan_register_write(
-        self, address: int, regs: npt.NDArray[np.uint16]
+        self, address: int, wire: bytes
     ) -> list[tuple[Binding, Any]] | ExceptionCode:
-        """Holding registers ``address..`` := ``regs``: the (binding, value) writes, validated.
+        """Holding registers ``address..`` := ``wire`` (big-endian): the writes, validated.
 
         02: an address is unmapped or read-only, a multi-register value is only partly
         covered, or its tag is missing or not writable. 03: a value the tag refuses (type or
@@ -312,27 +384,28 @@ class Image:
         when it changes.
         """
         t = self.tables[Table.HOLDING_REGISTERS]
-        end = address + len(regs)
+        end = address + len(wire) // 2
         covering = self._covering(t, address, end)
         if isinstance(covering, ExceptionCode):
             return covering
         plan: list[tuple[Binding, Any]] = []
+        base = 2 * address
         for b in covering:
             e = b.entry
             if e.address < address or e.end > end:
                 return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            words = regs[e.address - address:e.end - address]
-            raw = decode_registers(e.mtype, e.order, words)
-            if e.mtype.kind is Kind.BIT:
-                current = decode_registers(e.mtype, e.order, [self.register(t.table, e.address)])
-                if raw == current:
+            raw = b.unwire(wire[b.start - base:b.stop - base])
+            if b.kind is Kind.BIT:
+                assert t.raw is not None
+                if raw == b.unwire(bytes(t.raw[b.start:b.stop])):
                     continue
-            if not b.usable or b.tag is None or not b.tag.writable or not e.writable:
+            tag = b.tag
+            if tag is None or b.problem or not tag.writable or not e.writable:
                 return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            code = self._check(b, b.tag, to_eng(e, b.tag, raw))
-            if isinstance(code, ExceptionCode):
-                return code
-            plan.append((b, code))
+            value = self._check(tag, to_eng(e, tag, raw))
+            if isinstance(value, ExceptionCode):
+                return value
+            plan.append((b, value))
         return plan
 
     def plan_bit_write(
@@ -348,14 +421,14 @@ class Image:
         for b in covering:
             if not b.usable or b.tag is None or not b.tag.writable:
                 return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            value = self._check(b, b.tag, bool(vals[b.entry.address - address]))
+            value = self._check(b.tag, bool(vals[b.entry.address - address]))
             if isinstance(value, ExceptionCode):
                 return value
             plan.append((b, value))
         return plan
 
     @staticmethod
-    def _check(b: Binding, tag: TagDef, value: Any) -> Any:
+    def _check(tag: TagDef, value: Any) -> Any:
         try:
             return coerce(tag, value)
         except CoerceError:

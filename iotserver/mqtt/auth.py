@@ -13,9 +13,12 @@ Order (first that applies decides):
 4. No credentials at all: anonymous (user None) when ``allow_anonymous`` is configured (or the
    listener overrides it), else 0x87 Not authorized.
 
-Failed password logins back off per client address (or per user name when the address is not
-known): after ``free_failures`` failures in a row, further attempts are refused at once, without
-hashing, for a delay that doubles with each failure (capped); a success clears the record. At most
+Failed password logins back off: after ``free_failures`` failures of one user name from one
+client address (or of the user name alone when the address is not known), and after
+``free_failures_per_peer`` failures from one address over all names, further attempts are refused
+at once, without hashing, for a delay that doubles with each failure (capped at ``max_delay``).
+A success clears the (address, user) record; records are forgotten after ``forget_after`` idle
+seconds. Other users behind the same address (loopback, NAT) keep logging in meanwhile. At most
 ``max_concurrent`` scrypt checks run at once and at most ``max_queued`` wait, so a flood of
 CONNECTs cannot exhaust the thread pool (beyond that: 0x89 Server busy).
 """
@@ -73,7 +76,8 @@ def _setting(cfg: Any, name: str, default: Any) -> Any:
 class Authenticator:
     """Checks CONNECT credentials; one instance per broker, shared by every listener."""
 
-    free_failures = 5  # failed logins allowed before the backoff starts
+    free_failures = 5  # failed logins per (address, user) before the backoff starts
+    free_failures_per_peer = 50  # per address over all user names (password spraying)
     base_delay = 1.0  # seconds refused after the first failure beyond the free ones
     max_delay = 60.0
     forget_after = 600.0  # an idle failure record is dropped after this long
@@ -133,26 +137,33 @@ class Authenticator:
         return self._check_password(client_id, username, password, peer)
 
     # -- password path --------------------------------------------------------------------
-    def _key(self, username: str, peer: str | None) -> str:
-        return f"peer:{peer}" if peer else f"user:{username}"
+    def _keys(self, username: str, peer: str | None) -> list[tuple[str, int]]:
+        """Failure records a login counts against, each with its free allowance."""
+        if not peer:
+            return [(f"user:{username}", self.free_failures)]
+        return [
+            (f"peer:{peer} user:{username}", self.free_failures),
+            (f"peer:{peer}", self.free_failures_per_peer),
+        ]
 
     def _check_password(
         self, client_id: str, username: str, password: bytes, peer: str | None
     ) -> Deferred[AuthResult]:
-        key = self._key(username, peer)
+        keys = self._keys(username, peer)
         now = self.clock.seconds()
-        record = self._failures.get(key)
-        if record is not None and now < record.blocked_until:
-            self.stats["throttled"] += 1
-            log.info(
-                "client {cid!r} ({who}): login refused without checking, {n} recent failures",
-                cid=client_id, who=key, n=record.count,
-            )
-            return succeed(_BAD_LOGIN)
+        for key, _ in keys:
+            record = self._failures.get(key)
+            if record is not None and now < record.blocked_until:
+                self.stats["throttled"] += 1
+                log.info(
+                    "client {cid!r} ({who}): login refused without checking, {n} recent "
+                    "failures", cid=client_id, who=key, n=record.count,
+                )
+                return succeed(_BAD_LOGIN)
         try:
             text = password.decode("utf-8")
         except UnicodeDecodeError:
-            return self._failed(client_id, username, key)
+            return succeed(self._failed_result(client_id, username, keys))
         if len(self._sem.waiting) >= self.max_queued:
             self.stats["busy"] += 1
             return succeed(_BUSY)
@@ -165,8 +176,8 @@ class Authenticator:
 
         def checked(user: Any) -> AuthResult:
             if user is None:
-                return self._failed_result(client_id, username, key)
-            self._failures.pop(key, None)
+                return self._failed_result(client_id, username, keys)
+            self._failures.pop(keys[0][0], None)  # the address-wide record stays until it ages
             return self._done_result(
                 AuthResult(True, user.name, ReasonCode.SUCCESS, "password"), client_id, user.name
             )
@@ -178,28 +189,30 @@ class Authenticator:
         d.addCallbacks(checked, crashed)
         return d
 
-    def _failed(self, client_id: str, username: str, key: str) -> Deferred[AuthResult]:
-        return succeed(self._failed_result(client_id, username, key))
-
-    def _failed_result(self, client_id: str, username: str, key: str) -> AuthResult:
+    def _failed_result(
+        self, client_id: str, username: str, keys: list[tuple[str, int]]
+    ) -> AuthResult:
         now = self.clock.seconds()
         self._expire(now)
-        record = self._failures.pop(key, None)  # re-inserted last: the dict stays LRU-ordered
-        if record is None:
-            record = _Failures()
-            if len(self._failures) >= self.max_records:
-                del self._failures[next(iter(self._failures))]
-        self._failures[key] = record
-        record.count += 1
-        record.last = now
-        over = record.count - self.free_failures
-        if over > 0:
-            delay = min(self.base_delay * 2 ** (over - 1), self.max_delay)
-            record.blocked_until = now + delay
+        count = 0
+        for key, free in keys:
+            record = self._failures.pop(key, None)  # re-inserted last: the dict stays LRU-ordered
+            if record is None:
+                record = _Failures()
+                if len(self._failures) >= self.max_records:
+                    del self._failures[next(iter(self._failures))]
+            self._failures[key] = record
+            record.count += 1
+            record.last = now
+            over = record.count - free
+            if over > 0:
+                delay = min(self.base_delay * 2 ** (over - 1), self.max_delay)
+                record.blocked_until = max(record.blocked_until, now + delay)
+            count = count or record.count
         self.stats["failed"] += 1
         log.warn(
             "client {cid!r}: bad user name or password for {user!r} ({who}, failure {n})",
-            cid=client_id, user=username, who=key, n=record.count,
+            cid=client_id, user=username, who=keys[0][0], n=count,
         )
         return _BAD_LOGIN
 

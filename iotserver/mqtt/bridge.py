@@ -47,10 +47,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from iotserver.mqtt.packets import Properties, Publish
+from iotserver.mqtt.packets import Properties, Publish, ReasonCode
 from iotserver.mqtt.topics import is_valid_topic_name
 from iotserver.tags.model import Change, Quality, TagDef, TagValue
 from iotserver.tags.store import compile_pattern
@@ -278,13 +278,11 @@ class TagBridge:
         if self._undefine is not None:
             self._undefine()
             self._undefine = None
-        for topic_filter, callback, handle in self._interceptors:
+        for _filter, _callback, handle in self._interceptors:
             if callable(handle):
                 handle()
-            elif hasattr(handle, "cancel"):
-                handle.cancel()
-            elif hasattr(self.broker, "remove_interceptor"):
-                self.broker.remove_interceptor(topic_filter, callback)
+            else:  # the broker's int handle
+                self.broker.remove_interceptor(handle)
         self._interceptors.clear()
 
     # -- tags -> MQTT ---------------------------------------------------------------------
@@ -335,7 +333,13 @@ class TagBridge:
 
     def _on_tag_publish(
         self, client_id: str, user: str | None, publish: Publish
-    ) -> Deferred[None] | None:
+    ) -> Deferred[Any] | None:
+        """A client PUBLISH under ``<prefix>/tags/`` (consumed: never routed nor retained).
+
+        For a ``/set`` request the returned Deferred fires once the result is published, so
+        the broker sends the PUBACK after the write (acks stay in order); it fires with a v5
+        reason code when the request itself was unusable (0x87 role, 0x99 not JSON).
+        """
         topic = publish.topic
         if not topic.endswith("/set"):
             return None  # value topics belong to the bridge; results are not requests
@@ -351,12 +355,12 @@ class TagBridge:
                 cid=client_id, user=user or "anonymous", path=path,
             )
             self._reply(reply_topic, properties, qos, Quality.BAD_USER_ACCESS_DENIED)
-            return None
+            return succeed(ReasonCode.NOT_AUTHORIZED)  # in a v5 PUBACK
         try:
             value = parse_set_payload(publish.payload)
         except (ValueError, UnicodeDecodeError) as exc:
             self._reply(reply_topic, properties, qos, Quality.BAD_TYPE_MISMATCH, str(exc))
-            return None
+            return succeed(ReasonCode.PAYLOAD_FORMAT_INVALID)
         if self._pending_writes >= MAX_PENDING_WRITES:
             self._reply(reply_topic, properties, qos, Quality.BAD_RESOURCE_UNAVAILABLE)
             return None
@@ -424,13 +428,18 @@ class TagBridge:
         self.broker.publish_internal(topic, payload, qos, False, properties)
 
     # -- signal blocks --------------------------------------------------------------------
-    def _on_signal_publish(self, client_id: str, user: str | None, publish: Publish) -> None:
+    def _on_signal_publish(
+        self, client_id: str, user: str | None, publish: Publish
+    ) -> Deferred[Any] | None:
+        """A signal block: ingested synchronously; a rejected one is reported (and answered
+        with 0x87 / 0x99 in a v5 PUBACK)."""
         channel = publish.topic[len(self.signals_prefix) :]
         if not channel or channel.endswith("/error"):
             return None
+        if not self._may_write(user):
+            self._bad_block(channel, client_id, "BadUserAccessDenied: the role may not write")
+            return succeed(ReasonCode.NOT_AUTHORIZED)
         try:
-            if not self._may_write(user):
-                raise SignalBlockError("BadUserAccessDenied: the user's role may not write")
             if self.signal_channels and channel not in self.signal_channels:
                 raise SignalBlockError(f"channel {channel!r} does not accept blocks over MQTT")
             block = decode_signal_block(publish.payload)
@@ -451,7 +460,7 @@ class TagBridge:
             signals.ingest(channel, block.start_ns, block.samples)
         except ValueError as exc:  # SignalBlockError, and SignalError from the hub
             self._bad_block(channel, client_id, str(exc))
-            return None
+            return succeed(ReasonCode.PAYLOAD_FORMAT_INVALID)
         self.stats.blocks += 1
         return None
 

@@ -84,19 +84,21 @@ class RateLimitedLog:
 
 
 class ConnectRate:
-    """Token bucket over CONNECTs per second (``rate`` 0 = unlimited), burst of one second."""
+    """Token bucket over CONNECTs per second (``rate`` 0 = unlimited), burst of one second
+    (at least one CONNECT)."""
 
     def __init__(self, clock: IReactorTime, rate: float) -> None:
         self.clock = clock
         self.rate = rate
-        self._tokens = rate
+        self.burst = max(1.0, rate)
+        self._tokens = self.burst
         self._last = clock.seconds()
 
     def allow(self) -> bool:
         if self.rate <= 0:
             return True
         now = self.clock.seconds()
-        self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0

@@ -14,6 +14,7 @@ QoS 2 messages awaiting PUBREL. It talks to a connection through a small interfa
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, replace
@@ -366,6 +367,10 @@ class Session:
                 self.queued_bytes += d.size
         if self.inflight:
             self._next_pid = max(self.inflight)
+
+    def persisted(self) -> list[Delivery]:
+        """Deliveries written to persistence (their messages hold a reference each)."""
+        return [d for d in itertools.chain(self.inflight.values(), self.queue) if d.seq]
 
     def clear(self) -> list[Delivery]:
         """Drop all deliveries (session end); returns them for reference counting."""

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from asyncua import ua
 
+from iotserver.opcua.fastenc import IotDataValue
 from iotserver.tags.model import DataType, Quality, TagDef
 
 UTC = _dt.UTC
@@ -105,7 +106,11 @@ def to_variant(tag: TagDef, value: Any, vtype: ua.VariantType | None = None) -> 
 
 def make_datavalue(tag: TagDef, vtype: ua.VariantType, value: Any, quality: int,
                    source_ns: int, server_ns: int, times: TimeCache) -> ua.DataValue:
-    """The DataValue for one store sample. Bad quality carries no value (Part 4 7.11)."""
+    """The DataValue for one store sample. Bad quality carries no value (Part 4 7.11).
+
+    An :class:`~iotserver.opcua.fastenc.IotDataValue`: encoded once however many clients
+    receive it.
+    """
     if quality & 0x80000000 or value is None:
         variant = ua.Variant(None, ua.VariantType.Null)
     elif tag.shape:
@@ -113,8 +118,11 @@ def make_datavalue(tag: TagDef, vtype: ua.VariantType, value: Any, quality: int,
     else:
         variant = ua.Variant(value.item() if isinstance(value, np.generic) else value,
                              vtype, None, False)
-    return ua.DataValue(variant, status(quality), times.source(source_ns),
-                        times.server(server_ns))
+    dv = IotDataValue(variant, status(quality), times.source(source_ns), times.server(server_ns))
+    dv._bin = None
+    dv._src_ns = source_ns
+    dv._srv_ns = server_ns
+    return dv
 
 
 class WriteTypeError(Exception):
@@ -144,7 +152,7 @@ def from_variant(tag: TagDef, variant: ua.Variant | None) -> Any:
     return arr
 
 
-def quality_of(code: int) -> Quality | int:
+def quality_of(code: int) -> Quality:
     """The store Quality for an OPC UA StatusCode (unknown codes fall back to their severity)."""
     code &= 0xFFFF0000  # drop the info bits (Part 4 7.39.1)
     try:

@@ -1,0 +1,98 @@
+"""The servers the Modbus benchmarks measure, each run in its own process.
+
+``python servers.py ours PORT``: our Modbus TCP server (Twisted asyncio reactor) mapping holding
+registers 0..199 to 200 UInt16 memory tags (writes go through the tag store).
+``python servers.py pymodbus PORT``: pymodbus' asyncio ModbusTcpServer with 200 registers.
+``python servers.py simplc PORT REGISTERS``: our simulated PLC (for the poller benchmark).
+Each prints "ready" once listening and runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def ours(port: int) -> None:
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install()
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from iotserver.modbus.codec import Table
+    from iotserver.modbus.config import MapEntry, ServerConfig
+    from iotserver.modbus.encoding import UINT16, Order
+    from iotserver.modbus.server import ModbusServer
+    from iotserver.tags.model import Access, DataType, TagDef
+    from iotserver.tags.store import MemoryOwner, TagStore
+
+    store = TagStore(reactor)  # type: ignore[arg-type]
+    store.register_owner("memory", MemoryOwner(store))
+    entries = []
+    for i in range(200):
+        path = f"Bench/R{i}"
+        store.define(TagDef(path, DataType.UINT16, access=Access.READ_WRITE, initial=i))
+        entries.append(MapEntry(f"map[{i}]", path, Table.HOLDING_REGISTERS, i, UINT16,
+                                Order.ABCD))
+    cfg = ServerConfig(endpoints=(f"tcp:{port}",), map=tuple(entries), max_connections=1000,
+                       idle_timeout=0)
+    server = ModbusServer(cfg, store, reactor)  # type: ignore[arg-type]
+    server.start()
+
+    def listening(_: object) -> None:
+        print("ready", flush=True)
+
+    TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
+        server.factory()).addCallback(listening)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def pymodbus_server(port: int) -> None:
+    import asyncio
+    import logging
+
+    from pymodbus.datastore import (
+        ModbusDeviceContext,
+        ModbusSequentialDataBlock,
+        ModbusServerContext,
+    )
+    from pymodbus.server import ModbusTcpServer
+
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+    async def main() -> None:
+        block = ModbusSequentialDataBlock(1, list(range(200)))
+        ctx = ModbusServerContext(devices=ModbusDeviceContext(hr=block), single=True)
+        server = ModbusTcpServer(ctx, address=("127.0.0.1", port))
+        await server.serve_forever(background=True)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def simplc(port: int, registers: int) -> None:
+    from twisted.internet import defer, reactor
+
+    from iotserver.sim.plc import SimPLC
+
+    plc = SimPLC(port, registers=registers, interval=0.1)
+
+    async def main() -> None:
+        await plc.start()
+        print("ready", flush=True)
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(main()))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    kind, port_text = sys.argv[1], sys.argv[2]
+    if kind == "ours":
+        ours(int(port_text))
+    elif kind == "pymodbus":
+        pymodbus_server(int(port_text))
+    elif kind == "simplc":
+        simplc(int(port_text), int(sys.argv[3]))
+    else:
+        raise SystemExit(f"unknown server {kind!r}")

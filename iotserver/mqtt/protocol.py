@@ -1,0 +1,744 @@
+"""The broker's Twisted protocol: one per TCP/TLS connection, over the sans-I/O codec.
+
+It owns what the codec and the broker do not: the transport (TCP_NODELAY, one write per
+reactor turn, producer/consumer flow control), timers (CONNECT timeout, keepalive),
+authentication, per-connection topic aliases and packet size limits, and the order of
+acknowledgements: PUBACK/PUBREC leave in the order the PUBLISHes came (MQTT-4.6.0-2), each
+one held back until persistence has committed the message (group commit) and interceptors
+(the tag bridge) are done with it.
+
+A peer that breaks the protocol gets a DISCONNECT with the codec's reason code (v5, or a
+CONNACK while connecting) and is closed; it costs one rate-limited log line, never a
+traceback, and never touches another client.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from iotserver.mqtt.codec import (
+    Decoder,
+    MqttProtocolError,
+    UnsupportedProtocolVersion,
+    encode,
+    with_packet_id,
+)
+from iotserver.mqtt.config import ListenerConfig, MqttConfig
+from iotserver.mqtt.packets import (
+    CONNACK_CODES,
+    MQTT_3_1_1,
+    MQTT_5,
+    NO_PROPERTIES,
+    PUBACK_CODES,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    Pingreq,
+    Properties,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+)
+from iotserver.mqtt.session import Message, Session
+from iotserver.security.tls import cert_identity, peer_certificate
+
+log = Logger(namespace="iotserver.mqtt")
+
+NEW, AUTHENTICATING, OPEN, CLOSED = range(4)
+RC = ReasonCode
+# 5.0 CONNACK codes that have a 3.1.1 return code (codec maps them); others become 3.
+_V311_REFUSALS = frozenset({RC.UNSUPPORTED_PROTOCOL_VERSION, RC.CLIENT_IDENTIFIER_NOT_VALID,
+                            RC.SERVER_UNAVAILABLE, RC.SERVER_BUSY, RC.BAD_USER_NAME_OR_PASSWORD,
+                            RC.NOT_AUTHORIZED, RC.BANNED, RC.BAD_AUTHENTICATION_METHOD})
+_PINGRESP = b"\xd0\x00"
+_CLOSE_GRACE = 5.0  # seconds a closing connection may take to drain before it is aborted
+
+
+class _PendingAck:
+    """An acknowledgement waiting for persistence and/or interceptors."""
+
+    __slots__ = ("code", "kind", "pid", "waits")
+
+    def __init__(self, kind: int, pid: int, waits: int, code: int = 0) -> None:
+        self.kind = kind  # first byte: 0x40 PUBACK, 0x50 PUBREC, 0x70 PUBCOMP
+        self.pid = pid
+        self.waits = waits
+        self.code = code
+
+
+class MqttServerFactory(Factory):
+    """One per listener: the broker, the listener's settings and its authenticator."""
+
+    def __init__(self, broker: Any, listener: ListenerConfig, authenticator: Any) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.authenticator = authenticator
+
+    def buildProtocol(self, addr: Any) -> MqttServerProtocol:
+        proto = MqttServerProtocol(self)
+        proto.factory = self
+        return proto
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class MqttServerProtocol(Protocol):
+    """One client connection (see module docstring)."""
+
+    def __init__(self, factory: MqttServerFactory) -> None:
+        broker = factory.broker
+        self.broker = broker
+        self.limits = broker.limits
+        self.clock = broker.clock
+        self.stats = broker.stats
+        self.authenticator = factory.authenticator
+        self.listener = factory.listener
+        self.version = MQTT_3_1_1
+        self.state = NEW
+        self.session: Session | None = None
+        self.client_id: str | None = None
+        self.user: str | None = None
+        self.paused = False
+        self.send_window = self.limits.max_inflight
+        self.peer = "?"
+        self._decoder = Decoder(self.limits.max_packet_size, role="server")
+        self._out: list[bytes] = []
+        self._outbytes = 0
+        self._dirty = False
+        self._acks: deque[_PendingAck] = deque()
+        self._in_flight = 0  # inbound QoS 1/2 not yet acknowledged (Receive Maximum, 3.3.4)
+        self._aliases_in: dict[int, str] = {}
+        self._aliases_out: dict[str, int] = {}
+        self._alias_out_max = 0
+        self._max_out = 0  # client's Maximum Packet Size (0: none)
+        self._problem_info = True
+        self._keepalive = 0.0
+        self._last_rx = 0.0
+        self._ka_call: Any = None
+        self._connect_call: Any = None
+        self._abort_call: Any = None
+        self._held: list[Any] | None = None
+        self._cert_identity: str | None = None
+        self._will_on_close = True
+        self._dispatch = {
+            Connect: self._on_connect, Puback: self._on_puback, Pubrec: self._on_pubrec,
+            Pubrel: self._on_pubrel, Pubcomp: self._on_pubcomp, Subscribe: self._on_subscribe,
+            Unsubscribe: self._on_unsubscribe, Pingreq: self._on_pingreq,
+            Disconnect: self._on_disconnect, Auth: self._on_auth,
+        }
+
+    def __repr__(self) -> str:
+        return f"<MqttServerProtocol {self.client_id!r} from {self.peer} v{self.version}>"
+
+    # -- connection lifecycle ----------------------------------------------------------------
+    def connectionMade(self) -> None:
+        broker = self.broker
+        broker.connections.add(self)
+        try:
+            peer = self.transport.getPeer()
+            self.peer = f"{peer.host}:{peer.port}"
+        except Exception:
+            pass
+        if len(broker.connections) > self.limits.max_connections + 64:
+            # far over the limit: not even worth reading a CONNECT to refuse it properly
+            self.stats.connections_refused += 1
+            broker.ratelog.warn("conn_flood", "MQTT: connection limit exceeded, dropping {peer}",
+                                peer=self.peer)
+            self.state = CLOSED
+            self.transport.abortConnection()
+            return
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)  # QoS 1 tail latency (facts.md)
+            except Exception:
+                pass
+        self.transport.registerProducer(self, True)
+        self._last_rx = self.clock.seconds()
+        self._connect_call = self.clock.callLater(self.limits.connect_timeout,
+                                                  self._connect_timeout)
+
+    def handshakeCompleted(self) -> None:
+        """TLS: the verified client certificate's identity (CN, else SAN), if one was sent."""
+        cert = peer_certificate(self.transport)
+        if cert is not None:
+            try:
+                self._cert_identity = cert_identity(cert)
+            except ValueError:
+                self._cert_identity = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.broker.connections.discard(self)
+        for name in ("_ka_call", "_connect_call", "_abort_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        self.paused = True
+        if self.state != CLOSED:
+            self.state = CLOSED
+            self._out = []
+            self._detach(self._will_on_close)
+
+    def _detach(self, publish_will: bool) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            self.broker.closed(self, session, publish_will)
+
+    def _close(self, publish_will: bool = True) -> None:
+        """Flush what is buffered and close; the session is let go at once."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._flush_now()
+        self._detach(publish_will)
+        self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(_CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self.transport.abortConnection()
+
+    def _connect_timeout(self) -> None:
+        self._connect_call = None
+        if self.state in (NEW, AUTHENTICATING):
+            self.broker.ratelog.warn("connect_timeout", "MQTT: {peer} sent no CONNECT within "
+                                     "{t} s, closing", peer=self.peer,
+                                     t=self.limits.connect_timeout)
+            self._close(publish_will=False)
+
+    def _keepalive_check(self) -> None:
+        self._ka_call = None
+        if self.state != OPEN:
+            return
+        idle = self.clock.seconds() - self._last_rx
+        if idle < self._keepalive:
+            self._ka_call = self.clock.callLater(self._keepalive - idle, self._keepalive_check)
+            return
+        # MQTT-3.1.2-22: no packet within 1.5 x keepalive: close as a network failure (will)
+        self._send_disconnect(RC.KEEP_ALIVE_TIMEOUT)
+        self._close(publish_will=True)
+
+    # -- input -------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        self.stats.bytes_received += len(data)
+        if self.state == CLOSED:
+            return
+        self._last_rx = self.clock.seconds()
+        try:
+            packets = self._decoder.feed(data)
+        except MqttProtocolError as exc:
+            self._handle(exc.packets)
+            if self.state != CLOSED:
+                self._protocol_error(exc)
+            return
+        self._handle(packets)
+
+    def _handle(self, packets: list[Any]) -> None:
+        self.stats.messages_received += len(packets)
+        if self._held is not None:
+            self._held.extend(packets)
+            return
+        try:
+            for i, p in enumerate(packets):
+                if self.state == CLOSED:
+                    return
+                if type(p) is Publish:
+                    self._on_publish(p)
+                else:
+                    self._dispatch[type(p)](p)
+                if self._held is not None:  # CONNECT is being authenticated: hold the rest
+                    self._held.extend(packets[i + 1:])
+                    return
+        except Exception:
+            log.failure("MQTT: internal error handling a packet from {peer}", peer=self.peer)
+            self._send_disconnect(RC.IMPLEMENTATION_SPECIFIC_ERROR)
+            self._close(publish_will=True)
+
+    def _protocol_error(self, exc: MqttProtocolError) -> None:
+        self.stats.protocol_errors += 1
+        self.broker.ratelog.warn("protocol_error", "MQTT: closing {peer} ({cid}): {msg}",
+                                 peer=self.peer, cid=self.client_id, msg=exc.message)
+        if isinstance(exc, UnsupportedProtocolVersion):
+            # 3.1.1 return code 1 (MQTT-3.1.2-2); a 5.0 server answers unknown levels the same
+            self._write(encode(Connack(reason_code=RC.UNSUPPORTED_PROTOCOL_VERSION),
+                               MQTT_3_1_1))
+            self._close(publish_will=False)
+        elif self.state == NEW:
+            if exc.protocol_level == MQTT_5 and exc.reason_code in CONNACK_CODES:
+                self.version = MQTT_5
+                self._write(encode(Connack(reason_code=exc.reason_code,
+                                           properties=self._reason(exc.message)), MQTT_5))
+            self._close(publish_will=False)  # 3.1.1: just close (MQTT-3.1.4-1)
+        else:
+            self._send_disconnect(exc.reason_code, exc.message)  # MQTT-4.13.1-1
+            self._close(publish_will=True)
+
+    # -- CONNECT -----------------------------------------------------------------------------
+    def _on_connect(self, p: Connect) -> None:
+        if self._connect_call is not None and self._connect_call.active():
+            self._connect_call.cancel()
+        self._connect_call = None
+        self.version = v = p.protocol_level
+        broker = self.broker
+        limits = self.limits
+        props = p.properties
+        if broker.shutting_down:
+            return self._refuse(RC.SERVER_UNAVAILABLE, "server shutting down")
+        if len(broker.connections) > limits.max_connections:
+            broker.ratelog.warn("max_connections", "MQTT: {n} connections, refusing {peer}",
+                                n=limits.max_connections, peer=self.peer)
+            return self._refuse(RC.SERVER_BUSY, "too many connections")
+        if not broker.connect_rate.allow():
+            return self._refuse(RC.CONNECTION_RATE_EXCEEDED, "connection rate exceeded")
+        if v == MQTT_5:
+            if props.authentication_method is not None:
+                return self._refuse(RC.BAD_AUTHENTICATION_METHOD,  # 4.12: none supported
+                                    "enhanced authentication is not supported")
+            self.send_window = min(limits.max_inflight, props.receive_maximum or 65535)
+            self._max_out = props.maximum_packet_size or 0
+            if limits.outbound_topic_aliases:
+                self._alias_out_max = props.topic_alias_maximum or 0
+            self._problem_info = props.request_problem_information is not False
+        client_id = p.client_id
+        assigned = None
+        if not client_id:
+            if v != MQTT_5 and not p.clean_start:
+                return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID,  # 3.1.1 MQTT-3.1.3-8
+                                    "empty client id needs a clean session")
+            client_id = assigned = f"auto-{uuid.uuid4().hex}"  # MQTT-3.1.3-6
+        will = p.will
+        if will is not None:
+            if will.qos > limits.maximum_qos:
+                return self._refuse(RC.QOS_NOT_SUPPORTED, "will QoS")  # MQTT-3.2.2-12
+            if will.retain and not limits.retain_available:
+                return self._refuse(RC.RETAIN_NOT_SUPPORTED, "will retain")  # MQTT-3.2.2-13
+            if will.properties.payload_format_indicator == 1 and not _is_utf8(will.payload):
+                return self._refuse(RC.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
+        self.client_id = client_id
+        self.state = AUTHENTICATING
+        self._held = []
+        self.transport.pauseProducing()
+        d = maybeDeferred(self.authenticator.authenticate, client_id, p.username, p.password,
+                          self._cert_identity, self.peer.rpartition(":")[0] or None)
+        d.addCallback(self._authenticated, p, assigned)
+        d.addErrback(self._auth_error)
+
+    def _auth_error(self, failure: Failure) -> None:
+        log.failure("MQTT: authentication of {cid!r} failed", failure, cid=self.client_id)
+        if self.state == AUTHENTICATING:
+            self._refuse(RC.SERVER_UNAVAILABLE, "authentication failed")
+
+    def _authenticated(self, result: Any, p: Connect, assigned: str | None) -> None:
+        if self.state != AUTHENTICATING:
+            return
+        if not result.ok:
+            code = result.reason if result.reason in CONNACK_CODES and result.reason else \
+                RC.NOT_AUTHORIZED
+            self.broker.ratelog.warn("auth_refused", "MQTT: {peer} client {cid!r} user {user!r} "
+                                     "refused: {code}", peer=self.peer, cid=self.client_id,
+                                     user=p.username, code=RC(code).name)
+            return self._refuse(code, None)
+        self.user = result.user
+        limits = self.limits
+        v5 = self.version == MQTT_5
+        requested = None
+        if v5:
+            requested = p.properties.session_expiry_interval or 0
+            expiry = min(requested, limits.max_session_expiry)
+        else:
+            expiry = 0 if p.clean_start else limits.v311_session_expiry
+        opened = self.broker.open_session(self, self.client_id, clean_start=p.clean_start,
+                                          expiry=expiry, user=self.user, will=p.will)
+        if not isinstance(opened, tuple):
+            return self._refuse(opened, "session quota exceeded")
+        session, present = opened
+        self.session = session
+        self.state = OPEN
+        stats = self.stats
+        stats.clients_total += 1
+        online = len(self.broker.connections)
+        if online > stats.clients_maximum:
+            stats.clients_maximum = online
+        keepalive = p.keepalive
+        server_keepalive = None
+        if v5 and limits.max_keepalive and (keepalive == 0 or keepalive > limits.max_keepalive):
+            keepalive = server_keepalive = limits.max_keepalive  # MQTT-3.2.2-21
+        props = NO_PROPERTIES
+        if v5:
+            props = Properties(
+                session_expiry_interval=expiry if expiry != requested else None,
+                receive_maximum=limits.receive_maximum if limits.receive_maximum < 65535
+                else None,
+                maximum_qos=limits.maximum_qos if limits.maximum_qos < 2 else None,
+                retain_available=None if limits.retain_available else False,
+                maximum_packet_size=limits.max_packet_size,
+                assigned_client_identifier=assigned,
+                topic_alias_maximum=limits.topic_alias_maximum or None,
+                server_keep_alive=server_keepalive,
+            )
+        self._write(encode(Connack(present, RC.SUCCESS, props), self.version))
+        if keepalive:
+            self._keepalive = keepalive * 1.5  # MQTT-3.1.2-24
+            self._ka_call = self.clock.callLater(self._keepalive, self._keepalive_check)
+        session.resend()
+        held, self._held = self._held, None
+        self.transport.resumeProducing()
+        if held:
+            self._handle_held(held)
+
+    def _handle_held(self, packets: list[Any]) -> None:
+        self.stats.messages_received -= len(packets)  # counted when they arrived
+        self._handle(packets)
+
+    def _refuse(self, code: int, reason: str | None) -> None:
+        """CONNACK with a refusal and close (no will: the connection was never accepted)."""
+        self.stats.connections_refused += 1
+        if self.version == MQTT_5:
+            packet = Connack(False, code, self._reason(reason))
+        else:
+            packet = Connack(False, code if code in _V311_REFUSALS else RC.SERVER_UNAVAILABLE)
+        self._write(encode(packet, self.version))
+        self._held = None
+        self._close(publish_will=False)
+
+    def _reason(self, text: str | None) -> Properties:
+        if text and self._problem_info:
+            return Properties(reason_string=text[:200])
+        return NO_PROPERTIES
+
+    # -- PUBLISH in --------------------------------------------------------------------------
+    def _on_publish(self, p: Publish) -> None:
+        self.stats.publish_received += 1
+        qos = p.qos
+        limits = self.limits
+        if qos > limits.maximum_qos:
+            return self.server_disconnect(RC.QOS_NOT_SUPPORTED, "QoS not supported")
+        if p.retain and not limits.retain_available:
+            return self.server_disconnect(RC.RETAIN_NOT_SUPPORTED, "retain not supported")
+        topic = p.topic
+        props = p.properties
+        code = 0
+        if props is not NO_PROPERTIES:
+            alias = props.topic_alias
+            if alias is not None:
+                if alias > limits.topic_alias_maximum:
+                    return self.server_disconnect(RC.TOPIC_ALIAS_INVALID,  # MQTT-3.3.2-9
+                                                  "topic alias above the maximum")
+                if topic:
+                    self._aliases_in[alias] = topic
+                else:
+                    known = self._aliases_in.get(alias)
+                    if known is None:
+                        return self.server_disconnect(RC.PROTOCOL_ERROR, "unknown topic alias")
+                    topic = known
+                props = replace(props, topic_alias=None)
+                if props.is_empty():
+                    props = NO_PROPERTIES
+            if props.payload_format_indicator == 1 and not _is_utf8(p.payload):
+                code = RC.PAYLOAD_FORMAT_INVALID  # 3.3.2.3.2: receiver may check
+        session = self.session
+        assert session is not None
+        pid = p.packet_id or 0
+        if qos:
+            if qos == 2 and pid in session.incoming_qos2:
+                return self._ack(0x50, pid, 0, None)  # duplicate: acknowledge again only
+            self._in_flight += 1
+            if self.version == MQTT_5 and self._in_flight > limits.receive_maximum:
+                return self.server_disconnect(RC.RECEIVE_MAXIMUM_EXCEEDED,  # MQTT-3.3.4-9
+                                              "receive maximum exceeded")
+        broker = self.broker
+        acl = broker.acl
+        if code == 0 and acl is not None and not acl.can_publish(self.user, self.client_id,
+                                                                   topic):
+            code = RC.NOT_AUTHORIZED
+            self.stats.dropped["not_authorized"] += 1
+            broker.ratelog.warn("publish_denied", "MQTT: {cid!r} ({user}) may not publish to "
+                                "{topic!r}", cid=self.client_id, user=self.user, topic=topic)
+        if code:
+            if qos:
+                if self.version != MQTT_5:
+                    code = 0  # 3.1.1 cannot say no: acknowledge and drop
+                if qos == 2 and not code:  # else a PUBREC >= 0x80 ends the flow (4.3.3)
+                    session.incoming_qos2.add(pid)
+                self._ack(0x40 if qos == 1 else 0x50, pid, code, None)
+            return
+        pending = None
+        route = True
+        if len(broker.interceptors):
+            seen = p if topic is p.topic and props is p.properties else \
+                Publish(topic, p.payload, qos, p.retain, p.dup, p.packet_id, props)
+            route, pending = broker.intercept(self.client_id, self.user, seen)
+        need = False
+        if route:
+            expiry_at = None
+            if props is not NO_PROPERTIES and props.message_expiry_interval is not None:
+                expiry_at = self.clock.seconds() + props.message_expiry_interval
+            need = broker.publish(Message(topic, p.payload, qos, p.retain, props, expiry_at,
+                                          self.client_id))
+        if qos == 0:
+            return
+        if qos == 2:
+            session.incoming_qos2.add(pid)
+        if not need and not pending and not self._acks:
+            if qos == 1:
+                self._in_flight -= 1
+                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+            else:
+                self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+            return
+        self._ack(0x40 if qos == 1 else 0x50, pid, 0, pending, need)
+
+    def _ack(self, kind: int, pid: int, code: int, pending: list[Deferred[Any]] | None,
+             need_commit: bool = False) -> None:
+        """Queue an acknowledgement behind earlier ones; it leaves once it is ready."""
+        waits = len(pending) if pending else 0
+        if need_commit:
+            waits += 1
+        entry = _PendingAck(kind, pid, waits, code)
+        self._acks.append(entry)
+        if need_commit:
+            store = self.broker.store
+            store.when_committed(store.token(), lambda ok: self._ack_ready(entry, ok))
+        for d in pending or ():
+            d.addCallbacks(self._interceptor_done, self._interceptor_failed,
+                           callbackArgs=(entry,), errbackArgs=(entry,))
+        if not waits:
+            self._release_acks()
+
+    def _interceptor_done(self, result: Any, entry: _PendingAck) -> None:
+        if isinstance(result, int) and result and not entry.code:
+            entry.code = result if result in PUBACK_CODES else RC.UNSPECIFIED_ERROR
+        self._ack_ready(entry, True)
+
+    def _interceptor_failed(self, failure: Failure, entry: _PendingAck) -> None:
+        log.failure("MQTT: interceptor failed for a message from {cid!r}", failure,
+                    cid=self.client_id)
+        if not entry.code:
+            entry.code = RC.UNSPECIFIED_ERROR
+        self._ack_ready(entry, True)
+
+    def _ack_ready(self, entry: _PendingAck, ok: bool) -> None:
+        if not ok and not entry.code:
+            entry.code = RC.IMPLEMENTATION_SPECIFIC_ERROR
+        entry.waits -= 1
+        if entry.waits <= 0 and self._acks and self._acks[0] is entry:
+            self._release_acks()
+
+    def _release_acks(self) -> None:
+        acks = self._acks
+        v5 = self.version == MQTT_5
+        while acks and acks[0].waits <= 0:
+            a = acks.popleft()
+            if self.state != OPEN:
+                continue
+            pid = a.pid
+            code = a.code if v5 else 0
+            if a.kind == 0x40 or a.kind == 0x70:
+                self._in_flight -= 1
+            elif code >= 0x80:
+                self._in_flight -= 1
+                if self.session is not None:
+                    self.session.incoming_qos2.discard(pid)
+            if code:
+                self._write(bytes((a.kind, 3, pid >> 8, pid & 0xFF, code)))
+            else:
+                self._write(bytes((a.kind, 2, pid >> 8, pid & 0xFF)))
+        if self._in_flight < 0:
+            self._in_flight = 0
+
+    # -- acknowledgements in -------------------------------------------------------------------
+    def _on_puback(self, p: Puback) -> None:
+        assert self.session is not None
+        self.session.acked(p.packet_id)
+
+    def _on_pubrec(self, p: Pubrec) -> None:
+        assert self.session is not None
+        if not self.session.received(p.packet_id, p.reason_code >= 0x80) and \
+                p.reason_code < 0x80:
+            self._write(encode(Pubrel(p.packet_id, RC.PACKET_IDENTIFIER_NOT_FOUND), self.version))
+
+    def _on_pubcomp(self, p: Pubcomp) -> None:
+        assert self.session is not None
+        self.session.acked(p.packet_id)
+
+    def _on_pubrel(self, p: Pubrel) -> None:
+        assert self.session is not None
+        pid = p.packet_id
+        if pid in self.session.incoming_qos2:
+            self.session.incoming_qos2.discard(pid)
+            code = 0
+        else:
+            code = RC.PACKET_IDENTIFIER_NOT_FOUND  # 4.3.3; 3.1.1 just completes
+            self._in_flight += 1  # not counted, but released below like the others
+        self._ack(0x70, pid, code, None)
+
+    # -- other packets -------------------------------------------------------------------------
+    def _on_subscribe(self, p: Subscribe) -> None:
+        session = self.session
+        assert session is not None
+        ids = p.properties.subscription_identifiers
+        subid = ids[0] if ids else None
+        codes = []
+        retained = []
+        for topic_filter, options in p.subscriptions:
+            code, sub = self.broker.subscribe(session, topic_filter, options, subid)
+            codes.append(code)
+            if sub is not None:
+                retained.append(sub)
+        self._write(encode(Suback(p.packet_id, tuple(codes)), self.version))
+        for sub in retained:
+            self.broker.send_retained(session, sub)
+
+    def _on_unsubscribe(self, p: Unsubscribe) -> None:
+        session = self.session
+        assert session is not None
+        codes = tuple(RC.SUCCESS if self.broker.unsubscribe(session, f)
+                      else RC.NO_SUBSCRIPTION_EXISTED for f in p.topic_filters)
+        self._write(encode(Unsuback(p.packet_id, codes), self.version))
+
+    def _on_pingreq(self, p: Pingreq) -> None:
+        self._write(_PINGRESP)
+
+    def _on_disconnect(self, p: Disconnect) -> None:
+        session = self.session
+        assert session is not None
+        new_expiry = p.properties.session_expiry_interval
+        if new_expiry is not None:
+            if session.expiry == 0 and new_expiry != 0:
+                # MQTT-3.14.2-2: a session that was to end may not be made persistent now
+                return self.server_disconnect(RC.PROTOCOL_ERROR, "session expiry was 0")
+            session.expiry = min(new_expiry, self.limits.max_session_expiry)
+            if session.expiry == 0 and session.store is not None:
+                self.broker.make_transient(session)
+        # MQTT-3.14.4-3: a normal DISCONNECT discards the will; 0x04 asks for it
+        self._close(publish_will=p.reason_code == RC.DISCONNECT_WITH_WILL_MESSAGE)
+
+    def _on_auth(self, p: Auth) -> None:
+        # no enhanced authentication was negotiated, so any AUTH is a Protocol Error (4.12)
+        self.server_disconnect(RC.PROTOCOL_ERROR, "AUTH without an authentication method")
+
+    # -- output --------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._outbytes += len(data)
+        if not self._dirty:
+            self._dirty = True
+            self.broker.want_flush(self)
+
+    def write_publish(self, msg: Message, qos: int, retain: bool, subids: tuple[int, ...],
+                      pid: int, dup: bool) -> bool:
+        """Buffer one PUBLISH; False when it cannot be sent (expired, too large for the
+        client's Maximum Packet Size, MQTT-3.1.2-25), which the session treats as done."""
+        if self.state != OPEN:
+            return True  # closing: the session keeps it for redelivery
+        now = self.clock.seconds() if msg.expiry_at is not None else 0.0
+        alias = 0
+        if self._alias_out_max:
+            alias = self._aliases_out.get(msg.topic, 0)
+            if alias:
+                enc = msg.encode(self.version, qos, retain, subids, now, alias, True)
+            elif len(self._aliases_out) < self._alias_out_max:
+                alias = len(self._aliases_out) + 1
+                enc = msg.encode(self.version, qos, retain, subids, now, alias, False)
+            else:
+                enc = msg.encode(self.version, qos, retain, subids, now)
+                alias = 0
+        else:
+            enc = msg.encode(self.version, qos, retain, subids, now)
+        if enc is None:
+            self.stats.dropped["expired"] += 1
+            return False
+        data, offset = enc
+        if qos:
+            data = with_packet_id(data, offset, pid, dup)
+        if self._max_out and len(data) > self._max_out:
+            self.stats.dropped["packet_too_large"] += 1
+            self.broker.ratelog.warn("too_large", "MQTT: message on {topic!r} exceeds the "
+                                     "maximum packet size of {cid!r}, dropped",
+                                     topic=msg.topic, cid=self.client_id)
+            return False
+        if alias and msg.topic not in self._aliases_out:
+            self._aliases_out[msg.topic] = alias
+        self.stats.publish_sent += 1
+        self._out.append(data)
+        self._outbytes += len(data)
+        if not self._dirty:
+            self._dirty = True
+            self.broker.want_flush(self)
+        return True
+
+    def write_pubrel(self, pid: int) -> None:
+        self._write(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+
+    def flush(self) -> None:
+        """Write everything buffered in this reactor turn with one call."""
+        self._dirty = False
+        if self._out and self.state != CLOSED:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self.stats.messages_sent += len(out)
+        self.stats.bytes_sent += self._outbytes
+        self._outbytes = 0
+        self.transport.writeSequence(out)
+
+    def _send_disconnect(self, code: int, reason: str | None = None) -> None:
+        if self.version == MQTT_5 and self.state in (OPEN, AUTHENTICATING):
+            self._write(encode(Disconnect(code, self._reason(reason)), MQTT_5))
+
+    def server_disconnect(self, code: int, reason: str | None = None) -> None:
+        """Close with a reason code (v5 DISCONNECT, MQTT-4.13); the will is published except
+        when the server is shutting down."""
+        if self.state == CLOSED:
+            return
+        self._send_disconnect(code, reason)
+        self._close(publish_will=code != RC.SERVER_SHUTTING_DOWN)
+
+    def taken_over(self) -> None:
+        """Another connection took this client id (MQTT-3.1.4-3): DISCONNECT 0x8E, close."""
+        self.session = None  # the broker already detached it and dealt with the will
+        self._send_disconnect(RC.SESSION_TAKEN_OVER)
+        self._close(publish_will=False)
+
+    # -- IPushProducer: the transport tells us when its buffer is full ---------------------------
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.session is not None and self.state == OPEN:
+            self.session.fill()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

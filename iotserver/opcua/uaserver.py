@@ -1,0 +1,64 @@
+"""asyncua's Server with our binary publish path.
+
+The only change: each connection's ``forward_publish_response`` encodes the PublishResponse with
+:func:`iotserver.opcua.fastenc.encode_publish_response` (values encoded once for all clients)
+instead of asyncua's generic serializer. Everything else is asyncua's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asyncua import Server, ua
+from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+from asyncua.server.uaprocessor import PublishRequestData, UaProcessor
+
+from iotserver.opcua.fastenc import encode_publish_response
+
+log = logging.getLogger("iotserver.opcua")
+
+
+async def _forward_publish_response(self: UaProcessor, result: ua.PublishResult,
+                                    requestdata: PublishRequestData) -> None:
+    """UaProcessor.forward_publish_response with the fast encoder."""
+    response = ua.PublishResponse()
+    response.Parameters = result
+    result.Results = requestdata.results
+    response.ResponseHeader.RequestHandle = requestdata.requesthdr.RequestHandle
+    data = self._connection.message_to_binary(
+        encode_publish_response(response), message_type=ua.MessageType.SecureMessage,
+        request_id=requestdata.seqhdr.RequestId)
+    self._transport.write(data)
+
+
+class IotProtocol(OPCUAProtocol):
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        processor = self.processor
+        if processor is not None:
+            processor.forward_publish_response = (  # type: ignore[method-assign]
+                _forward_publish_response.__get__(processor))
+
+
+class IotBinaryServer(BinaryServer):
+    def _make_protocol(self) -> OPCUAProtocol:
+        return IotProtocol(iserver=self.iserver, policies=self._policies, clients=self.clients,
+                           closing_tasks=self.closing_tasks, limits=self.limits)
+
+
+class IotUaServer(Server):
+    """asyncua Server whose listener is :class:`IotBinaryServer`."""
+
+    async def start(self) -> None:
+        # Server.start, with our BinaryServer
+        await self._setup_server_nodes()
+        await self.iserver.start()
+        try:
+            host, port = self._get_bind_socket_info()
+            self.bserver = IotBinaryServer(self.iserver, host, port, self.limits)  # type: ignore[arg-type]
+            self.bserver.set_policies(self._policies)
+            await self.bserver.start()
+        except Exception:
+            await self.iserver.stop()
+            raise
