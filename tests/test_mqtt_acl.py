@@ -335,9 +335,11 @@ access = "write"
     assert not a.can_publish("alice", "c", "alice/x")
     assert a.can_receive("x", "c", "other/y")
     path.write_text('[[acl]]\ntopic = "a/#/b"\naccess = "read"\n')
+    ident = a._identity("x", "c")
     with pytest.raises(AclError, match=r"acl\.toml:2: acl\[0\]\.topic"):
         a.reload()
     assert a.can_receive("x", "c", "other/y")
+    assert a._identity("x", "c") is not ident  # caches dropped anyway (roles may have changed)
 
 
 @pytest.mark.parametrize(

@@ -531,7 +531,11 @@ def test_bridge_config_options(env: SimpleNamespace) -> None:
     try:
         assert [m.topic for m in broker.published] == [topic("Line1/Setpoint")]
         assert broker.published[0].payload == b"20.0" and not broker.published[0].retain
-        assert set(broker.interceptors) == {"iotserver/signals/#"}  # no writes
+        assert set(broker.interceptors) == {"iotserver/tags/#", "iotserver/signals/#"}
+        broker.client_publish("erik", topic("Line1/Setpoint") + "/set", b"30")
+        env.clock.advance(0)
+        assert broker.json(topic("Line1/Setpoint") + "/set/result")["status"] == "BadNotWritable"
+        assert env.store.read("Line1/Setpoint").value == 20.0
         broker.client_publish("erik", f"iotserver/signals/{CHANNEL}",
                               encode_signal_block(T0, RATE, np.zeros(4, np.float32)))
         error = broker.json(f"iotserver/signals/{CHANNEL}/error")["error"]
@@ -543,3 +547,112 @@ def test_bridge_config_options(env: SimpleNamespace) -> None:
     env.clock.advance(0)
     assert off.broker.published == [] and off.broker.interceptors == {}
     off.stop()
+
+
+# --------------------------------------------------------------------------- end to end
+
+_E2E_CONFIG = """\
+[server]
+data_dir = "{data}"
+
+[simulator]
+enabled = false
+
+[[tags]]
+path = "Line1/Setpoint"
+type = "float64"
+access = "readwrite"
+range = [0, 100]
+initial = 20.0
+
+[[signals]]
+name = "Line1/Vib"
+sample_rate = 10240
+block_size = 1024
+capacity = 65536
+window = 2048
+hop = 2048
+
+[[mqtt.listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[mqtt.auth]
+allow_anonymous = true
+
+[mqtt.persistence]
+enabled = false
+"""
+
+
+@pytest.mark.interop
+def test_end_to_end_with_mosquitto_clients(tmp_path: Any, free_port: int) -> None:
+    """The real server (twistd) with our auth, ACL and bridge, driven by mosquitto_pub/sub/rr."""
+    import shutil
+    import subprocess
+    import time
+
+    from iotserver.security.users import hash_password, save_users
+
+    for tool in ("twistd", "mosquitto_sub", "mosquitto_pub", "mosquitto_rr"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    save_users(data / "users.toml", [
+        User("erik", Role.ENGINEER, hash_password("engineer-pw", n=16, r=1, p=1)),
+        User("olga", Role.OPERATOR, hash_password("operator-pw", n=16, r=1, p=1)),
+    ])
+    config = tmp_path / "server.toml"
+    config.write_text(_E2E_CONFIG.format(data=data, port=free_port))
+    common = ["-h", "127.0.0.1", "-p", str(free_port)]
+    erik = [*common, "-u", "erik", "-P", "engineer-pw"]
+    tag = "iotserver/tags/Line1/Setpoint"
+
+    def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, capture_output=True, timeout=15, input=stdin)
+
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config",
+             str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while b"iotserver ready" not in (tmp_path / "server.log").read_bytes():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        # anonymous clients may not read tags (no rule grants it): SUBACK refused
+        out = run("mosquitto_sub", *common, "-t", tag, "-C", "1", "-W", "2", "-v")
+        assert b"Setpoint" not in out.stdout
+        # the retained tag value, read by an operator (role defaults)
+        out = run("mosquitto_sub", *common, "-u", "olga", "-P", "operator-pw", "-t", tag,
+                  "-C", "1", "-W", "5")
+        assert json.loads(out.stdout)["v"] == 20.0, out
+        # a v5 request/response write by an engineer
+        out = run("mosquitto_rr", *erik, "-t", tag + "/set", "-e", "iotserver/replies/erik/1",
+                  "-m", "42.5", "-W", "5")
+        assert json.loads(out.stdout) == {"ok": True}, out
+        out = run("mosquitto_rr", *erik, "-t", tag + "/set", "-e", "iotserver/replies/erik/1",
+                  "-m", "500", "-W", "5")
+        assert json.loads(out.stdout) == {"ok": False, "status": "BadOutOfRange"}, out
+        out = run("mosquitto_sub", *erik, "-t", tag, "-C", "1", "-W", "5")
+        assert json.loads(out.stdout)["v"] == 42.5
+        # a wrong password: CONNACK 0x86 / return code 4
+        out = run("mosquitto_pub", *common, "-u", "erik", "-P", "nope", "-t", "x", "-m", "1")
+        assert out.returncode != 0 and b"bad user name or password" in out.stderr.lower()
+        # a signal block ingested, its analytics published as tags
+        block = encode_signal_block(time.time_ns(), 10240.0,
+                                    np.sin(np.arange(2048) / 10.0).astype(np.float32))
+        out = run("mosquitto_pub", *erik, "-t", "iotserver/signals/Line1/Vib", "-s", "-q", "1",
+                  stdin=block)
+        assert out.returncode == 0, out
+        out = run("mosquitto_sub", *erik, "-t", "iotserver/tags/Line1/Vib/Peak", "-C", "1",
+                  "-W", "5")
+        assert json.loads(out.stdout)["v"] == pytest.approx(1.0, abs=0.01)
+        # a malformed block: PUBACK 0x99 for a v5 publisher
+        out = run("mosquitto_pub", *erik, "-V", "5", "-t", "iotserver/signals/Line1/Vib",
+                  "-m", "junk", "-q", "1")
+        assert b"payload format invalid" in out.stderr.lower(), out
+    finally:
+        server.terminate()
+        server.wait(15)

@@ -464,3 +464,16 @@ def test_admin_disconnect() -> None:
     assert h.broker.disconnect("c")
     assert c.one(Disconnect).reason_code == RC.ADMINISTRATIVE_ACTION
     assert not h.broker.disconnect("nobody")
+
+
+@pytest.mark.parametrize("version", [V4, V5])
+@pytest.mark.parametrize("qos", [0, 1, 2])
+@pytest.mark.parametrize("size", [0, 10, 200, 20000])
+def test_plain_encoding_matches_the_codec(version: int, qos: int, size: int) -> None:
+    from iotserver.mqtt.codec import encode_publish_with_offset
+
+    for retain in (False, True):
+        msg = Message("a/ü/c", b"p" * size, qos, retain)
+        got = msg.encode(version, qos, retain)
+        assert got == encode_publish_with_offset("a/ü/c", b"p" * size, qos, retain, False,
+                                                 1 if qos else None, None, version)

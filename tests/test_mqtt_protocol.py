@@ -456,3 +456,46 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c.one(Disconnect).reason_code == RC.IMPLEMENTATION_SPECIFIC_ERROR
     assert c.closed
     encode(Pingreq(), V4)  # the codec is untouched
+
+
+def test_v311_publisher_outrunning_commits_stops_being_read() -> None:
+    from test_mqtt_persistence_fakes import FakeStore
+
+    store = FakeStore()
+    h = Harness(receive_maximum=4, store=store)
+    s = h.connect("s", V4, clean=False)
+    s.send(sub("t", 1))
+    s.drop()
+    p = h.connect("p", V4)
+    p.send(*(Publish("t", b"x", 1, packet_id=i) for i in range(1, 5)))
+    assert p.transport.producerState == "paused"  # 4 acks waiting: reading stops
+    store.commit()
+    assert len(p.packets()) == 4
+    assert p.transport.producerState == "producing"
+
+
+def test_resend_after_reconnect_respects_a_smaller_receive_maximum() -> None:
+    h = Harness()
+    s = h.connect("s", V5, clean=False, props=props(session_expiry_interval=60))
+    s.send(sub("t", 1))
+    s.packets()
+    p = h.connect("p", V4)
+    for i in range(4):
+        p.send(Publish("t", bytes([i]), 1, packet_id=i + 1))
+    first = s.publishes()
+    assert len(first) == 4
+    s.drop()
+    s = h.connect("s", V5, clean=False, props=props(session_expiry_interval=60,
+                                                     receive_maximum=2))
+    again = s.publishes()
+    assert [(x.payload, x.dup, x.packet_id) for x in again] == [
+        (f.payload, True, f.packet_id) for f in first[:2]]
+    s.send(Puback(again[0].packet_id))
+    third = s.publishes()
+    assert [(x.payload, x.dup, x.packet_id) for x in third] == [
+        (first[2].payload, True, first[2].packet_id)]
+    p.send(Publish("t", b"new", 1, packet_id=9))
+    s.send(Puback(again[1].packet_id), Puback(third[0].packet_id))
+    rest = s.publishes()
+    assert [x.payload for x in rest] == [first[3].payload, b"new"]
+    assert rest[1].packet_id not in {f.packet_id for f in first[3:]}

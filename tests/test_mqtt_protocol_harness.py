@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -171,3 +172,71 @@ class Harness:
 
 def props(**kw: Any) -> Properties:
     return replace(NO_PROPERTIES, **kw)
+
+
+# --------------------------------------------------------------------------- over real sockets
+
+
+class NetClient(Protocol):
+    """A minimal MQTT client over a real connection, for service and restart tests."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.decoder = Decoder(role="client", version=version)
+        self.queue: DeferredQueue[Packet] = DeferredQueue()
+        self.closed: Deferred[None] = Deferred()
+        self.connack: Connack | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        for p in self.decoder.feed(data):
+            self.queue.put(p)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def send(self, *packets: Packet) -> None:
+        self.transport.write(b"".join(encode(p, self.version) for p in packets))
+
+    async def next(self, timeout: float = 5.0) -> Packet:
+        from twisted.internet import reactor
+
+        d = self.queue.get()
+        d.addTimeout(timeout, reactor)
+        return await d
+
+    async def expect(self, cls: type, timeout: float = 5.0) -> Any:
+        p = await self.next(timeout)
+        assert isinstance(p, cls), p
+        return p
+
+    async def close(self) -> None:
+        if not self.closed.called:
+            self.transport.loseConnection()
+            await self.closed
+
+    def abort(self) -> Deferred[None]:
+        if not self.closed.called:
+            self.transport.abortConnection()
+        return self.closed
+
+
+async def net_connect(port: int, client_id: str, version: int = MQTT_3_1_1, *,
+                      clean: bool = True, props: Properties = NO_PROPERTIES,
+                      will: Will | None = None, username: str | None = None,
+                      password: bytes | None = None, tls: Any = None,
+                      expect: int = 0) -> NetClient:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+
+    if tls is None:
+        endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    else:
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, tls)
+    client = NetClient(version)
+    await connectProtocol(endpoint, client)
+    client.send(Connect(client_id, version, clean, 60, username, password, will, props))
+    ack = await client.expect(Connack)
+    assert ack.reason_code == expect, ack
+    client.connack = ack
+    return client

@@ -455,3 +455,38 @@ async def test_server_capabilities(srv: Running) -> None:
                 results = await c.uaclient.add_nodes([item])
                 results[0].StatusCode.check()
     await aio(body())
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_notifications_per_publish(srv: Running) -> None:
+    async def body() -> None:
+        async with client(srv, user="bob") as c:
+            ns = await ns_of(c, srv)
+            params = ua.CreateSubscriptionParameters(
+                RequestedPublishingInterval=200, RequestedLifetimeCount=300,
+                RequestedMaxKeepAliveCount=10, MaxNotificationsPerPublish=3,
+                PublishingEnabled=True, Priority=0)
+            handler = Collector()
+            sub = await c.create_subscription(params, handler)
+            sizes: list[tuple[int, bool]] = []
+            inner = c.uaclient._subscription_callbacks[sub.subscription_id]
+
+            async def spy(result: ua.PublishResult) -> None:
+                n = sum(len(getattr(x, "MonitoredItems", None) or [])
+                        for x in result.NotificationMessage.NotificationData)
+                if n:
+                    sizes.append((n, result.MoreNotifications))
+                await inner(result)
+
+            c.uaclient._subscription_callbacks[sub.subscription_id] = spy
+            paths = ["Line1/Temp", "Line1/Setpoint", "Line1/Count", "Line1/Running",
+                     "Line1/Name", "Line1/Profile", "Line2/Oven/Zone1/Temp"]
+            await sub.subscribe_data_change([c.get_node(ua.NodeId(p, ns)) for p in paths])
+            for _ in range(50):
+                if len(handler.values) >= 7:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(handler.values) == 7
+            assert sizes[:3] == [(3, True), (3, True), (1, False)]
+            await sub.delete()
+    await aio(body())

@@ -44,7 +44,10 @@ max_registers = {2 if per_tag else 125}
 
 def run(ports: list[int], seconds: float, per_tag: bool) -> tuple[float, float, float, int]:
     """(values/s, CPU s per s, requests/s, blocks per poll) for one plan."""
-    from twisted.internet import defer, reactor
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install()
+    from twisted.internet import defer, reactor, task
 
     from iotserver.lifecycle import as_deferred
     from iotserver.modbus.poller import Device
@@ -61,14 +64,20 @@ def run(ports: list[int], seconds: float, per_tag: bool) -> tuple[float, float, 
     result: dict[str, Any] = {}
 
     async def main() -> None:
+        try:
+            await measure()
+        finally:
+            reactor.stop()  # type: ignore[attr-defined]
+
+    async def measure() -> None:
         for d in devices:
             d.start()
-        await defer.Deferred.fromFuture(__import__("asyncio").sleep(1.0))  # connect, warm up
+        await task.deferLater(reactor, 1.0, lambda: None)  # connect, warm up
         v0 = sum(d.stats.values for d in devices)
         r0 = sum(d.stats.requests for d in devices)
         u0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        await defer.Deferred.fromFuture(__import__("asyncio").sleep(seconds))
+        await task.deferLater(reactor, seconds, lambda: None)
         dt = time.perf_counter() - t0
         u1 = resource.getrusage(resource.RUSAGE_SELF)
         result["values"] = (sum(d.stats.values for d in devices) - v0) / dt
@@ -77,7 +86,6 @@ def run(ports: list[int], seconds: float, per_tag: bool) -> tuple[float, float, 
         result["blocks"] = len(devices[0].blocks)
         for d in devices:
             await as_deferred(d.stop())
-        reactor.stop()  # type: ignore[attr-defined]
 
     reactor.callWhenRunning(lambda: defer.ensureDeferred(main()))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
@@ -107,7 +115,8 @@ def main() -> None:
         for per_tag in (False, True):
             cmd = [sys.executable, __file__, "--ports", ports, "--seconds", str(args.seconds)]
             out = subprocess.run(cmd + (["--per-tag"] if per_tag else []), check=True,
-                                 capture_output=True, text=True).stdout.split()
+                                 capture_output=True, text=True,
+                                 timeout=args.seconds + 120).stdout.split()
             rows.append(("one request per tag" if per_tag else "block reads (125 regs)",
                          float(out[0]), float(out[1]), float(out[2]), int(out[3])))
     finally:

@@ -16,6 +16,7 @@ throughput without overrunning anybody's limits (no loss is expected, and losses
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -92,7 +93,9 @@ def read_packet(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
         buf += data
 
 
-def open_client(port: int, client_id: str, timeout: float = 10.0) -> tuple[socket.socket, bytearray]:
+def open_client(
+    port: int, client_id: str, timeout: float = 10.0
+) -> tuple[socket.socket, bytearray]:
     """Connect, CONNECT, and wait for a successful CONNACK."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -151,7 +154,7 @@ def _cpu() -> float:
 
 def _min_received(shared: Shared, p: int, pubs: int, subs: int) -> int:
     rec = shared.received
-    return min(rec[s * pubs + p] for s in range(subs))
+    return int(min(rec[s * pubs + p] for s in range(subs)))
 
 
 def publisher(sc: Scenario, port: int, index: int, shared: Shared, barrier: Any,
@@ -159,7 +162,7 @@ def publisher(sc: Scenario, port: int, index: int, shared: Shared, barrier: Any,
     """Publish on ``bench/<tag>/<index>`` until the scenario's time is up."""
     out: dict[str, Any] = {"role": "pub", "index": index}
     try:
-        sock, buf = open_client(port, f"bench-pub{index}-{sc.tag}")
+        sock, _ = open_client(port, f"bench-pub{index}-{sc.tag}")
         barrier.wait(30)
         prefix = publish_prefix(f"bench/{sc.tag}/{index}", sc.qos)
         pack = PAYLOAD.pack
@@ -251,10 +254,8 @@ def publisher(sc: Scenario, port: int, index: int, shared: Shared, barrier: Any,
         out["error"] = f"{type(exc).__name__}: {exc}"
         if shared.sent[index] < 0:
             shared.sent[index] = 0
-        try:
+        with contextlib.suppress(Exception):
             barrier.abort()
-        except Exception:
-            pass
     out["cpu"] = _cpu()
     results.put(out)
 
@@ -323,9 +324,9 @@ def subscriber(sc: Scenario, port: int, index: int, shared: Shared, barrier: Any
                 if data is not None:
                     raise ConnectionError("broker closed the connection")
                 sent = list(shared.sent)
-                if min(sent) >= 0:
-                    if sum(counts) >= sum(sent) or now - idle_since > sc.drain:
-                        break
+                done = min(sent) >= 0 and sum(counts) >= sum(sent)
+                if done or (min(sent) >= 0 and now - idle_since > sc.drain):
+                    break
                 if now > hard_deadline:
                     break
                 continue
@@ -397,7 +398,7 @@ def subscriber(sc: Scenario, port: int, index: int, shared: Shared, barrier: Any
         sent = list(shared.sent)
         out.update(
             received=sum(counts), expected=sum(max(s, 0) for s in sent), gaps=gaps, dups=dups,
-            lost=sum(max(s, 0) - c for s, c in zip(sent, counts)), last_rx=last_rx,
+            lost=sum(max(s, 0) - c for s, c in zip(sent, counts, strict=True)), last_rx=last_rx,
         )
         if keep_latency:
             import array
@@ -405,9 +406,7 @@ def subscriber(sc: Scenario, port: int, index: int, shared: Shared, barrier: Any
             out["latency"] = array.array("q", lat).tobytes()
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
-        try:
+        with contextlib.suppress(Exception):
             barrier.abort()
-        except Exception:
-            pass
     out["cpu"] = _cpu()
     results.put(out)

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+import contextlib
 
 PUBLISH_MS = 100
 QUEUE = 100
@@ -70,7 +71,7 @@ async def _client_main(url: str, ns_uri: str, tags: int, clients: int, seconds: 
             pass
 
     conns = []
-    for k in range(clients):
+    for _ in range(clients):
         c = Client(url, timeout=60)
         await c.connect()
         ns = await c.get_namespace_index(ns_uri)
@@ -90,10 +91,8 @@ async def _client_main(url: str, ns_uri: str, tags: int, clients: int, seconds: 
     elapsed = time.perf_counter() - t0
     print(json.dumps({"rates": [n / elapsed for n in counts]}), flush=True)
     for c, _ in conns:
-        try:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(c.disconnect(), 10)
-        except Exception:  # noqa: BLE001 - the server may already be loaded down
-            pass
 
 
 # --------------------------------------------------------------------------- servers
@@ -146,10 +145,8 @@ class PlainServer:
 
     async def stop(self) -> None:
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         await self.server.stop()
 
 
@@ -205,10 +202,8 @@ allow_anonymous = true
 
     async def stop(self) -> None:
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         await self.service._astop()
 
 

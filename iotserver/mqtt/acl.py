@@ -364,11 +364,14 @@ class Acl:
     def reload(self) -> None:
         """Re-read the ACL file and forget every cached decision (user roles may have changed).
 
-        A broken file raises AclError and leaves the previous rules in force.
+        A broken file raises AclError and leaves the previous rules in force (the caches are
+        cleared all the same, so changed roles in a reloaded user file still apply).
         """
-        if self.acl_file is not None:
-            self._file_rules = load_acl_file(self.acl_file)
-        self._identities.clear()
+        try:
+            if self.acl_file is not None:
+                self._file_rules = load_acl_file(self.acl_file)
+        finally:
+            self._identities.clear()
 
     # -- queries --------------------------------------------------------------------------
     def can_publish(self, user: str | None, client_id: str, topic: str) -> bool:

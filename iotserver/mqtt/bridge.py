@@ -32,8 +32,8 @@ first whether the client may publish the topic at all.
 
 ``[mqtt.bridge]`` options honoured here: ``enabled``, ``prefix``, ``publish`` (tag path globs),
 ``qos``, ``retain``, ``payload`` (``json`` as above, or ``value``: the bare JSON value),
-``writes`` (false: no ``/set`` handling) and ``signals`` (channel names open to MQTT blocks;
-empty: every channel).
+``writes`` (false: ``/set`` is answered with BadNotWritable) and ``signals`` (channel names open
+to MQTT blocks; empty: every channel).
 """
 
 from __future__ import annotations
@@ -262,9 +262,12 @@ class TagBridge:
         store = self.core.store
         self._undefine = store.on_define(self._on_define)
         self._subscription = store.subscribe("**", self._on_changes, name="mqtt-bridge")
-        hooks: list[tuple[str, Any]] = [(self.signals_prefix + "#", self._on_signal_publish)]
-        if self.writes:
-            hooks.insert(0, (self.tags_prefix + "#", self._on_tag_publish))
+        # the tags subtree is always intercepted (consumed), even with writes off: clients
+        # must not be able to publish or retain look-alike tag values there
+        hooks: list[tuple[str, Any]] = [
+            (self.tags_prefix + "#", self._on_tag_publish),
+            (self.signals_prefix + "#", self._on_signal_publish),
+        ]
         for topic_filter, callback in hooks:
             handle = self.broker.add_interceptor(topic_filter, callback)
             self._interceptors.append((topic_filter, callback, handle))
@@ -349,6 +352,10 @@ class TagBridge:
         self.stats.writes += 1
         reply_topic, properties = self._reply_route(client_id, user, publish)
         qos = min(publish.qos, 1)
+        if not self.writes:
+            self._reply(reply_topic, properties, qos, Quality.BAD_NOT_WRITABLE,
+                        "writes over MQTT are off ([mqtt.bridge] writes = false)")
+            return None
         if not self._may_write(user):
             log.info(
                 "client {cid!r} ({user}): write to {path} refused: role may not write",

@@ -33,98 +33,13 @@ from iotserver.mqtt.packets import (
     SubscriptionOptions,
     Will,
 )
-from iotserver.mqtt.session import NEVER, Connection, Delivery, Message, Session, Subscription
+from iotserver.mqtt.session import NEVER, Connection, Message, Session, Subscription
 from iotserver.mqtt.topics import TopicError, TopicTree, parse_shared, validate_topic_filter
 
 log = Logger(namespace="iotserver.mqtt")
 
 #: ``callback(client_id, user, publish) -> None | Deferred[None | int]`` (see add_interceptor)
 Interceptor = Callable[[str, "str | None", Publish], "Deferred[Any] | None"]
-
-
-class RetainedStore:
-    """Retained messages in a topic-level trie: a filter visits only the branches it matches."""
-
-    __slots__ = ("_root", "bytes", "by_topic")
-
-    def __init__(self) -> None:
-        self._root: list[Any] = [{}, None]  # node: [children by level, Message | None]
-        self.by_topic: dict[str, Message] = {}
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self.by_topic)
-
-    def get(self, topic: str) -> Message | None:
-        return self.by_topic.get(topic)
-
-    def set(self, msg: Message) -> None:
-        node = self._root
-        for level in msg.topic.split("/"):
-            child = node[0].get(level)
-            if child is None:
-                child = node[0][level] = [{}, None]
-            node = child
-        old = node[1]
-        if old is not None:
-            self.bytes -= len(old.payload)
-        node[1] = msg
-        self.by_topic[msg.topic] = msg
-        self.bytes += len(msg.payload)
-
-    def remove(self, topic: str) -> Message | None:
-        msg = self.by_topic.pop(topic, None)
-        if msg is None:
-            return None
-        self.bytes -= len(msg.payload)
-        path = []
-        node = self._root
-        for level in topic.split("/"):
-            path.append((node, level))
-            node = node[0][level]
-        node[1] = None
-        for parent, level in reversed(path):  # prune empty branches
-            child = parent[0][level]
-            if child[0] or child[1] is not None:
-                break
-            del parent[0][level]
-        return msg
-
-    def match(self, topic_filter: str) -> list[Message]:
-        """Retained messages whose topic the filter matches (MQTT 4.7, incl. MQTT-4.7.2-1)."""
-        levels = topic_filter.split("/")
-        out: list[Message] = []
-        last = len(levels)
-
-        def walk(node: list[Any], i: int) -> None:
-            if i == last:
-                if node[1] is not None:
-                    out.append(node[1])
-                return
-            level = levels[i]
-            if level == "#":
-                if i and node[1] is not None:
-                    out.append(node[1])  # "a/#" matches "a" (4.7.1.2)
-                stack = [(c, i == 0 and name.startswith("$")) for name, c in node[0].items()]
-                while stack:
-                    child, skip = stack.pop()
-                    if skip:
-                        continue
-                    if child[1] is not None:
-                        out.append(child[1])
-                    stack.extend((c, False) for c in child[0].values())
-            elif level == "+":
-                for name, child in node[0].items():
-                    if i == 0 and name.startswith("$"):
-                        continue
-                    walk(child, i + 1)
-            else:
-                child = node[0].get(level)
-                if child is not None:
-                    walk(child, i + 1)
-
-        walk(self._root, 0)
-        return out
 
 
 class _Plan:
@@ -275,7 +190,7 @@ class Broker:
         session.detach()
         if not publish_will:
             session.will = None
-        if session.expiry == 0 or self.shutting_down and session.store is None:
+        if session.expiry == 0 or (self.shutting_down and session.store is None):
             if session.will is not None:
                 self.publish_will(session)
             self.end_session(session)
@@ -364,7 +279,8 @@ class Broker:
         if self.acl is not None and not self.acl.can_subscribe(session.user, session.client_id,
                                                                  topic_filter):
             self.ratelog.warn("subscribe_denied", "MQTT: {cid!r} ({user}) may not subscribe to "
-                              "{f!r}", cid=session.client_id, user=session.user, f=topic_filter)
+                              "{f!r}", cid=session.client_id, user=session.user or "anonymous",
+                              f=topic_filter)
             return ReasonCode.NOT_AUTHORIZED, None
         existed = topic_filter in session.subs
         if not existed and len(session.subs) >= self.limits.max_subscriptions:
@@ -385,7 +301,7 @@ class Broker:
             session.store.save_subscription(session.client_id, sub)
         rh = options.retain_handling
         if group is None and (rh == RetainHandling.SEND_ON_SUBSCRIBE
-                              or rh == RetainHandling.SEND_IF_NEW_SUBSCRIPTION and not existed):
+                              or (rh == RetainHandling.SEND_IF_NEW_SUBSCRIPTION and not existed)):
             return qos, sub
         return qos, None
 
@@ -497,6 +413,8 @@ class Broker:
         if chosen < 0:
             self.stats.dropped["shared_no_member"] += 1
             return False
+        if len(self._rr) > 10_000:
+            self._rr.clear()  # positions of long-gone groups; fairness restarts, nothing else
         self._rr[key] = (chosen + 1) % n
         session, sub = members[chosen]
         qos = min(sub.options.qos, msg.qos)
@@ -549,7 +467,7 @@ class Broker:
         store = self.retained
         old = store.get(topic)
         grow = len(msg.payload) - (len(old.payload) if old is not None else 0)
-        if old is None and len(store) >= self.limits.max_retained or \
+        if (old is None and len(store) >= self.limits.max_retained) or \
                 store.bytes + grow > self.limits.max_retained_bytes:
             self.stats.dropped["retained_limit"] += 1
             self.ratelog.warn("retained_limit", "MQTT: retained message limit reached, "

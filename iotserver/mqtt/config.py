@@ -55,7 +55,7 @@ __all__ = [
 NEVER = 0xFFFFFFFF  #: Session Expiry Interval meaning "the session does not expire" (3.1.2.11.2)
 CLIENT_CERT_MODES = ("none", "optional", "required")
 
-_DEFAULT_TOML = """\
+DEFAULT_TOML = """\
 # MQTT broker on loopback: plain TCP 1883 and TLS 8883 (client certificates optional). This
 # built-in default lets anonymous clients in (loopback only; a warning is logged): they may read
 # $SYS/# and iotserver/# (tags) but not write there, and use every other topic freely.

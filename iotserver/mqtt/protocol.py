@@ -14,18 +14,18 @@ traceback, and never touches another client.
 
 from __future__ import annotations
 
-import uuid
-from collections import deque
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from iotserver.mqtt import connect
+from iotserver.mqtt.acks import PUBACK, PUBCOMP, PUBREC, InboundAcks
 from iotserver.mqtt.codec import (
     Decoder,
     MqttProtocolError,
@@ -33,13 +33,12 @@ from iotserver.mqtt.codec import (
     encode,
     with_packet_id,
 )
-from iotserver.mqtt.config import ListenerConfig, MqttConfig
+from iotserver.mqtt.config import ListenerConfig
 from iotserver.mqtt.packets import (
     CONNACK_CODES,
     MQTT_3_1_1,
     MQTT_5,
     NO_PROPERTIES,
-    PUBACK_CODES,
     Auth,
     Connack,
     Connect,
@@ -64,28 +63,14 @@ log = Logger(namespace="iotserver.mqtt")
 
 NEW, AUTHENTICATING, OPEN, CLOSED = range(4)
 RC = ReasonCode
-# 5.0 CONNACK codes that have a 3.1.1 return code (codec maps them); others become 3.
-_V311_REFUSALS = frozenset({RC.UNSUPPORTED_PROTOCOL_VERSION, RC.CLIENT_IDENTIFIER_NOT_VALID,
-                            RC.SERVER_UNAVAILABLE, RC.SERVER_BUSY, RC.BAD_USER_NAME_OR_PASSWORD,
-                            RC.NOT_AUTHORIZED, RC.BANNED, RC.BAD_AUTHENTICATION_METHOD})
 _PINGRESP = b"\xd0\x00"
 _CLOSE_GRACE = 5.0  # seconds a closing connection may take to drain before it is aborted
 
 
-class _PendingAck:
-    """An acknowledgement waiting for persistence and/or interceptors."""
-
-    __slots__ = ("code", "kind", "pid", "waits")
-
-    def __init__(self, kind: int, pid: int, waits: int, code: int = 0) -> None:
-        self.kind = kind  # first byte: 0x40 PUBACK, 0x50 PUBREC, 0x70 PUBCOMP
-        self.pid = pid
-        self.waits = waits
-        self.code = code
-
-
 class MqttServerFactory(Factory):
     """One per listener: the broker, the listener's settings and its authenticator."""
+
+    noisy = False
 
     def __init__(self, broker: Any, listener: ListenerConfig, authenticator: Any) -> None:
         self.broker = broker
@@ -122,8 +107,7 @@ class MqttServerProtocol(Protocol):
         self._out: list[bytes] = []
         self._outbytes = 0
         self._dirty = False
-        self._acks: deque[_PendingAck] = deque()
-        self._in_flight = 0  # inbound QoS 1/2 not yet acknowledged (Receive Maximum, 3.3.4)
+        self.acks = InboundAcks(self, self.limits.receive_maximum)
         self._aliases_in: dict[int, str] = {}
         self._aliases_out: dict[str, int] = {}
         self._alias_out_max = 0
@@ -279,13 +263,13 @@ class MqttServerProtocol(Protocol):
                                  peer=self.peer, cid=self.client_id, msg=exc.message)
         if isinstance(exc, UnsupportedProtocolVersion):
             # 3.1.1 return code 1 (MQTT-3.1.2-2); a 5.0 server answers unknown levels the same
-            self._write(encode(Connack(reason_code=RC.UNSUPPORTED_PROTOCOL_VERSION),
+            self.write(encode(Connack(reason_code=RC.UNSUPPORTED_PROTOCOL_VERSION),
                                MQTT_3_1_1))
             self._close(publish_will=False)
         elif self.state == NEW:
             if exc.protocol_level == MQTT_5 and exc.reason_code in CONNACK_CODES:
                 self.version = MQTT_5
-                self._write(encode(Connack(reason_code=exc.reason_code,
+                self.write(encode(Connack(reason_code=exc.reason_code,
                                            properties=self._reason(exc.message)), MQTT_5))
             self._close(publish_will=False)  # 3.1.1: just close (MQTT-3.1.4-1)
         else:
@@ -297,48 +281,26 @@ class MqttServerProtocol(Protocol):
         if self._connect_call is not None and self._connect_call.active():
             self._connect_call.cancel()
         self._connect_call = None
-        self.version = v = p.protocol_level
-        broker = self.broker
-        limits = self.limits
-        props = p.properties
-        if broker.shutting_down:
-            return self._refuse(RC.SERVER_UNAVAILABLE, "server shutting down")
-        if len(broker.connections) > limits.max_connections:
-            broker.ratelog.warn("max_connections", "MQTT: {n} connections, refusing {peer}",
-                                n=limits.max_connections, peer=self.peer)
-            return self._refuse(RC.SERVER_BUSY, "too many connections")
-        if not broker.connect_rate.allow():
-            return self._refuse(RC.CONNECTION_RATE_EXCEEDED, "connection rate exceeded")
-        if v == MQTT_5:
-            if props.authentication_method is not None:
-                return self._refuse(RC.BAD_AUTHENTICATION_METHOD,  # 4.12: none supported
-                                    "enhanced authentication is not supported")
-            self.send_window = min(limits.max_inflight, props.receive_maximum or 65535)
+        self.version = p.protocol_level
+        refused = connect.refusal(p, self.limits, self.broker)
+        if refused is not None:
+            if refused[0] == RC.SERVER_BUSY:
+                self.broker.ratelog.warn("max_connections", "MQTT: {n} connections, refusing "
+                                         "{peer}", n=self.limits.max_connections, peer=self.peer)
+            return self._refuse(*refused)
+        if self.version == MQTT_5:
+            props = p.properties
+            self.send_window = min(self.limits.max_inflight, props.receive_maximum or 65535)
             self._max_out = props.maximum_packet_size or 0
-            if limits.outbound_topic_aliases:
+            if self.limits.outbound_topic_aliases:
                 self._alias_out_max = props.topic_alias_maximum or 0
             self._problem_info = props.request_problem_information is not False
-        client_id = p.client_id
-        assigned = None
-        if not client_id:
-            if v != MQTT_5 and not p.clean_start:
-                return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID,  # 3.1.1 MQTT-3.1.3-8
-                                    "empty client id needs a clean session")
-            client_id = assigned = f"auto-{uuid.uuid4().hex}"  # MQTT-3.1.3-6
-        will = p.will
-        if will is not None:
-            if will.qos > limits.maximum_qos:
-                return self._refuse(RC.QOS_NOT_SUPPORTED, "will QoS")  # MQTT-3.2.2-12
-            if will.retain and not limits.retain_available:
-                return self._refuse(RC.RETAIN_NOT_SUPPORTED, "will retain")  # MQTT-3.2.2-13
-            if will.properties.payload_format_indicator == 1 and not _is_utf8(will.payload):
-                return self._refuse(RC.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8")
-        self.client_id = client_id
+        self.client_id, assigned = connect.client_id_for(p)
         self.state = AUTHENTICATING
         self._held = []
         self.transport.pauseProducing()
-        d = maybeDeferred(self.authenticator.authenticate, client_id, p.username, p.password,
-                          self._cert_identity, self.peer.rpartition(":")[0] or None)
+        d = maybeDeferred(self.authenticator.authenticate, self.client_id, p.username,
+                          p.password, self._cert_identity, self.peer.rpartition(":")[0] or None)
         d.addCallback(self._authenticated, p, assigned)
         d.addErrback(self._auth_error)
 
@@ -351,23 +313,15 @@ class MqttServerProtocol(Protocol):
         if self.state != AUTHENTICATING:
             return
         if not result.ok:
-            code = result.reason if result.reason in CONNACK_CODES and result.reason else \
-                RC.NOT_AUTHORIZED
+            code = connect.auth_refusal_code(result)
             self.broker.ratelog.warn("auth_refused", "MQTT: {peer} client {cid!r} user {user!r} "
                                      "refused: {code}", peer=self.peer, cid=self.client_id,
                                      user=p.username, code=RC(code).name)
             return self._refuse(code, None)
         self.user = result.user
-        limits = self.limits
-        v5 = self.version == MQTT_5
-        requested = None
-        if v5:
-            requested = p.properties.session_expiry_interval or 0
-            expiry = min(requested, limits.max_session_expiry)
-        else:
-            expiry = 0 if p.clean_start else limits.v311_session_expiry
+        g = connect.grant(p, self.limits)
         opened = self.broker.open_session(self, self.client_id, clean_start=p.clean_start,
-                                          expiry=expiry, user=self.user, will=p.will)
+                                          expiry=g.expiry, user=self.user, will=p.will)
         if not isinstance(opened, tuple):
             return self._refuse(opened, "session quota exceeded")
         session, present = opened
@@ -375,48 +329,24 @@ class MqttServerProtocol(Protocol):
         self.state = OPEN
         stats = self.stats
         stats.clients_total += 1
-        online = len(self.broker.connections)
-        if online > stats.clients_maximum:
-            stats.clients_maximum = online
-        keepalive = p.keepalive
-        server_keepalive = None
-        if v5 and limits.max_keepalive and (keepalive == 0 or keepalive > limits.max_keepalive):
-            keepalive = server_keepalive = limits.max_keepalive  # MQTT-3.2.2-21
-        props = NO_PROPERTIES
-        if v5:
-            props = Properties(
-                session_expiry_interval=expiry if expiry != requested else None,
-                receive_maximum=limits.receive_maximum if limits.receive_maximum < 65535
-                else None,
-                maximum_qos=limits.maximum_qos if limits.maximum_qos < 2 else None,
-                retain_available=None if limits.retain_available else False,
-                maximum_packet_size=limits.max_packet_size,
-                assigned_client_identifier=assigned,
-                topic_alias_maximum=limits.topic_alias_maximum or None,
-                server_keep_alive=server_keepalive,
-            )
-        self._write(encode(Connack(present, RC.SUCCESS, props), self.version))
-        if keepalive:
-            self._keepalive = keepalive * 1.5  # MQTT-3.1.2-24
+        stats.clients_maximum = max(stats.clients_maximum, len(self.broker.connections))
+        self.write(encode(connect.connack(self.version, present, g, self.limits, assigned),
+                          self.version))
+        if g.keepalive:
+            self._keepalive = g.keepalive * 1.5  # MQTT-3.1.2-24
             self._ka_call = self.clock.callLater(self._keepalive, self._keepalive_check)
         session.resend()
         held, self._held = self._held, None
         self.transport.resumeProducing()
         if held:
-            self._handle_held(held)
-
-    def _handle_held(self, packets: list[Any]) -> None:
-        self.stats.messages_received -= len(packets)  # counted when they arrived
-        self._handle(packets)
+            self.stats.messages_received -= len(held)  # counted when they arrived
+            self._handle(held)
 
     def _refuse(self, code: int, reason: str | None) -> None:
         """CONNACK with a refusal and close (no will: the connection was never accepted)."""
         self.stats.connections_refused += 1
-        if self.version == MQTT_5:
-            packet = Connack(False, code, self._reason(reason))
-        else:
-            packet = Connack(False, code if code in _V311_REFUSALS else RC.SERVER_UNAVAILABLE)
-        self._write(encode(packet, self.version))
+        self.write(encode(connect.refusing_connack(self.version, code, self._reason(reason)),
+                          self.version))
         self._held = None
         self._close(publish_will=False)
 
@@ -453,16 +383,15 @@ class MqttServerProtocol(Protocol):
                 props = replace(props, topic_alias=None)
                 if props.is_empty():
                     props = NO_PROPERTIES
-            if props.payload_format_indicator == 1 and not _is_utf8(p.payload):
+            if props.payload_format_indicator == 1 and not connect.is_utf8(p.payload):
                 code = RC.PAYLOAD_FORMAT_INVALID  # 3.3.2.3.2: receiver may check
         session = self.session
         assert session is not None
         pid = p.packet_id or 0
         if qos:
             if qos == 2 and pid in session.incoming_qos2:
-                return self._ack(0x50, pid, 0, None)  # duplicate: acknowledge again only
-            self._in_flight += 1
-            if self.version == MQTT_5 and self._in_flight > limits.receive_maximum:
+                return self.acks.send(PUBREC, pid)  # duplicate: acknowledge again only
+            if not self.acks.received() and self.version == MQTT_5:
                 return self.server_disconnect(RC.RECEIVE_MAXIMUM_EXCEEDED,  # MQTT-3.3.4-9
                                               "receive maximum exceeded")
         broker = self.broker
@@ -472,14 +401,15 @@ class MqttServerProtocol(Protocol):
             code = RC.NOT_AUTHORIZED
             self.stats.dropped["not_authorized"] += 1
             broker.ratelog.warn("publish_denied", "MQTT: {cid!r} ({user}) may not publish to "
-                                "{topic!r}", cid=self.client_id, user=self.user, topic=topic)
+                                "{topic!r}", cid=self.client_id, user=self.user or "anonymous",
+                                topic=topic)
         if code:
             if qos:
                 if self.version != MQTT_5:
                     code = 0  # 3.1.1 cannot say no: acknowledge and drop
                 if qos == 2 and not code:  # else a PUBREC >= 0x80 ends the flow (4.3.3)
                     session.incoming_qos2.add(pid)
-                self._ack(0x40 if qos == 1 else 0x50, pid, code, None)
+                self.acks.add(PUBACK if qos == 1 else PUBREC, pid, code)
             return
         pending = None
         route = True
@@ -498,72 +428,10 @@ class MqttServerProtocol(Protocol):
             return
         if qos == 2:
             session.incoming_qos2.add(pid)
-        if not need and not pending and not self._acks:
-            if qos == 1:
-                self._in_flight -= 1
-                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
-            else:
-                self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
-            return
-        self._ack(0x40 if qos == 1 else 0x50, pid, 0, pending, need)
-
-    def _ack(self, kind: int, pid: int, code: int, pending: list[Deferred[Any]] | None,
-             need_commit: bool = False) -> None:
-        """Queue an acknowledgement behind earlier ones; it leaves once it is ready."""
-        waits = len(pending) if pending else 0
-        if need_commit:
-            waits += 1
-        entry = _PendingAck(kind, pid, waits, code)
-        self._acks.append(entry)
-        if need_commit:
-            store = self.broker.store
-            store.when_committed(store.token(), lambda ok: self._ack_ready(entry, ok))
-        for d in pending or ():
-            d.addCallbacks(self._interceptor_done, self._interceptor_failed,
-                           callbackArgs=(entry,), errbackArgs=(entry,))
-        if not waits:
-            self._release_acks()
-
-    def _interceptor_done(self, result: Any, entry: _PendingAck) -> None:
-        if isinstance(result, int) and result and not entry.code:
-            entry.code = result if result in PUBACK_CODES else RC.UNSPECIFIED_ERROR
-        self._ack_ready(entry, True)
-
-    def _interceptor_failed(self, failure: Failure, entry: _PendingAck) -> None:
-        log.failure("MQTT: interceptor failed for a message from {cid!r}", failure,
-                    cid=self.client_id)
-        if not entry.code:
-            entry.code = RC.UNSPECIFIED_ERROR
-        self._ack_ready(entry, True)
-
-    def _ack_ready(self, entry: _PendingAck, ok: bool) -> None:
-        if not ok and not entry.code:
-            entry.code = RC.IMPLEMENTATION_SPECIFIC_ERROR
-        entry.waits -= 1
-        if entry.waits <= 0 and self._acks and self._acks[0] is entry:
-            self._release_acks()
-
-    def _release_acks(self) -> None:
-        acks = self._acks
-        v5 = self.version == MQTT_5
-        while acks and acks[0].waits <= 0:
-            a = acks.popleft()
-            if self.state != OPEN:
-                continue
-            pid = a.pid
-            code = a.code if v5 else 0
-            if a.kind == 0x40 or a.kind == 0x70:
-                self._in_flight -= 1
-            elif code >= 0x80:
-                self._in_flight -= 1
-                if self.session is not None:
-                    self.session.incoming_qos2.discard(pid)
-            if code:
-                self._write(bytes((a.kind, 3, pid >> 8, pid & 0xFF, code)))
-            else:
-                self._write(bytes((a.kind, 2, pid >> 8, pid & 0xFF)))
-        if self._in_flight < 0:
-            self._in_flight = 0
+        if need or pending:
+            self.acks.add(PUBACK if qos == 1 else PUBREC, pid, 0, pending, need)
+        else:
+            self.acks.send(PUBACK if qos == 1 else PUBREC, pid)
 
     # -- acknowledgements in -------------------------------------------------------------------
     def _on_puback(self, p: Puback) -> None:
@@ -574,7 +442,7 @@ class MqttServerProtocol(Protocol):
         assert self.session is not None
         if not self.session.received(p.packet_id, p.reason_code >= 0x80) and \
                 p.reason_code < 0x80:
-            self._write(encode(Pubrel(p.packet_id, RC.PACKET_IDENTIFIER_NOT_FOUND), self.version))
+            self.write(encode(Pubrel(p.packet_id, RC.PACKET_IDENTIFIER_NOT_FOUND), self.version))
 
     def _on_pubcomp(self, p: Pubcomp) -> None:
         assert self.session is not None
@@ -585,11 +453,10 @@ class MqttServerProtocol(Protocol):
         pid = p.packet_id
         if pid in self.session.incoming_qos2:
             self.session.incoming_qos2.discard(pid)
-            code = 0
+            self.acks.send(PUBCOMP, pid)
         else:
-            code = RC.PACKET_IDENTIFIER_NOT_FOUND  # 4.3.3; 3.1.1 just completes
-            self._in_flight += 1  # not counted, but released below like the others
-        self._ack(0x70, pid, code, None)
+            self.acks.in_flight += 1  # not counted, but released like the others
+            self.acks.add(PUBCOMP, pid, RC.PACKET_IDENTIFIER_NOT_FOUND)  # 4.3.3
 
     # -- other packets -------------------------------------------------------------------------
     def _on_subscribe(self, p: Subscribe) -> None:
@@ -604,7 +471,7 @@ class MqttServerProtocol(Protocol):
             codes.append(code)
             if sub is not None:
                 retained.append(sub)
-        self._write(encode(Suback(p.packet_id, tuple(codes)), self.version))
+        self.write(encode(Suback(p.packet_id, tuple(codes)), self.version))
         for sub in retained:
             self.broker.send_retained(session, sub)
 
@@ -613,10 +480,10 @@ class MqttServerProtocol(Protocol):
         assert session is not None
         codes = tuple(RC.SUCCESS if self.broker.unsubscribe(session, f)
                       else RC.NO_SUBSCRIPTION_EXISTED for f in p.topic_filters)
-        self._write(encode(Unsuback(p.packet_id, codes), self.version))
+        self.write(encode(Unsuback(p.packet_id, codes), self.version))
 
     def _on_pingreq(self, p: Pingreq) -> None:
-        self._write(_PINGRESP)
+        self.write(_PINGRESP)
 
     def _on_disconnect(self, p: Disconnect) -> None:
         session = self.session
@@ -637,12 +504,16 @@ class MqttServerProtocol(Protocol):
         self.server_disconnect(RC.PROTOCOL_ERROR, "AUTH without an authentication method")
 
     # -- output --------------------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         self._out.append(data)
         self._outbytes += len(data)
         if not self._dirty:
             self._dirty = True
             self.broker.want_flush(self)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == OPEN
 
     def write_publish(self, msg: Message, qos: int, retain: bool, subids: tuple[int, ...],
                       pid: int, dup: bool) -> bool:
@@ -687,7 +558,7 @@ class MqttServerProtocol(Protocol):
         return True
 
     def write_pubrel(self, pid: int) -> None:
-        self._write(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+        self.write(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
 
     def flush(self) -> None:
         """Write everything buffered in this reactor turn with one call."""
@@ -703,11 +574,11 @@ class MqttServerProtocol(Protocol):
         self.stats.messages_sent += len(out)
         self.stats.bytes_sent += self._outbytes
         self._outbytes = 0
-        self.transport.writeSequence(out)
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _send_disconnect(self, code: int, reason: str | None = None) -> None:
         if self.version == MQTT_5 and self.state in (OPEN, AUTHENTICATING):
-            self._write(encode(Disconnect(code, self._reason(reason)), MQTT_5))
+            self.write(encode(Disconnect(code, self._reason(reason)), MQTT_5))
 
     def server_disconnect(self, code: int, reason: str | None = None) -> None:
         """Close with a reason code (v5 DISCONNECT, MQTT-4.13); the will is published except
@@ -734,11 +605,3 @@ class MqttServerProtocol(Protocol):
 
     def stopProducing(self) -> None:
         self.paused = True
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True

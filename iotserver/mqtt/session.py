@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from iotserver.mqtt.codec import encode_publish_with_offset
+from iotserver.mqtt.codec import encode_publish_with_offset, encode_varint
 from iotserver.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, SubscriptionOptions, Will
 
 if TYPE_CHECKING:
@@ -86,6 +86,10 @@ class Message:
         hit = self._enc.get(key)
         if hit is not None:
             return hit
+        if type(key) is int and (version != MQTT_5 or self.props is NO_PROPERTIES):
+            out = self._plain(version == MQTT_5, qos, retain)
+            self._enc[key] = out
+            return out
         props = self.props
         if version == MQTT_5 and (subids or alias or self.expiry_at is not None):
             props = replace(props, subscription_identifiers=subids,
@@ -97,6 +101,23 @@ class Message:
             self._enc.clear()
         self._enc[key] = out
         return out
+
+
+    def _plain(self, v5: bool, qos: int, retain: bool) -> tuple[bytes, int]:
+        """PUBLISH without properties, built directly: the topic and payload were validated
+        when the message entered the broker, so the codec's checks would be repeated work."""
+        tb = self.topic.encode()
+        n = len(tb)
+        size = 2 + n + (2 if qos else 0) + v5 + len(self.payload)
+        b0 = 0x30 | (qos << 1) | retain
+        header = bytes((b0, size)) if size < 128 else bytes((b0,)) + encode_varint(size)
+        parts = [header, n.to_bytes(2, "big"), tb]
+        if qos:
+            parts.append(b"\x00\x01")
+        if v5:
+            parts.append(b"\x00")
+        parts.append(self.payload)
+        return b"".join(parts), len(header) + 2 + n if qos else -1
 
 
 class Delivery:
@@ -170,6 +191,7 @@ class Session:
         self.queued_qos0 = 0
         self.inflight: dict[int, Delivery] = {}  # packet id -> delivery, in send order
         self.incoming_qos2: set[int] = set()  # inbound QoS 2 ids awaiting PUBREL (4.3.3)
+        self.reserved: set[int] = set()  # ids of queued deliveries parked by resend()
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self.conn: Connection | None = None
@@ -211,14 +233,15 @@ class Session:
                 return store is not None
         elif conn is None and qos == 0:
             return False  # QoS 0 is not queued for offline sessions (MQTT 3.1.2.4, optional)
+        # queue: offline, window full or transport paused (a slow reader); QoS 0 goes first
+        if len(self.queue) >= self.max_queued or \
+                self.queued_bytes + len(msg.payload) + len(msg.topic) > self.max_queued_bytes:
+            if qos == 0 or not self._drop_oldest_qos0():
+                self._count_drop("queue_full" if qos else "queue_full_qos0")
+                return False
         return self._enqueue(Delivery(msg, qos, retain, subids))
 
     def _enqueue(self, d: Delivery) -> bool:
-        if len(self.queue) >= self.max_queued or \
-                self.queued_bytes + d.size > self.max_queued_bytes:
-            if d.qos == 0 or not self._drop_oldest_qos0():
-                self._count_drop("queue_full" if d.qos else "queue_full_qos0")
-                return False
         self.queue.append(d)
         self.queued_bytes += d.size
         if d.qos == 0:
@@ -264,27 +287,46 @@ class Session:
                 continue
             if d.msg.expiry_at is not None and d.msg.expiry_at <= now:
                 self._count_drop("expired")  # MQTT-3.3.2-5
+                self.reserved.discard(d.pid)
                 self._removed(d)
                 continue
-            d.pid = self._alloc_pid()
+            dup = d.pid != 0  # sent on an earlier connection, parked by resend()
+            if dup:
+                self.reserved.discard(d.pid)
+            else:
+                d.pid = self._alloc_pid()
             d.state = SENT
             self.inflight[d.pid] = d
-            if self.store is not None and d.qos == 2:
+            if self.store is not None and d.qos == 2 and not dup:
                 self.store.queue_update(self.client_id, d)  # QoS 2 keeps its id (MQTT-4.4.0-1)
-            if not conn.write_publish(d.msg, d.qos, d.retain, d.subids, d.pid, False):
+            if not conn.write_publish(d.msg, d.qos, d.retain, d.subids, d.pid, dup):
                 self._forget(d.pid)
 
     def resend(self) -> None:
         """After a reconnect: unacknowledged PUBLISH (DUP) and PUBREL first, in their original
-        order and with their original packet ids (MQTT-4.4.0-1), then the queue."""
+        order and with their original packet ids (MQTT-4.4.0-1), then the queue.
+
+        The new connection's window may be smaller than what was in flight: the excess goes
+        back to the front of the queue, keeping its packet id, and is sent as the window opens
+        (the client's Receive Maximum holds for resends too, MQTT-4.9.0-2)."""
         conn = self.conn
         if conn is None:
             return
-        for pid, d in list(self.inflight.items()):
+        window = conn.send_window
+        parked: list[Delivery] = []
+        for n, (pid, d) in enumerate(list(self.inflight.items())):
             if d.state == RELEASED:
                 conn.write_pubrel(pid)
+            elif n >= window:
+                del self.inflight[pid]
+                self.reserved.add(pid)
+                d.state = QUEUED
+                parked.append(d)
             elif not conn.write_publish(d.msg, d.qos, d.retain, d.subids, pid, True):
                 self._forget(pid)
+        if parked:
+            self.queue.extendleft(reversed(parked))
+            self.queued_bytes += sum(d.size for d in parked)
         self.fill()
 
     def acked(self, pid: int) -> bool:
@@ -328,7 +370,7 @@ class Session:
         pid = self._next_pid
         for _ in range(65536):
             pid = pid + 1 if pid < 65535 else 1
-            if pid not in inflight:
+            if pid not in inflight and pid not in self.reserved:
                 self._next_pid = pid
                 return pid
         raise RuntimeError("no free packet identifier")  # pragma: no cover - window <= 65535
@@ -380,4 +422,5 @@ class Session:
         self.queued_bytes = 0
         self.queued_qos0 = 0
         self.incoming_qos2.clear()
+        self.reserved.clear()
         return out

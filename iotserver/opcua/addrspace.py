@@ -13,6 +13,7 @@ Part 3 5.5/5.6 prescribes for Objects and Variables, as asyncua's AddNodes would
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
 from iotserver.opcua.convert import DATA_TYPE_IDS, VARIANT_TYPES, TimeCache, make_datavalue
 from iotserver.tags.model import Quality, TagDef, TagValue
+import contextlib
 
 log = logging.getLogger("iotserver.opcua")
 
@@ -127,6 +129,8 @@ class TagSpace:
         self.vtypes: dict[str, ua.VariantType] = {}
         self.channels: dict[ua.NodeId, str] = {}  # signal channel variable -> channel name
         self._pending: dict[str, tuple[TagDef, TagValue]] = {}
+        # node -> (parent, the parent's forward reference to it): O(1) unlinking
+        self._uplinks: dict[ua.NodeId, tuple[NodeData, ua.ReferenceDescription]] = {}
 
     def node_id(self, path: str) -> ua.NodeId:
         return ua.NodeId(path, self.idx, ua.NodeIdType.String)
@@ -136,6 +140,19 @@ class TagSpace:
               ) -> int:
         """Create variables for ``tags`` and signal ``channels`` (and their folders)."""
         self._pending = {t.path: (t, v) for t, v in tags}
+        count = 0
+        # Tens of thousands of long-lived objects: a cyclic GC pass every few hundred
+        # allocations made building 10,000 tags take 12 s instead of 2.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            count = self._build(channels)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        return count
+
+    def _build(self, channels: Iterable[str]) -> int:
         count = 0
         for name in channels:
             if name in self._pending or name in self.nodes:
@@ -168,8 +185,10 @@ class TagSpace:
     def _link(self, parent: NodeData, child: NodeData, type_def: ua.NodeId) -> None:
         parent_class = parent.attributes[A.NodeClass].value.Value.Value
         ref_type = ORGANIZES if parent_class == ua.NodeClass.Object else HAS_COMPONENT
-        parent.references.append(_ref(ref_type, True, child, type_def))
+        down = _ref(ref_type, True, child, type_def)
+        parent.references.append(down)
         child.references.append(_ref(ref_type, False, parent))
+        self._uplinks[child.nodeid] = (parent, down)
 
     def _add_folder(self, path: str) -> NodeData:
         parent = self._parent(path)
@@ -286,14 +305,19 @@ class TagSpace:
         self._unlink_and_delete(nd)
         return True
 
+    def _unlink(self, nd: NodeData) -> None:
+        """Drop the parent's reference to ``nd`` (identity search: NodeId equality is slow)."""
+        link = self._uplinks.pop(nd.nodeid, None)
+        if link is not None:
+            refs = link[0].references
+            with contextlib.suppress(ValueError):
+                del refs[list(map(id, refs)).index(id(link[1]))]
+
     def _unlink_and_delete(self, nd: NodeData) -> None:
-        for ref in list(nd.references):
-            if ref.ReferenceTypeId == HAS_PROPERTY and ref.IsForward:
-                if ref.NodeId in self.aspace:
-                    del self.aspace[ref.NodeId]
-            elif not ref.IsForward and ref.NodeId in self.aspace:
-                parent = self.aspace[ref.NodeId]
-                parent.references = [r for r in parent.references if r.NodeId != nd.nodeid]
+        for ref in nd.references:
+            if ref.ReferenceTypeId == HAS_PROPERTY and ref.IsForward and ref.NodeId in self.aspace:
+                del self.aspace[ref.NodeId]
+        self._unlink(nd)
         if nd.nodeid in self.aspace:
             del self.aspace[nd.nodeid]
         # drop folders this removal left empty
@@ -305,16 +329,10 @@ class TagSpace:
                 break
             self.folders.discard(parent_path)
             del self.nodes[parent_path]
-            self._unlink_and_delete_folder(folder)
+            self._unlink(folder)
+            if folder.nodeid in self.aspace:
+                del self.aspace[folder.nodeid]
             parent_path = parent_path.rpartition("/")[0]
-
-    def _unlink_and_delete_folder(self, folder: NodeData) -> None:
-        for ref in folder.references:
-            if not ref.IsForward and ref.NodeId in self.aspace:
-                parent = self.aspace[ref.NodeId]
-                parent.references = [r for r in parent.references if r.NodeId != folder.nodeid]
-        if folder.nodeid in self.aspace:
-            del self.aspace[folder.nodeid]
 
     def remove_all(self) -> None:
         for path in list(self.tags):

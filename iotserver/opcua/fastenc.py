@@ -49,8 +49,9 @@ _SCALAR = {
 _SCALAR_CODES = {vt: vt.value for vt in _SCALAR}
 _STRING = ua.VariantType.String
 _NULL = ua.VariantType.Null
-_DCN_TYPE = nodeid_to_binary(ua.FourByteNodeId(ua.ObjectIds.DataChangeNotification_Encoding_DefaultBinary))
-_PUBLISH_TYPE = nodeid_to_binary(ua.FourByteNodeId(ua.ObjectIds.PublishResponse_Encoding_DefaultBinary))
+_OIDS = ua.ObjectIds
+_DCN_TYPE = nodeid_to_binary(ua.FourByteNodeId(_OIDS.DataChangeNotification_Encoding_DefaultBinary))
+_PUBLISH_TYPE = nodeid_to_binary(ua.FourByteNodeId(_OIDS.PublishResponse_Encoding_DefaultBinary))
 _EMPTY_ARRAY = _I32.pack(0)
 
 

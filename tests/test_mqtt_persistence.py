@@ -1,0 +1,252 @@
+"""Durability: the SQLite store's group commit, restart with sessions and retained messages, and
+acknowledged QoS 1/2 messages surviving kill -9 of the server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from test_mqtt_protocol_harness import net_connect, props
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from iotserver import app, config
+from iotserver.mqtt.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    Disconnect,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Suback,
+    Subscribe,
+    SubscriptionOptions,
+)
+from iotserver.mqtt.persistence import BrokerStore, decode_props, encode_props
+from iotserver.mqtt.session import Delivery, Message, Session, Subscription
+
+SERVER_TIMEOUT = 30.0
+
+
+def mqtt_config(data_dir: Path, port: int, extra: str = "") -> str:
+    return f"""
+[server]
+data_dir = "{data_dir}"
+
+[mqtt]
+sys_interval = 0
+
+[[mqtt.listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[mqtt.auth]
+allow_anonymous = true
+
+[[mqtt.acl]]
+user = "anonymous"
+topic = "#"
+access = "readwrite"
+
+[mqtt.bridge]
+enabled = false
+{extra}
+"""
+
+
+async def start(text: str) -> Any:
+    root, core = app.build(config.parse(text, source="test.toml"), reactor)
+    root.startService()
+    await core.services["mqtt"].started
+    return root
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+# --------------------------------------------------------------------------- the store itself
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_commit_cancels_short_lived_rows_and_reloads(tmp_path: Path) -> None:
+    store = BrokerStore(tmp_path / "b.sqlite3", reactor, commit_interval=0.001)
+    snap = await Deferred.fromCoroutine(store.open())
+    assert snap.sessions == [] and snap.retained == []
+    s = Session("c", expiry=100)
+    s.store = store
+    store.save_session(s)
+    store.save_subscription("c", Subscription("t/#", "t/#", SubscriptionOptions(1)))
+    fleeting = Delivery(Message("t/a", b"gone"), 1, False, ())
+    kept = Delivery(Message("t/b", b"kept", 2, props=props(content_type="x")), 2, False, (7,))
+    fleeting.seq, kept.seq = 1, 2
+    store.queue_add("c", fleeting)
+    store.queue_add("c", kept)
+    store.queue_remove("c", fleeting)  # acknowledged before the commit: never written
+    store.retain_set(Message("r", b"ret", 1, True))
+    fired: list[bool] = []
+    store.when_committed(store.token(), fired.append)
+    t0 = time.monotonic()
+    while not fired:
+        await sleep(0.001)
+    assert fired == [True] and time.monotonic() - t0 < 1.0
+    assert store.commits == 1 and store.rows_written == 5  # session, sub, message, queue, retained
+    await Deferred.fromCoroutine(store.close())
+    await Deferred.fromCoroutine(store.close())  # idempotent
+
+    store = BrokerStore(tmp_path / "b.sqlite3", reactor)
+    snap = await Deferred.fromCoroutine(store.open())
+    try:
+        assert [r[0] for r in snap.sessions] == ["c"]
+        assert [(r[1], r[2], r[3]) for r in snap.subs] == [("t/#", 1, None)]
+        assert [(r[1], r[3], r[5]) for r in snap.queue] == [(2, 2, "7")]
+        (msg_row,) = snap.messages.values()
+        assert msg_row[1:3] == ("t/b", b"kept") and decode_props(msg_row[4]).content_type == "x"
+        assert [(r[0], r[1]) for r in snap.retained] == [("r", b"ret")]
+    finally:
+        await Deferred.fromCoroutine(store.close())
+
+
+def test_props_round_trip() -> None:
+    p = props(user_properties=(("a", "b"),), correlation_data=b"\x00", message_expiry_interval=5)
+    assert decode_props(encode_props(p)) == p
+    assert encode_props(props()) is None
+
+
+# --------------------------------------------------------------------------- restart in-process
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path,
+                                                            free_port: int) -> None:
+    text = mqtt_config(tmp_path / "data", free_port)
+    root = await start(text)
+    try:
+        sub = await net_connect(free_port, "durable", MQTT_5, clean=False,
+                                props=props(session_expiry_interval=3600))
+        sub.send(Subscribe(1, (("t/#", SubscriptionOptions(2)),)))
+        await sub.expect(Suback)
+        sub.send(Disconnect())
+        await sub.closed
+        pub = await net_connect(free_port, "pub", MQTT_3_1_1)
+        pub.send(Publish("t/1", b"one", 1, packet_id=1), Publish("t/2", b"two", 2, packet_id=2),
+                 Publish("keep", b"retained", 1, retain=True, packet_id=3))
+        assert (await pub.expect(Puback)).packet_id == 1
+        assert (await pub.expect(Pubrec)).packet_id == 2
+        assert (await pub.expect(Puback)).packet_id == 3
+        pub.send(Pubrel(2))
+        await pub.expect(Pubcomp)
+        await pub.close()
+    finally:
+        await root.stopService()
+
+    root = await start(text)
+    try:
+        sub = await net_connect(free_port, "durable", MQTT_5, clean=False,
+                                props=props(session_expiry_interval=3600))
+        assert sub.connack is not None and sub.connack.session_present
+        a = await sub.expect(Publish)
+        b = await sub.expect(Publish)
+        assert [(a.topic, a.payload, a.qos), (b.topic, b.payload, b.qos)] == [
+            ("t/1", b"one", 1), ("t/2", b"two", 2)]
+        sub.send(Puback(a.packet_id), Pubrec(b.packet_id))
+        await sub.expect(Pubrel)
+        sub.send(Pubcomp(b.packet_id))
+        sub.send(Subscribe(2, (("keep", SubscriptionOptions(1)),)))
+        await sub.expect(Suback)
+        kept = await sub.expect(Publish)
+        assert (kept.payload, kept.retain) == (b"retained", True)
+        sub.send(Puback(kept.packet_id))
+        await sub.close()
+    finally:
+        await root.stopService()
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def _spawn(cfg: Path, data_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, IOTSERVER_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    out = log_path.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "iotserver.cli", "run", "--config", str(cfg)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cfg.parent)
+    finally:
+        out.close()
+
+
+async def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, count: int) -> None:
+    deadline = time.monotonic() + SERVER_TIMEOUT
+    while time.monotonic() < deadline:
+        if log_path.read_text(errors="replace").count("iotserver ready") >= count:
+            return
+        if proc.poll() is not None:
+            break
+        await sleep(0.05)
+    raise AssertionError(f"server did not start:\n{log_path.read_text(errors='replace')}")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_acknowledged_messages_survive_kill_9(tmp_path: Path, free_port: int) -> None:
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(mqtt_config(tmp_path / "data", free_port))
+    log_path = tmp_path / "server.log"
+    proc = _spawn(cfg, tmp_path / "data", log_path)
+    try:
+        await _wait_ready(proc, log_path, 1)
+        sub = await net_connect(free_port, "durable", MQTT_3_1_1, clean=False)
+        sub.send(Subscribe(1, (("t", SubscriptionOptions(2)),)))
+        await sub.expect(Suback)
+        await sub.close()
+        pub = await net_connect(free_port, "pub", MQTT_5)
+        n = 200
+        for i in range(1, n + 1):
+            qos = 1 if i % 2 else 2
+            pub.send(Publish("t", b"%d" % i, qos, packet_id=i))
+        acked = set()
+        while len(acked) < n:
+            p = await pub.next()
+            assert isinstance(p, Puback | Pubrec) and p.reason_code == 0, p
+            acked.add(p.packet_id)
+        _kill(proc)  # right after the last acknowledgement: no chance for a clean shutdown
+        await pub.closed
+    finally:
+        _kill(proc)
+    proc = _spawn(cfg, tmp_path / "data", log_path)
+    try:
+        await _wait_ready(proc, log_path, 2)
+        sub = await net_connect(free_port, "durable", MQTT_3_1_1, clean=False)
+        assert sub.connack is not None and sub.connack.session_present
+        got = []
+        while len(got) < n:
+            p = await sub.next()
+            if isinstance(p, Pubrel):
+                sub.send(Pubcomp(p.packet_id))
+                continue
+            assert isinstance(p, Publish), p
+            got.append(int(p.payload))
+            sub.send(Puback(p.packet_id) if p.qos == 1 else Pubrec(p.packet_id))
+        assert got == list(range(1, n + 1))
+        await sub.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(SERVER_TIMEOUT)
+    finally:
+        _kill(proc)
+    log_text = log_path.read_text(errors="replace")
+    assert "Traceback" not in log_text, log_text
