@@ -239,6 +239,7 @@ class ServerRoot(MultiService):
             for what, where in listeners:
                 log.info("  {what:<14} {where}", what=what, where=where)
             log.info("iotserver ready: {n} listeners", n=len(listeners))
+            _tune_gc()
 
         def _when_running() -> None:
             # "ready" only once the reactor runs (signal handlers installed, listeners up)
@@ -261,6 +262,20 @@ class ServerRoot(MultiService):
             d.addTimeout(self.shutdown_timeout, self.clock)
             d.addErrback(_late)
         return d
+
+
+def _tune_gc() -> None:
+    """Move start-up objects out of the collector's sight and collect young objects less often.
+
+    Measured (benchmarks/mqtt): full collections over the start-up heap took 17-77 ms, which
+    is what the QoS 1 p99 latency showed; frozen, they cost nothing. The per-message objects of
+    the hot paths are short-lived and die by reference counting, not by the collector.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _historizable(tag: TagDef) -> bool:

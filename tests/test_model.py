@@ -69,6 +69,15 @@ def test_coerce_enforces_configured_range() -> None:
     assert info.value.quality is Quality.BAD_OUT_OF_RANGE
 
 
+def test_nan_and_inf_refused_for_ranged_tags() -> None:
+    t = tag(DataType.FLOAT64, low=0.0, high=100.0)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(CoerceError) as info:
+            coerce(t, bad)
+        assert info.value.quality is Quality.BAD_OUT_OF_RANGE
+    assert coerce(tag(DataType.FLOAT64), float("inf")) == float("inf")  # no range: allowed
+
+
 def test_coerce_array_checks_shape_and_dtype() -> None:
     t = tag(DataType.INT16, shape=(3,))
     out = coerce(t, [1, 2, 3])

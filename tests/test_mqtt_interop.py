@@ -126,7 +126,7 @@ class Paho:
         if will is not None:
             self.c.will_set(will[0], will[1], qos=1)
         if tls_files:
-            ca, cert, key = (list(tls_files) + [None, None])[:3]
+            ca, cert, key = [*tls_files, None, None][:3]
             self.c.tls_set(ca_certs=str(ca), certfile=cert and str(cert),
                            keyfile=key and str(key))
         props = None
@@ -313,7 +313,8 @@ def _client_cert(data_dir: Path, out: Path, name: str) -> tuple[Path, Path]:
     ca = pki.load_cert(data_dir / "tls" / "ca.pem")
     ca_key = pki.load_key(data_dir / "tls" / "ca.key")
     cert, key = pki.issue_client_cert(ca, ca_key, name)
-    return pki.write_cert_pem(cert, out / f"{name}.pem"), pki.write_key_pem(key, out / f"{name}.key")
+    return (pki.write_cert_pem(cert, out / f"{name}.pem"),
+            pki.write_key_pem(key, out / f"{name}.key"))
 
 
 @pytest.mark.skipif(not MOSQUITTO, reason="mosquitto-clients not installed")

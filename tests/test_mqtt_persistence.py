@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from test_mqtt_protocol_harness import net_connect, props
 from twisted.internet import reactor

@@ -192,6 +192,7 @@ class NetClient(Protocol):
             self.queue.put(p)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.queue.put(None)  # type: ignore[arg-type]  # wakes a waiting next()
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -203,7 +204,11 @@ class NetClient(Protocol):
 
         d = self.queue.get()
         d.addTimeout(timeout, reactor)
-        return await d
+        packet = await d
+        if packet is None:
+            self.queue.put(None)  # type: ignore[arg-type]  # closed for every later call too
+            raise ConnectionError("connection closed")
+        return packet
 
     async def expect(self, cls: type, timeout: float = 5.0) -> Any:
         p = await self.next(timeout)

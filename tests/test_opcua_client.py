@@ -179,3 +179,60 @@ async def test_reconnect_method_and_unreachable_server(tmp_path: Path) -> None:
         await running.root.stopService()
         with contextlib.suppress(Exception):
             await aio(plc.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_secure_client_source_against_our_own_server(tmp_path: Path) -> None:
+    """Gateway B subscribes to gateway A with Basic256Sha256/SignAndEncrypt and a password;
+    each side rejects the other's certificate until an operator trusts it."""
+    import shutil
+
+    from iotserver.tags.model import Update
+
+    a_cfg = make_config(tmp_path / "a", free_port(), policies='["Basic256Sha256"]',
+                        extra='application_uri = "urn:test:gateway-a"')
+    a = await start(a_cfg)
+    b_extra = f"""application_uri = "urn:test:gateway-b"
+
+[[opcua.clients]]
+name = "gw-a"
+endpoint = "{a.url}"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+username = "alice"
+password = "alice-secret"
+reconnect_min_s = 0.2
+reconnect_max_s = 0.4
+
+[[opcua.clients.nodes]]
+node_id = "nsu={a.namespace};s=Line1/Setpoint"
+path = "Remote/Setpoint"
+type = "float32"
+access = "readwrite"
+"""
+    b = await start(make_config(tmp_path / "b", free_port(), extra=b_extra, tags=""))
+
+    async def body() -> None:
+        # A refuses B's application certificate (CreateSession), then, once A trusts it, B
+        # refuses A's server certificate: each lands in the other side's rejected folder
+        for pki in (a.pki, b.pki):
+            rejected = pki / "rejected" / "certs"
+            await wait_for(lambda rejected=rejected: any(rejected.iterdir()), timeout=10)
+            for cert in rejected.iterdir():
+                shutil.move(str(cert), pki / "trusted" / "certs" / cert.name)
+            b.service.clients["gw-a"].reconnect()
+        await wait_for(lambda: b.store.read("Remote/Setpoint").quality is Quality.GOOD,
+                       timeout=10)
+        assert b.store.read("Remote/Setpoint").value == 10.0
+        a.store.apply([Update("Line1/Setpoint", 42.0)])
+        await wait_for(lambda: b.store.read("Remote/Setpoint").value == 42.0)
+        q = await b.store.write("Remote/Setpoint", 55.0).asFuture(asyncio.get_running_loop())
+        assert q is Quality.GOOD  # alice is an engineer on A
+        assert a.store.read("Line1/Setpoint").value == 55.0
+        await wait_for(lambda: b.store.read("Remote/Setpoint").value == 55.0)
+
+    try:
+        await aio(body())
+    finally:
+        await b.root.stopService()
+        await a.root.stopService()

@@ -42,7 +42,8 @@ max_registers = {2 if per_tag else 125}
     return config.parse("\n".join(parts), source="bench").sections["modbus"]
 
 
-def run(ports: list[int], seconds: float, per_tag: bool) -> tuple[float, float, float, int]:
+def run(ports: list[int], seconds: float, per_tag: bool,
+        report: Any = None) -> tuple[float, float, float, int]:
     """(values/s, CPU s per s, requests/s, blocks per poll) for one plan."""
     from twisted.internet import asyncioreactor
 
@@ -84,6 +85,8 @@ def run(ports: list[int], seconds: float, per_tag: bool) -> tuple[float, float, 
         result["requests"] = (sum(d.stats.requests for d in devices) - r0) / dt
         result["cpu"] = ((u1.ru_utime - u0.ru_utime) + (u1.ru_stime - u0.ru_stime)) / dt
         result["blocks"] = len(devices[0].blocks)
+        if report is not None:  # child process: report and leave (no orderly shutdown needed)
+            report(result)
         for d in devices:
             await as_deferred(d.stop())
 
@@ -100,9 +103,14 @@ def main() -> None:
     parser.add_argument("--ports", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ports:  # child: one plan, one reactor per process
-        values, cpu, reqs, blocks = run([int(p) for p in args.ports.split(",")], args.seconds,
-                                        args.per_tag)
-        print(f"{values:.0f} {cpu:.3f} {reqs:.0f} {blocks}")
+        import os
+
+        def report(r: dict[str, Any]) -> None:
+            print(f"{r['values']:.0f} {r['cpu']:.3f} {r['requests']:.0f} {r['blocks']}",
+                  flush=True)
+            os._exit(0)
+
+        run([int(p) for p in args.ports.split(",")], args.seconds, args.per_tag, report)
         return
     import subprocess
     import sys

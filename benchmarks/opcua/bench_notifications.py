@@ -1,9 +1,10 @@
 """OPC UA data-change notifications/s: iotserver's server vs a plain asyncua server.
 
-Both servers run here, one after the other, on the Twisted asyncio reactor in this process;
-the subscribing clients run in a child process (one asyncua client per subscriber, 100 ms
-publishing interval, a monitored item per tag with a queue of 100 so that every change is
-delivered rather than replaced). The load changes every tag as fast as the server takes it:
+Each server runs in a fresh process (no GC state carried over), on the Twisted asyncio reactor;
+the subscribing clients run in child processes (one process and asyncua client per
+subscriber, 100 ms publishing interval, a monitored item per tag with a queue of 100 so that
+every change is delivered rather than replaced; the clients only decode and count). The load
+changes every tag as fast as the server takes it:
 
 * plain asyncua: ``Server.write_attribute_value`` per tag (the fast API, facts.md), yielding to
   the loop every 5 ms;
@@ -83,6 +84,7 @@ async def _client_main(url: str, ns_uri: str, tags: int, clients: int, seconds: 
     for k, (c, sub) in enumerate(conns):
         c.uaclient._subscription_callbacks[sub.subscription_id] = counter(k)
     print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "GO"
     await asyncio.sleep(warmup)
     counting[0] = True
     t0 = time.perf_counter()
@@ -223,32 +225,40 @@ async def scenario(kind: type, tags: int, clients: int, seconds: float, warmup: 
     server = kind()
     port = free_port()
     ns_uri = await server.start(port, tags)
-    proc = await asyncio.create_subprocess_exec(
+    # one process per client, as separate SCADA stations would be
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client", f"opc.tcp://127.0.0.1:{port}/bench", ns_uri,
-        str(tags), str(clients), str(seconds), str(warmup),
-        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert proc.stdout is not None
-    result: dict[str, Any] = {"rates": [0.0] * clients}
-    applied_at_ready = 0
+        str(tags), "1", str(seconds), str(warmup),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(clients)]
+    for proc in procs:  # all subscribed before anyone counts
+        assert proc.stdout is not None
+        while (await proc.stdout.readline()).strip() != b"READY":
+            pass
+    applied_at_ready = server.applied
     t_ready = time.perf_counter()
     cpu_ready = time.process_time()
-    while True:
-        line = await proc.stdout.readline()
-        if not line:
-            break
-        text = line.decode().strip()
-        if text == "READY":
-            applied_at_ready = server.applied
-            t_ready = time.perf_counter()
-            cpu_ready = time.process_time()
-        elif text.startswith("{"):
-            result = json.loads(text)
-            wall = time.perf_counter() - t_ready
-            result["changes"] = (server.applied - applied_at_ready) / wall
-            result["server_cpu"] = (time.process_time() - cpu_ready) / wall
-            break
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(b"GO\n")
+        await proc.stdin.drain()
+    rates: list[float] = []
+    for proc in procs:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line or line.startswith(b"{"):
+                rates += json.loads(line)["rates"] if line else [0.0]
+                break
+    wall = time.perf_counter() - t_ready
+    result: dict[str, Any] = {
+        "rates": rates,
+        "changes": (server.applied - applied_at_ready) / wall,
+        "server_cpu": (time.process_time() - cpu_ready) / wall,
+    }
     await server.stop()
-    await proc.wait()
+    for proc in procs:
+        await proc.wait()
     return result
 
 

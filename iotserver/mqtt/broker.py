@@ -33,6 +33,7 @@ from iotserver.mqtt.packets import (
     SubscriptionOptions,
     Will,
 )
+from iotserver.mqtt.retained import RetainedStore
 from iotserver.mqtt.session import NEVER, Connection, Message, Session, Subscription
 from iotserver.mqtt.topics import TopicError, TopicTree, parse_shared, validate_topic_filter
 

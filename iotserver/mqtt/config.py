@@ -1,4 +1,4 @@
-"""``[mqtt]``: the broker's listeners, authentication, ACL rules, limits, persistence and tag bridge.
+"""``[mqtt]``: the broker's listeners, authentication, ACL rules, limits, persistence, bridge.
 
 Parsed into frozen dataclasses; unknown keys are errors naming the key and line (``Reader.done``).
 ``DEFAULT_TOML`` is the loopback default appended to the built-in configuration: a plain TCP

@@ -410,22 +410,21 @@ def restore(broker: Any, snap: Snapshot) -> tuple[int, int, int]:
         if expiry != NEVER:
             broker.schedule_expiry(s, since + expiry - now)
     for cid, topic_filter, options, subid in snap.subs:
-        s = sessions.get(cid)
-        if s is None:
+        owner = sessions.get(cid)
+        if owner is None:
             continue
         try:
             shared = parse_shared(topic_filter)
         except TopicError:
             continue
         group, inner = shared if shared is not None else (None, topic_filter)
-        broker.restore_subscription(s, Subscription(topic_filter, inner, decode_options(options),
-                                                    subid, group))
+        broker.restore_subscription(owner, Subscription(topic_filter, inner,
+                                                        decode_options(options), subid, group))
     messages: dict[int, Message] = {}
     per_session: dict[str, list[Delivery]] = {}
     for cid, seq, msg_id, qos, retain, subids, pid, state in snap.queue:
-        s = sessions.get(cid)
         row = snap.messages.get(msg_id)
-        if s is None or row is None:
+        if cid not in sessions or row is None:
             continue
         msg = messages.get(msg_id)
         if msg is None:

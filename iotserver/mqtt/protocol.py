@@ -1,11 +1,9 @@
 """The broker's Twisted protocol: one per TCP/TLS connection, over the sans-I/O codec.
 
 It owns what the codec and the broker do not: the transport (TCP_NODELAY, one write per
-reactor turn, producer/consumer flow control), timers (CONNECT timeout, keepalive),
-authentication, per-connection topic aliases and packet size limits, and the order of
-acknowledgements: PUBACK/PUBREC leave in the order the PUBLISHes came (MQTT-4.6.0-2), each
-one held back until persistence has committed the message (group commit) and interceptors
-(the tag bridge) are done with it.
+reactor turn, producer/consumer flow control), timers (CONNECT timeout, keepalive), the
+CONNECT flow (checks and grants in ``connect.py``, authentication), per-connection topic
+aliases and packet size limits, and the acknowledgement queue (``acks.py``).
 
 A peer that breaks the protocol gets a DISCONNECT with the codec's reason code (v5, or a
 CONNACK while connecting) and is closed; it costs one rate-limited log line, never a
@@ -14,6 +12,7 @@ traceback, and never touches another client.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -150,10 +149,8 @@ class MqttServerProtocol(Protocol):
             return
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
-            try:
+            with contextlib.suppress(Exception):
                 set_nodelay(True)  # QoS 1 tail latency (facts.md)
-            except Exception:
-                pass
         self.transport.registerProducer(self, True)
         self._last_rx = self.clock.seconds()
         self._connect_call = self.clock.callLater(self.limits.connect_timeout,

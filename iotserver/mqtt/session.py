@@ -174,6 +174,14 @@ class SessionStore(Protocol):
 
     def queue_remove(self, client_id: str, d: Delivery) -> None: ...
 
+    def save_session(self, s: Session) -> None: ...
+
+    def delete_session(self, client_id: str, deliveries: list[Delivery]) -> None: ...
+
+    def save_subscription(self, client_id: str, sub: Subscription) -> None: ...
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None: ...
+
 
 class Session:
     """Per client id state that outlives connections when ``expiry`` > 0 (MQTT 4.1)."""
@@ -234,11 +242,11 @@ class Session:
         elif conn is None and qos == 0:
             return False  # QoS 0 is not queued for offline sessions (MQTT 3.1.2.4, optional)
         # queue: offline, window full or transport paused (a slow reader); QoS 0 goes first
-        if len(self.queue) >= self.max_queued or \
-                self.queued_bytes + len(msg.payload) + len(msg.topic) > self.max_queued_bytes:
-            if qos == 0 or not self._drop_oldest_qos0():
-                self._count_drop("queue_full" if qos else "queue_full_qos0")
-                return False
+        full = len(self.queue) >= self.max_queued or \
+            self.queued_bytes + len(msg.payload) + len(msg.topic) > self.max_queued_bytes
+        if full and (qos == 0 or not self._drop_oldest_qos0()):
+            self._count_drop("queue_full" if qos else "queue_full_qos0")
+            return False
         return self._enqueue(Delivery(msg, qos, retain, subids))
 
     def _enqueue(self, d: Delivery) -> bool:

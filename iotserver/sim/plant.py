@@ -249,7 +249,10 @@ class SimulatedPlant(Service):
         self._loop.clock = self.clock
         self._loop.start(1.0 / self.config.update_hz, now=True)
         if self.signals is not None:
+            # Only the channels under our prefix: a real device's channel is not ours to feed.
             for channel in self.signals.channels.values():
+                if not channel.config.name.startswith(self.prefix + "/"):
+                    continue
                 loop = LoopingCall(self._vibration_block, channel)
                 loop.clock = self.clock
                 channel.next_start_ns = self.store.now_ns()  # first block due one period on

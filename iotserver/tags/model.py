@@ -243,6 +243,9 @@ def coerce(tag: TagDef, value: Any) -> Any:
         result = float(value)
         if dt is DataType.FLOAT32 and math.isfinite(result) and abs(result) > FLOAT32_MAX:
             raise CoerceError(Quality.BAD_OUT_OF_RANGE, f"{tag.path}: {result} outside Float32")
+        # NaN compares false with everything: a ranged tag must refuse it explicitly.
+        if not math.isfinite(result) and (tag.low is not None or tag.high is not None):
+            raise CoerceError(Quality.BAD_OUT_OF_RANGE, f"{tag.path}: {result} is not in range")
     if (tag.low is not None and result < tag.low) or (tag.high is not None and result > tag.high):
         raise CoerceError(
             Quality.BAD_OUT_OF_RANGE, f"{tag.path}: {result} outside [{tag.low}, {tag.high}]"

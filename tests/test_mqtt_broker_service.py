@@ -1,0 +1,122 @@
+"""The broker service: listeners (plain and TLS with client certificates), startup failures,
+idempotent stop, shutdown DISCONNECT, ACL reload, the console API."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from test_mqtt_persistence import mqtt_config, start
+from test_mqtt_protocol_harness import net_connect
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from iotserver import app, config
+from iotserver.mqtt.packets import MQTT_5, Disconnect, Publish, ReasonCode
+from iotserver.security import pki
+from iotserver.security.tls import client_context_factory
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_in_use_fails_start_and_stop_is_clean(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        stopped: list[bool] = []
+        root, core = app.build(config.parse(mqtt_config(tmp_path / "d", port)), reactor,
+                               stop_reactor=lambda: stopped.append(True))
+        root.startService()
+        service = core.services["mqtt"]
+        await Deferred.fromCoroutine(_settle(service))
+        assert service.failure is not None and "cannot listen" in str(service.failure.value)
+        assert stopped == [True]
+        await root.stopService()
+        await root.stopService()
+
+
+async def _settle(service: object) -> None:
+    with contextlib.suppress(Exception):
+        await service.started  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_disconnects_v5_clients_and_console_api(tmp_path: Path,
+                                                               free_port: int) -> None:
+    root = await start(mqtt_config(tmp_path / "d", free_port))
+    service = root.core.services["mqtt"]
+    a = await net_connect(free_port, "a", MQTT_5)
+    b = await net_connect(free_port, "b", MQTT_5)
+    assert set(service.clients) == {"a", "b"} and set(service.sessions) == {"a", "b"}
+    assert service.disconnect("a")
+    assert (await a.expect(Disconnect)).reason_code == ReasonCode.ADMINISTRATIVE_ACTION
+    await a.closed
+    await root.stopService()
+    assert (await b.expect(Disconnect)).reason_code == ReasonCode.SERVER_SHUTTING_DOWN
+    await b.closed
+    assert not service.clients
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_listener_requiring_client_certificates(tmp_path: Path, free_port: int) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "users.toml").write_text('[users.plc7]\nrole = "engineer"\ncertificates = ["plc7"]\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        tls_port = s.getsockname()[1]
+    extra = f"""
+[[mqtt.listeners]]
+endpoint = "tls:{tls_port}:interface=127.0.0.1"
+client_certs = "required"
+"""
+    text = mqtt_config(data, free_port).replace("[mqtt.auth]", extra + "\n[mqtt.auth]")
+    root = await start(text)
+    try:
+        ca = pki.load_cert(data / "tls" / "ca.pem")
+        ca_key = pki.load_key(data / "tls" / "ca.key")
+        cert, key = pki.issue_client_cert(ca, ca_key, "plc7")
+        cert_path = pki.write_cert_pem(cert, tmp_path / "plc7.pem")
+        key_path = pki.write_key_pem(key, tmp_path / "plc7.key")
+        good = client_context_factory("127.0.0.1", ca_path=data / "tls" / "ca.pem",
+                                      cert_path=cert_path, key_path=key_path)
+        c = await net_connect(tls_port, "plc", MQTT_5, tls=good)
+        broker = root.core.services["mqtt"].broker
+        assert broker.sessions["plc"].user == "plc7"  # logged in by certificate
+        await c.close()
+        anonymous_tls = client_context_factory("127.0.0.1", ca_path=data / "tls" / "ca.pem")
+        with pytest.raises(ConnectionError):  # the server refuses the handshake
+            c = await net_connect(tls_port, "nocert", MQTT_5, tls=anonymous_tls)
+    finally:
+        await root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_rereads_the_acl_file(tmp_path: Path, free_port: int) -> None:
+    acl_file = tmp_path / "acl.toml"
+    acl_file.write_text('[[acl]]\nuser = "anonymous"\ntopic = "a/#"\naccess = "readwrite"\n')
+    text = mqtt_config(tmp_path / "d", free_port).replace(
+        "allow_anonymous = true", f'allow_anonymous = true\nacl_file = "{acl_file}"').replace(
+        'topic = "#"', 'topic = "never/#"')
+    root = await start(text)
+    try:
+        broker = root.core.services["mqtt"].broker
+        assert broker.acl.can_publish(None, "c", "a/x")
+        assert not broker.acl.can_publish(None, "c", "b/x")
+        acl_file.write_text('[[acl]]\nuser = "anonymous"\ntopic = "b/#"\naccess = "readwrite"\n')
+        assert root.core.reload() == []
+        assert broker.acl.can_publish(None, "c", "b/x")
+        assert not broker.acl.can_publish(None, "c", "a/x")
+        acl_file.write_text("[[acl]]\nbroken")
+        problems = root.core.reload()
+        assert problems and broker.acl.can_publish(None, "c", "b/x")  # old rules kept
+        c = await net_connect(free_port, "c", MQTT_5)
+        c.send(Publish("b/x", b"1", 1, packet_id=1), Publish("a/x", b"2", 1, packet_id=2))
+        assert (await c.next()).reason_code == 0  # type: ignore[union-attr]
+        assert (await c.next()).reason_code == ReasonCode.NOT_AUTHORIZED  # type: ignore[union-attr]
+        await c.close()
+    finally:
+        await root.stopService()
