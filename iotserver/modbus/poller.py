@@ -167,13 +167,14 @@ class Device:
     async def stop(self) -> None:
         """Stop polling, close the connection, mark the tags BadOutOfService. Idempotent."""
         task, self._task = self._task, None
+        self._close()
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._close()
+            # A request cancelled inside pymodbus can leave the task waiting on a future that
+            # nothing resolves; do not let that hold up shutdown.
+            await asyncio.wait([task], timeout=1.0)
+            if not task.done():
+                log.warn("modbus {dev}: poll task did not stop within 1 s", dev=self.name)
         self.store.unregister_owner(self.cfg.owner)
         if self.state != "stopped":
             self._mark(Quality.BAD_OUT_OF_SERVICE)

@@ -113,6 +113,8 @@ class OpcUaService(AsyncService):
         iserver.max_sessions = cfg.max_sessions
         iserver.certificate_validator = ClientCertificateValidator(self.trust)
         self.server = server = IotUaServer(iserver=iserver)
+        if ca_cert is not None and app.cert.issuer == ca_cert.subject:
+            server.certificate_chain = [ca_cert]
         server.set_endpoint(cfg.endpoint)
         server.set_server_name(f"iotserver ({core.config.server.name})")
         server.product_uri = "urn:iotserver"

@@ -48,7 +48,27 @@ class IotBinaryServer(BinaryServer):
 
 
 class IotUaServer(Server):
-    """asyncua Server whose listener is :class:`IotBinaryServer`."""
+    """asyncua Server whose listener is :class:`IotBinaryServer`, sending its issuer chain.
+
+    Part 6 6.7.2: a certificate issued by a CA travels with its chain (SenderCertificate and the
+    endpoints' ServerCertificate), or clients cannot verify it (node-opcua:
+    Bad_CertificateChainIncomplete). asyncua can send a chain but its Server never passes one.
+    """
+
+    certificate_chain: list[Any] = []
+
+    async def _setup_server_nodes(self) -> None:
+        await super()._setup_server_nodes()
+        if not self.certificate_chain:
+            return
+        from asyncua.crypto import uacrypto
+
+        for factory in self._policies:
+            factory.certificate_chain = self.certificate_chain
+        chain = b"".join(uacrypto.der_from_x509(c) for c in self.certificate_chain)
+        for edp in self.iserver.endpoints:
+            if edp.ServerCertificate:
+                edp.ServerCertificate = edp.ServerCertificate + chain
 
     async def start(self) -> None:
         # Server.start, with our BinaryServer

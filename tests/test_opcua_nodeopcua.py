@@ -1,0 +1,152 @@
+"""Interop with node-opcua, another stack: secure channel, login, browse, read, write, subscribe,
+history.
+
+Needs ``node`` and the npm package ``node-opcua-client`` installed outside the repository:
+``mkdir /tmp/nodeopcua && cd /tmp/nodeopcua && npm install node-opcua-client@2``
+(or set ``IOTSERVER_NODE_OPCUA_DIR`` to a folder holding ``node_modules``). Skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from test_opcua_harness import aio, free_port, make_config, start
+
+from iotserver.tags.model import Update
+
+pytestmark = pytest.mark.interop
+
+NODE_DIR = Path(os.environ.get("IOTSERVER_NODE_OPCUA_DIR", "/tmp/nodeopcua"))
+
+SCRIPT = r"""
+const {
+  OPCUAClient, MessageSecurityMode, SecurityPolicy, AttributeIds, DataType, UserTokenType,
+  TimestampsToReturn, ClientSubscription, ClientMonitoredItem, StatusCodes,
+} = require("node-opcua-client");
+const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
+
+(async () => {
+  const [url, user, password, mode, policy, nsUri, pkiDir] = process.argv.slice(2);
+  const out = {};
+  const certificateManager = new OPCUACertificateManager({
+    rootFolder: pkiDir, automaticallyAcceptUnknownCertificate: true });
+  const client = OPCUAClient.create({
+    applicationName: "nodeopcua-test", applicationUri: "urn:test:nodeopcua",
+    securityMode: MessageSecurityMode[mode], securityPolicy: SecurityPolicy[policy],
+    endpointMustExist: false, connectionStrategy: { maxRetry: 0 },
+    clientCertificateManager: certificateManager,
+  });
+  try {
+    await client.connect(url);
+    const session = await client.createSession(
+      { type: UserTokenType.UserName, userName: user, password });
+    const nsArray = (await session.read(
+      { nodeId: "ns=0;i=2255", attributeId: AttributeIds.Value })).value.value;
+    const ns = nsArray.indexOf(nsUri);
+    const sp = `ns=${ns};s=Line1/Setpoint`;
+    const dv = await session.read({ nodeId: sp, attributeId: AttributeIds.Value });
+    out.read = dv.value.value;
+    out.readType = DataType[dv.value.dataType];
+    const br = await session.browse(`ns=${ns};s=Line1`);
+    out.browse = br.references.map((r) => r.browseName.name).sort();
+    const w1 = await session.write({ nodeId: sp, attributeId: AttributeIds.Value,
+      value: { value: { dataType: DataType.Float, value: 77 } } });
+    const w2 = await session.write({ nodeId: sp, attributeId: AttributeIds.Value,
+      value: { value: { dataType: DataType.Double, value: 78 } } });
+    out.writes = [w1.name, w2.name];
+    const sub = ClientSubscription.create(session, { requestedPublishingInterval: 50,
+      requestedLifetimeCount: 100, requestedMaxKeepAliveCount: 10, publishingEnabled: true });
+    const item = ClientMonitoredItem.create(sub,
+      { nodeId: `ns=${ns};s=Line1/Temp`, attributeId: AttributeIds.Value },
+      { samplingInterval: 0, queueSize: 10, discardOldest: true }, TimestampsToReturn.Both);
+    out.notifications = [];
+    item.on("changed", (v) => out.notifications.push(v.value.value));
+    console.log("SUBSCRIBED");
+    await new Promise((r) => setTimeout(r, 1500));
+    await sub.terminate();
+    const end = new Date(); const start = new Date(end.getTime() - 3600 * 1000);
+    const hist = await session.readHistoryValue(`ns=${ns};s=Line1/Temp`, start, end);
+    out.history = hist.historyData ? hist.historyData.dataValues.length : -1;
+    out.historyStatus = hist.statusCode.name;
+    await session.close();
+  } catch (e) {
+    out.error = String(e.message || e);
+  } finally {
+    await client.disconnect();
+  }
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+def _available() -> bool:
+    return shutil.which("node") is not None and (
+        NODE_DIR / "node_modules" / "node-opcua-client").is_dir()
+
+
+async def _run_node(script: Path, args: list[str], on_subscribed: Any) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        "node", "--security-revert=CVE-2023-46809", str(script), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "NODE_PATH": str(NODE_DIR / "node_modules")})
+    assert proc.stdout is not None
+    result: dict[str, Any] = {}
+    try:
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if not line:
+                break
+            text = line.decode().strip()
+            if text == "SUBSCRIBED":
+                await on_subscribed()
+            elif text.startswith("{"):
+                result = json.loads(text)
+    finally:
+        await proc.wait()
+    return result
+
+
+@pytest.mark.skipif(not _available(), reason="node-opcua-client not installed (see docstring)")
+@pytest_twisted.ensureDeferred
+async def test_node_opcua_client_sign_and_encrypt(tmp_path: Path) -> None:
+    running = await start(make_config(tmp_path / "data", free_port(),
+                                      policies='["Basic256Sha256"]'))
+    script = tmp_path / "client.js"
+    script.write_text(SCRIPT)
+    for k in range(5):
+        running.store.apply([Update("Line1/Temp", 50.0 + k,
+                                    source_ns=running.store.now_ns() - (10 - k) * 10**9)])
+    args = [running.url, "alice", "alice-secret", "SignAndEncrypt", "Basic256Sha256",
+            running.namespace, str(tmp_path / "node-pki")]
+
+    async def changes() -> None:
+        for k in range(5):
+            running.store.apply([Update("Line1/Temp", 60.0 + k)])
+            await asyncio.sleep(0.1)
+
+    async def body() -> None:
+        first = await _run_node(script, args, changes)  # its certificate is not trusted yet
+        assert "BadCertificateUntrusted" in first.get("error", ""), first
+        rejected = list((running.pki / "rejected" / "certs").iterdir())
+        assert len(rejected) == 1
+        shutil.move(str(rejected[0]), running.pki / "trusted" / "certs" / rejected[0].name)
+        out = await _run_node(script, args, changes)
+        assert "error" not in out, out
+        assert out["read"] == 10 and out["readType"] == "Float"
+        assert out["browse"] == ["Count", "Name", "Profile", "Running", "Setpoint", "Temp"]
+        assert out["writes"] == ["Good", "BadTypeMismatch"]
+        assert running.store.read("Line1/Setpoint").value == 77
+        assert out["notifications"][-1] == 64.0 and len(out["notifications"]) >= 5
+        assert out["history"] >= 10 and out["historyStatus"] == "Good"
+
+    try:
+        await aio(body())
+    finally:
+        await running.root.stopService()
