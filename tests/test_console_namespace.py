@@ -218,3 +218,18 @@ def test_evaluate_and_error_line() -> None:
         "ZeroDivisionError: division by zero")
     assert error_line(NotFound("unknown tag 'x'")) == "NotFound: unknown tag 'x'"
     assert error_line(KeyboardInterrupt()) == "KeyboardInterrupt"
+
+
+def test_envelope_and_aggregate() -> None:
+    core = make_core()
+    ns = make_namespace(core)
+    starts, mins, maxs = ns["envelope"]("Line1/Vib", 2.0, 4)  # samples 0..1999 over 2 s
+    assert list(mins) == [0, 500, 1000, 1500] and list(maxs) == [499, 999, 1499, 1999]
+    assert starts[0] == T0 * 10**9 + 1999 * 1_000_000 + 1 - 2 * 10**9  # newest sample + 1 ns - 2 s
+    ring = core.rings.get("tag:Line1/Temp")
+    for i in range(10):
+        ring.append((T0 - 9 + i) * 10**9, float(i))
+    agg = ns["aggregate"]("Line1/Temp", T0 - 10, T0 + 1, 5.0)
+    assert list(agg["count"]) == [4, 5, 1] and list(agg["max"]) == [3.0, 8.0, 9.0]
+    with pytest.raises(NotFound):
+        ns["envelope"]("Nope")

@@ -33,6 +33,11 @@ iotserver console: Python inside the running server (the reactor thread: never b
                                start/end: None, seconds ago as a negative number (-60),
                                epoch seconds, epoch nanoseconds, ISO-8601 text or datetime
   signal(name, seconds=1.0)    (ts_ns, samples) of the newest seconds of a signal channel
+  envelope(name, seconds=60, buckets=500)
+                               (bucket_ts, mins, maxs) min/max envelope of a signal, for plots
+  aggregate(path, start, end, interval)
+                               per-interval count/min/max/mean/rms/first/last of a tag's
+                               history (interval in seconds), a dict of numpy arrays
   services                     running services and what they expose; services.mqtt ...
   reload()                     re-read the user file and ACLs (like SIGHUP)
   wait(d, timeout=10)          wait for a Deferred or asyncio coroutine and print its result
@@ -281,6 +286,27 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
         ts, values = ring.range(end - int(seconds * 1_000_000_000), end)
         return Series(ts, values)
 
+    def envelope(name: str, seconds: float = 60.0, buckets: int = 500) -> Any:
+        """Min/max envelope of the newest ``seconds`` of a signal, decimated to ``buckets``."""
+        try:
+            ring = core.rings.get(f"signal:{name}")
+        except KeyError:
+            raise NotFound(f"no signal channel {name!r}") from None
+        latest = ring.latest()
+        end = (latest[0] + 1) if latest is not None else core.store.now_ns()
+        return ring.envelope(end - int(seconds * 1_000_000_000), end, buckets)
+
+    def aggregate(path: str, start: Any = -3600, end: Any = None, interval: float = 60.0) -> Any:
+        """Per-interval aggregates of a tag's history between ``start`` and ``end``."""
+        try:
+            ring = core.rings.get(f"tag:{path}")
+        except KeyError:
+            raise NotFound(f"no history for {path!r} (set history = true on the tag)") from None
+        now = core.store.now_ns()
+        lo, hi = to_ns(start, now), to_ns(end, now)
+        return ring.aggregate(lo if lo is not None else now - 3_600_000_000_000,
+                              hi if hi is not None else now, int(interval * 1_000_000_000))
+
     def reload() -> list[str]:
         """Re-read the user file and ACLs now (as on SIGHUP); returns the problems found."""
         problems: list[str] = core.reload()
@@ -315,6 +341,8 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
         "tags": Tags(core),
         "history": history,
         "signal": signal,
+        "envelope": envelope,
+        "aggregate": aggregate,
         "services": Services(core),
         "reload": reload,
         "wait": wait,

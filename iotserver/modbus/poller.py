@@ -408,7 +408,10 @@ class Device:
         dtag = self._by_path.get(tag.path)
         if dtag is None:
             return Deferred.fromFuture(_done(Quality.BAD_NODE_ID_UNKNOWN))
-        return Deferred.fromFuture(asyncio.ensure_future(self._write(dtag, value)))
+        # shielded: the store's write timeout cancels its Deferred, but a request cancelled
+        # half-way inside pymodbus could wedge the connection; the write finishes on its own.
+        return Deferred.fromFuture(asyncio.ensure_future(
+            asyncio.shield(asyncio.ensure_future(self._write(dtag, value)))))
 
     async def _write(self, t: DeviceTag, value: Any) -> Quality:
         self.stats.writes += 1

@@ -74,6 +74,8 @@ class Broker:
         self.ratelog = RateLimitedLog(clock)
         self.connect_rate = ConnectRate(clock, cfg.limits.max_connect_rate)
         self.interceptors: TopicTree[int, tuple[Interceptor, bool]] = TopicTree()
+        self.has_interceptors = False
+        self.acl_generation = 1  # bumped when ACL decisions may have changed
         self._interceptor_ids = itertools.count(1)
         self._plans: dict[str, _Plan] = {}
         self._rr: dict[tuple[str, str], int] = {}
@@ -342,8 +344,9 @@ class Broker:
         self._plans.clear()
 
     def acl_changed(self) -> None:
-        """ACL rules were reloaded: cached routing decisions are stale."""
+        """ACL rules were reloaded: cached routing and publish decisions are stale."""
         self._plans.clear()
+        self.acl_generation += 1
 
     # -- publishing ----------------------------------------------------------------------------
     def make_message(self, topic: str, payload: bytes, qos: int, retain: bool,
@@ -507,12 +510,15 @@ class Broker:
         validate_topic_filter(topic_filter)
         handle = next(self._interceptor_ids)
         self.interceptors.add(topic_filter, handle, (callback, route))
+        self.has_interceptors = True
         return handle
 
     def remove_interceptor(self, handle: int) -> bool:
         for topic_filter, key, _ in list(self.interceptors.filters()):
             if key == handle:
-                return self.interceptors.remove(topic_filter, key)
+                removed = self.interceptors.remove(topic_filter, key)
+                self.has_interceptors = len(self.interceptors) > 0
+                return removed
         return False
 
     def intercept(self, client_id: str, user: str | None, publish: Publish

@@ -118,6 +118,10 @@ class MqttServerProtocol(Protocol):
         self._connect_call: Any = None
         self._abort_call: Any = None
         self._held: list[Any] | None = None
+        self._max_qos = self.limits.maximum_qos
+        self._retain_ok = self.limits.retain_available
+        self._pub_ok: dict[str, bool] = {}
+        self._acl_generation = 0
         self._cert_identity: str | None = None
         self._will_on_close = True
         self._dispatch = {
@@ -357,9 +361,9 @@ class MqttServerProtocol(Protocol):
         self.stats.publish_received += 1
         qos = p.qos
         limits = self.limits
-        if qos > limits.maximum_qos:
+        if qos > self._max_qos:
             return self.server_disconnect(RC.QOS_NOT_SUPPORTED, "QoS not supported")
-        if p.retain and not limits.retain_available:
+        if p.retain and not self._retain_ok:
             return self.server_disconnect(RC.RETAIN_NOT_SUPPORTED, "retain not supported")
         topic = p.topic
         props = p.properties
@@ -392,9 +396,7 @@ class MqttServerProtocol(Protocol):
                 return self.server_disconnect(RC.RECEIVE_MAXIMUM_EXCEEDED,  # MQTT-3.3.4-9
                                               "receive maximum exceeded")
         broker = self.broker
-        acl = broker.acl
-        if code == 0 and acl is not None and not acl.can_publish(self.user, self.client_id,
-                                                                   topic):
+        if code == 0 and broker.acl is not None and not self._may_publish(topic):
             code = RC.NOT_AUTHORIZED
             self.stats.dropped["not_authorized"] += 1
             broker.ratelog.warn("publish_denied", "MQTT: {cid!r} ({user}) may not publish to "
@@ -410,7 +412,7 @@ class MqttServerProtocol(Protocol):
             return
         pending = None
         route = True
-        if len(broker.interceptors):
+        if broker.has_interceptors:
             seen = p if topic is p.topic and props is p.properties else \
                 Publish(topic, p.payload, qos, p.retain, p.dup, p.packet_id, props)
             route, pending = broker.intercept(self.client_id, self.user, seen)
@@ -429,6 +431,21 @@ class MqttServerProtocol(Protocol):
             self.acks.add(PUBACK if qos == 1 else PUBREC, pid, 0, pending, need)
         else:
             self.acks.send(PUBACK if qos == 1 else PUBREC, pid)
+
+    def _may_publish(self, topic: str) -> bool:
+        """The ACL's answer, remembered per topic until the ACL changes (a device publishes
+        the same few topics again and again)."""
+        cache = self._pub_ok
+        if self._acl_generation != self.broker.acl_generation:
+            cache.clear()
+            self._acl_generation = self.broker.acl_generation
+        ok = cache.get(topic)
+        if ok is None:
+            ok = self.broker.acl.can_publish(self.user, self.client_id, topic)
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[topic] = ok
+        return ok
 
     # -- acknowledgements in -------------------------------------------------------------------
     def _on_puback(self, p: Puback) -> None:
@@ -537,7 +554,10 @@ class MqttServerProtocol(Protocol):
             return False
         data, offset = enc
         if qos:
-            data = with_packet_id(data, offset, pid, dup)
+            if dup:
+                data = with_packet_id(data, offset, pid, True)
+            else:
+                data = data[:offset] + pid.to_bytes(2, "big") + data[offset + 2:]
         if self._max_out and len(data) > self._max_out:
             self.stats.dropped["packet_too_large"] += 1
             self.broker.ratelog.warn("too_large", "MQTT: message on {topic!r} exceeds the "

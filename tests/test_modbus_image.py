@@ -1,0 +1,127 @@
+"""The server's register image: its fast codec agrees with encoding.py, reads, write planning."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from iotserver.modbus.codec import ExceptionCode, Table
+from iotserver.modbus.config import MapEntry
+from iotserver.modbus.encoding import (
+    Kind,
+    ModbusType,
+    Order,
+    decode_registers,
+    encode_value,
+    to_wire_bytes,
+)
+from iotserver.modbus.image import Binding, Image, to_raw
+from iotserver.tags.model import Access, DataType, Quality, Scaling, TagDef, Update
+from iotserver.tags.store import MemoryOwner, TagStore
+
+_LIMITS = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1),
+           "int32": (-(2**31), 2**31 - 1), "uint32": (0, 2**32 - 1),
+           "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fast_codec_matches_encoding(data: st.DataObject) -> None:
+    """Binding.wire/unwire == encode_value/decode_registers for every type and order."""
+    for _ in range(4):  # several types per example (no parametrize with @given: pytest-twisted)
+        name = data.draw(st.sampled_from([*_LIMITS, "float32", "float64", "bit:0", "bit:13",
+                                          "bool"]))
+        order = data.draw(st.sampled_from(list(Order)))
+        mtype = ModbusType.parse(name)
+        b = Binding(MapEntry("k", "A", Table.HOLDING_REGISTERS, 0, mtype, order))
+        if name in _LIMITS:
+            value: object = data.draw(st.integers(*_LIMITS[name]))
+        elif name == "float32":
+            value = float(np.float32(data.draw(st.floats(width=32, allow_nan=False))))
+        elif name == "float64":
+            value = data.draw(st.floats(allow_nan=False))
+        else:
+            value = data.draw(st.booleans())
+        wire = to_wire_bytes(encode_value(mtype, order, value))
+        if mtype.kind not in (Kind.BIT, Kind.BOOL):
+            assert b.wire(value) == wire, (name, order, value)
+        regs = np.frombuffer(wire, dtype=">u2").astype(np.uint16)
+        assert b.unwire(wire) == decode_registers(mtype, order, regs), (name, order, value)
+
+
+def test_to_raw_scales_rounds_and_saturates() -> None:
+    e = MapEntry("k", "A", Table.HOLDING_REGISTERS, 0, ModbusType.parse("int16"), Order.ABCD,
+                 Scaling(0, 10, 0, 1))
+    assert to_raw(e, 1.26) == 13 and to_raw(e, 1e9) == 32767 and to_raw(e, float("nan")) == 0
+
+
+def make(entries: list[MapEntry], tags: list[TagDef], **kw: str) -> tuple[TagStore, Image, Clock]:
+    clock = Clock()
+    store = TagStore(clock)
+    store.register_owner("memory", MemoryOwner(store))
+    for t in tags:
+        store.define(t)
+    image = Image(entries, store, **kw)
+    image.start()
+    return store, image, clock
+
+
+def test_image_follows_store_and_quality() -> None:
+    hr = Table.HOLDING_REGISTERS
+    tags = [TagDef("A", DataType.FLOAT32, initial=1.5), TagDef("B", DataType.INT16, initial=-2),
+            TagDef("Late", DataType.UINT16)]
+    entries = [MapEntry("m0", "A", hr, 0, ModbusType.parse("float32"), Order.CDAB),
+               MapEntry("m1", "B", hr, 2, ModbusType.parse("int16"), Order.BADC),
+               MapEntry("m2", "Late", hr, 3, ModbusType.parse("uint16"), Order.ABCD),
+               MapEntry("m3", "Missing", Table.INPUT_REGISTERS, 0, ModbusType.parse("int16"),
+                        Order.ABCD)]
+    store, image, clock = make(entries, tags, bad_quality="exception")
+    assert image.read_registers(hr, 0, 3) == struct.pack(">HHH", 0x0000, 0x3FC0, 0xFEFF)
+    assert image.read_registers(hr, 0, 4) is ExceptionCode.SERVER_DEVICE_FAILURE  # Late: no data
+    store.apply([Update("Late", 9), Update("A", 2.0)])
+    clock.advance(0)
+    assert image.read_registers(hr, 0, 4) == struct.pack(">HHHH", 0, 0x4000, 0xFEFF, 9)
+    assert image.read_registers(hr, 3, 2) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    store.set_quality("B", Quality.BAD_NOT_CONNECTED)
+    clock.advance(0)
+    assert image.read_registers(hr, 2, 1) is ExceptionCode.SERVER_DEVICE_FAILURE
+    assert image.read_registers(hr, 0, 2) == struct.pack(">HH", 0, 0x4000)
+    # a tag defined later is bound when it appears
+    assert image.read_registers(Table.INPUT_REGISTERS, 0, 1) is ExceptionCode.SERVER_DEVICE_FAILURE
+    store.define(TagDef("Missing", DataType.INT32, initial=70000))
+    clock.advance(0)
+    assert image.read_registers(Table.INPUT_REGISTERS, 0, 1) == struct.pack(">h", 32767)
+    image.stop()
+
+
+def test_write_plans_validate_everything_first() -> None:
+    hr = Table.HOLDING_REGISTERS
+    rw = Access.READ_WRITE
+    tags = [TagDef("S", DataType.FLOAT64, access=rw, low=0, high=100, initial=5.0),
+            TagDef("N", DataType.INT32, access=rw, initial=0),
+            TagDef("RO", DataType.UINT16, initial=1),
+            TagDef("F0", DataType.BOOLEAN, access=rw, initial=False),
+            TagDef("F1", DataType.BOOLEAN, initial=True)]
+    entries = [MapEntry("m0", "S", hr, 0, ModbusType.parse("uint16"), Order.ABCD,
+                        Scaling(0, 1000, 0, 100)),
+               MapEntry("m1", "N", hr, 1, ModbusType.parse("int32"), Order.ABCD),
+               MapEntry("m2", "RO", hr, 3, ModbusType.parse("uint16"), Order.ABCD),
+               MapEntry("m3", "F0", hr, 4, ModbusType.parse("bit:0"), Order.ABCD),
+               MapEntry("m4", "F1", hr, 4, ModbusType.parse("bit:1"), Order.ABCD)]
+    store, image, _ = make(entries, tags)
+    plan = image.plan_register_write(0, struct.pack(">Hi", 250, -7))
+    assert not isinstance(plan, ExceptionCode)
+    assert sorted((b.entry.path, v) for b, v in plan) == [("N", -7), ("S", 25.0)]
+    assert image.plan_register_write(0, struct.pack(">H", 1001)) is ExceptionCode.ILLEGAL_DATA_VALUE
+    assert image.plan_register_write(1, struct.pack(">H", 1)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    assert image.plan_register_write(3, struct.pack(">H", 1)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    # bits: F0 may change; F1 (read-only) must keep its value
+    plan = image.plan_register_write(4, struct.pack(">H", 0b11))
+    assert not isinstance(plan, ExceptionCode) and [(b.entry.path, v) for b, v in plan] == [("F0", True)]
+    assert image.plan_register_write(4, struct.pack(">H", 0b01)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    assert image.plan_register_write(5, struct.pack(">H", 0)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    image.stop()
