@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from iotserver import config
@@ -35,7 +37,7 @@ def test_default_is_a_loopback_server_mapping_the_plant() -> None:
     assert "[modbus.server]" in DEFAULT_TOML and cfg.devices == ()
     # holding 0..41 is one contiguous block (a client can read it in one request)
     hr = sorted((e.address, e.end) for e in s.map if e.table is Table.HOLDING_REGISTERS)
-    assert hr[0][0] == 0 and all(a == b for (_, b), (a, _) in zip(hr, hr[1:]) if a < 42)
+    assert hr[0][0] == 0 and all(a == b for (_, b), (a, _) in itertools.pairwise(hr) if a < 42)
 
 
 def test_map_entries_and_options() -> None:

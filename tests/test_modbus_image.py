@@ -28,7 +28,7 @@ _LIMITS = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1),
            "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_fast_codec_matches_encoding(data: st.DataObject) -> None:
     """Binding.wire/unwire == encode_value/decode_registers for every type and order."""
@@ -112,7 +112,7 @@ def test_write_plans_validate_everything_first() -> None:
                MapEntry("m2", "RO", hr, 3, ModbusType.parse("uint16"), Order.ABCD),
                MapEntry("m3", "F0", hr, 4, ModbusType.parse("bit:0"), Order.ABCD),
                MapEntry("m4", "F1", hr, 4, ModbusType.parse("bit:1"), Order.ABCD)]
-    store, image, _ = make(entries, tags)
+    _, image, _ = make(entries, tags)
     plan = image.plan_register_write(0, struct.pack(">Hi", 250, -7))
     assert not isinstance(plan, ExceptionCode)
     assert sorted((b.entry.path, v) for b, v in plan) == [("N", -7), ("S", 25.0)]
@@ -121,7 +121,22 @@ def test_write_plans_validate_everything_first() -> None:
     assert image.plan_register_write(3, struct.pack(">H", 1)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
     # bits: F0 may change; F1 (read-only) must keep its value
     plan = image.plan_register_write(4, struct.pack(">H", 0b11))
-    assert not isinstance(plan, ExceptionCode) and [(b.entry.path, v) for b, v in plan] == [("F0", True)]
-    assert image.plan_register_write(4, struct.pack(">H", 0b01)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    assert not isinstance(plan, ExceptionCode)
+    assert [(b.entry.path, v) for b, v in plan] == [("F0", True)]
+    refused = image.plan_register_write(4, struct.pack(">H", 0b01))
+    assert refused is ExceptionCode.ILLEGAL_DATA_ADDRESS
     assert image.plan_register_write(5, struct.pack(">H", 0)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    image.stop()
+
+
+def test_unmapped_reads_zero_and_bits() -> None:
+    tags = [TagDef("A", DataType.UINT16, initial=7), TagDef("C", DataType.BOOLEAN, initial=True)]
+    entries = [MapEntry("m0", "A", Table.HOLDING_REGISTERS, 5, ModbusType.parse("uint16"),
+                        Order.ABCD),
+               MapEntry("m1", "C", Table.COILS, 3, ModbusType.parse("bool"), Order.ABCD)]
+    _, image, _ = make(entries, tags, unmapped_reads="zero")
+    assert image.read_registers(Table.HOLDING_REGISTERS, 4, 3) == struct.pack(">HHH", 0, 7, 0)
+    assert image.read_bits(Table.COILS, 0, 9) == bytes((0b1000, 0))
+    assert image.plan_bit_write(0, [True]) is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    assert image.plan_register_write(4, struct.pack(">H", 1)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
     image.stop()

@@ -416,7 +416,7 @@ async def test_poll_a_pymodbus_server(free_port: int) -> None:
         await server.serve_forever(background=True)
         return server, block
 
-    server, block = await aw(make())
+    server, _ = await aw(make())
     tags = """
 [[modbus.devices.tags]]
 path = "P/F"

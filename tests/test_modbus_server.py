@@ -332,7 +332,7 @@ async def test_reads_writes_and_refusals_raw(server: Server) -> None:
         c.send(write_hr(7, 300, [1]))
         assert await c.read(9) == exc(7, 0x10, 2)
         # one bad value among several targets: nothing is written (validated first)
-        c.send(write_hr(8, 0, f32(20) + [9, 0] + [0, 0, 0, 0]))
+        c.send(write_hr(8, 0, [*f32(20), 9, 0, 0, 0, 0, 0]))
         assert await c.read(9) == exc(8, 0x10, 2)
         assert store.read("T/Setpoint").value == 42.5 and store.read("T/Count").value == 7
         # scaled register: raw 1000 = 100 eng; raw 1001 is out of range -> 03
@@ -409,7 +409,8 @@ async def test_backpressure_many_slow_writes(server: Server) -> None:
     try:
         c.send(b"".join(write_hr(i, 20, f32(float(i))) for i in range(12)))
         got = await c.read(12 * 12)
-        assert [struct.unpack(">H", got[i * 12:i * 12 + 2])[0] for i in range(12)] == list(range(12))
+        tids = [struct.unpack(">H", got[i * 12:i * 12 + 2])[0] for i in range(12)]
+        assert tids == list(range(12))
         assert server.slow.calls == 12
         assert server.core.store.read("T/Slow").value == 11.0
     finally:
@@ -458,7 +459,8 @@ async def test_unit_ids(server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_unit_ignored_and_bad_quality_exception(tmp_path: Path, free_port: int) -> None:
+async def test_unknown_unit_ignored_and_bad_quality_exception(tmp_path: Path,
+                                                               free_port: int) -> None:
     root, srv = await start_server(tmp_path, free_port,
                                    'unknown_unit = "ignore"\nbad_quality = "exception"')
     c = await raw(free_port)
@@ -570,7 +572,7 @@ async def test_mbpoll_reads_and_writes(server: Server) -> None:
     assert code == 0 and "[1]: \t1" in text, text
 
 
-# ------------------------------------------------------------------------------- Modbus/TCP Security
+# ---------------------------------------------------------------------------- Modbus/TCP Security
 
 
 @pytest_twisted.ensureDeferred
@@ -615,5 +617,31 @@ async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> N
         nobody = await connectProtocol(client("nobody", None), Raw())
         await nobody.lost.addTimeout(TIMEOUT, reactor)
         assert srv.service.server.stats.denied == 1
+    finally:
+        await root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_map_serves_the_simulated_plant(tmp_path: Path, free_port: int) -> None:
+    from iotserver.modbus.config import DEFAULT_TOML
+
+    text = (f'[server]\ndata_dir = "{tmp_path / "data"}"\n[simulator]\nenabled = true\n'
+            + DEFAULT_TOML.replace("tcp:5020:", f"tcp:{free_port}:"))
+    cfg = config.parse(text)
+    root, core = app.build(cfg, reactor)
+    root.startService()
+    try:
+        await core.services["modbus"].started
+        image = core.services["modbus"].server.image
+        assert [b.entry.key for b in image.bindings if not b.usable] == []
+        await sleep(0.3)  # a few simulator steps
+        c = await raw(free_port)
+        c.send(read_hr(1, 0, 42))
+        rsp = await c.read(9 + 84)
+        speed, setpoint = struct.unpack(">ff", rsp[9:17])
+        assert speed > 0 and setpoint == 1480.0
+        c.send(adu(2, struct.pack(">BHH", 1, 0, 1)))  # the pump's run coil
+        assert await c.read(10) == adu(2, bytes((1, 1, 1)))
+        await c.close()
     finally:
         await root.stopService()

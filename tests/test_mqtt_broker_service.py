@@ -120,3 +120,46 @@ async def test_reload_rereads_the_acl_file(tmp_path: Path, free_port: int) -> No
         await c.close()
     finally:
         await root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_is_bounded_and_does_not_stall_others(tmp_path: Path,
+                                                                  free_port: int) -> None:
+    from twisted.internet.task import deferLater
+
+    from iotserver.mqtt.packets import Subscribe, SubscriptionOptions
+
+    text = mqtt_config(tmp_path / "d", free_port, extra="""
+[mqtt.limits]
+max_queued_messages = 100
+""")
+    root = await start(text)
+    broker = root.core.services["mqtt"].broker
+    stuck = socket.create_connection(("127.0.0.1", free_port))
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03stk"
+                      b"\x82\x06\x00\x01\x00\x01t\x00")  # CONNECT, SUBSCRIBE t QoS 0
+        fast = await net_connect(free_port, "fast", MQTT_5)
+        fast.send(Subscribe(1, (("t", SubscriptionOptions(0)),)))
+        await fast.next()
+        pub = await net_connect(free_port, "pub", MQTT_5)
+        payload = b"x" * 1024
+        n = 3000
+        for _ in range(0, n, 100):
+            pub.send(*(Publish("t", payload) for _ in range(100)))
+            await deferLater(reactor, 0.001, lambda: None)
+        got = 0
+        while got < n:
+            p = await fast.next()
+            assert isinstance(p, Publish)
+            got += 1
+        session = broker.sessions["stk"]
+        assert session.conn is not None and session.conn.paused  # its transport is full
+        assert len(session.queue) <= 100
+        assert broker.stats.dropped["queue_full_qos0"] > 0
+        await fast.close()
+        await pub.close()
+    finally:
+        stuck.close()
+        await root.stopService()

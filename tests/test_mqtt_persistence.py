@@ -249,3 +249,82 @@ async def test_acknowledged_messages_survive_kill_9(tmp_path: Path, free_port: i
         _kill(proc)
     log_text = log_path.read_text(errors="replace")
     assert "Traceback" not in log_text, log_text
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_commit_is_reported_once_and_recovers(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    store = BrokerStore(tmp_path / "b.sqlite3", reactor, commit_interval=0.001)
+    await Deferred.fromCoroutine(store.open())
+    real_write = store._write
+    try:
+        def broken(batch: list[tuple[str, object]]) -> int:
+            raise OSError("disk full")
+
+        store._write = broken  # type: ignore[method-assign]
+        results: list[bool] = []
+        for i in range(3):
+            store.retain_set(Message(f"r{i}", b"x", 1, True))
+            store.when_committed(store.token(), results.append)
+            while len(results) <= i:
+                await sleep(0.001)
+        assert results == [False, False, False] and store.failures == 3
+        store._write = real_write  # type: ignore[method-assign]
+        store.retain_set(Message("ok", b"x", 1, True))
+        store.when_committed(store.token(), results.append)
+        while len(results) < 4:
+            await sleep(0.001)
+        assert results[-1] is True and not store.failed
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await Deferred.fromCoroutine(store.close())
+    assert sum(1 for e in events if e.get("log_failure") is not None) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_restore_drops_expired_sessions_and_messages(tmp_path: Path) -> None:
+    from iotserver.mqtt.broker import Broker
+    from iotserver.mqtt.config import MqttConfig
+    from iotserver.mqtt.persistence import restore
+
+    path = tmp_path / "b.sqlite3"
+    store = BrokerStore(path, reactor)
+    await Deferred.fromCoroutine(store.open())
+    old = Session("old", expiry=10)
+    old.disconnected_at = time.time() - 20  # expired while the server was down
+    kept = Session("kept", expiry=3600)
+    kept.disconnected_at = time.time() - 20
+    for s in (old, kept):
+        store.save_session(s)
+        store.save_subscription(s.client_id, Subscription("$share/g/t", "t",
+                                                          SubscriptionOptions(1), None, "g"))
+    live = Delivery(Message("t", b"live", 1), 1, False, (), seq=1)
+    dead = Delivery(Message("t", b"dead", 1, expiry_at=reactor.seconds() + 1), 1, False, (),
+                    seq=2)
+    store.queue_add("kept", live)
+    store.queue_add("kept", dead)
+    store.retain_set(Message("gone", b"x", 0, True, expiry_at=reactor.seconds() + 1))
+    store.retain_set(Message("here", b"y", 0, True))
+    await store.settled()
+    await Deferred.fromCoroutine(store.close())
+    await sleep(1.1)
+
+    store = BrokerStore(path, reactor)
+    snap = await Deferred.fromCoroutine(store.open())
+    broker = Broker(MqttConfig(), reactor, store=store)
+    try:
+        assert restore(broker, snap) == (1, 2, 1)
+        assert set(broker.sessions) == {"kept"} and broker.subscription_count == 1
+        session = broker.sessions["kept"]
+        assert [d.msg.payload for d in session.queue] == [b"live", b"dead"]
+        assert broker.retained.get("here") is not None and broker.retained.get("gone") is None
+        session.expiry_timer.cancel()
+    finally:
+        await Deferred.fromCoroutine(store.close())
+    store = BrokerStore(path, reactor)
+    snap = await Deferred.fromCoroutine(store.open())
+    await Deferred.fromCoroutine(store.close())
+    assert [r[0] for r in snap.sessions] == ["kept"] and [r[0] for r in snap.retained] == ["here"]

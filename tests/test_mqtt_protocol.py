@@ -499,3 +499,15 @@ def test_resend_after_reconnect_respects_a_smaller_receive_maximum() -> None:
     rest = s.publishes()
     assert [x.payload for x in rest] == [first[3].payload, b"new"]
     assert rest[1].packet_id not in {f.packet_id for f in first[3:]}
+
+
+def test_garbage_while_authenticating_closes_without_disconnect() -> None:
+    auth = FakeAuth()
+    auth.hold = True
+    h = Harness(auth=auth)
+    c = h.open(V5)
+    c.send_raw(encode(Connect("c", V5), V5) + b"\x00\x00")
+    assert c.packets() == [] and c.closed  # no DISCONNECT before a CONNACK (MQTT-3.2.0-1)
+    auth.release()
+    h.pump()
+    assert c.packets() == [] and "c" not in h.broker.sessions

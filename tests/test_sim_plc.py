@@ -38,7 +38,8 @@ def test_answers_and_values() -> None:
     out = plc.answer(1, 1, struct.pack(">BHH", 3, 0, 3))
     assert out == adu(1, bytes((3, 6)) + struct.pack(">HHH", t, t + 1, t + 2))
     plc.tick()
-    assert plc.answer(2, 1, struct.pack(">BHH", 3, 0, 1)) == adu(2, bytes((3, 2)) + struct.pack(">H", t + 1))
+    out = plc.answer(2, 1, struct.pack(">BHH", 3, 0, 1))
+    assert out == adu(2, bytes((3, 2)) + struct.pack(">H", t + 1))
     sine = plc.answer(3, 1, struct.pack(">BHH", 4, 0, 2))
     assert sine is not None and abs(struct.unpack(">f", sine[9:13])[0]) <= 100
     # writes stick above the simulated range

@@ -16,6 +16,7 @@ from typing import Any
 
 from iotserver.confparse import Reader, check_endpoint, is_loopback_endpoint
 from iotserver.modbus.codec import Table
+from iotserver.modbus.default_map import DEFAULT_ENDPOINT, DEFAULT_TOML
 from iotserver.modbus.encoding import Kind, ModbusType, Order
 from iotserver.tags.model import DataType, Scaling, TagDef
 
@@ -33,7 +34,6 @@ __all__ = [
     "parse",
 ]
 
-DEFAULT_ENDPOINT = "tcp:5020:interface=127.0.0.1"
 
 TABLES: dict[str, Table] = {
     "coil": Table.COILS,
@@ -125,7 +125,8 @@ class ServerConfig:
     max_requests_in_flight: int = 16
     bad_quality: str = "last"  # "last" | "exception" (04)
     unmapped_reads: str = "exception"  # "exception" (02) | "zero"
-    roles: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROLES)  # TLS role (lower case) -> none|read|readwrite
+    # TLS role (lower case) -> none | read | readwrite
+    roles: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROLES)
     no_role: str = "none"  # access of a TLS client whose certificate carries no known role
     identity: Identity = field(default_factory=Identity)
     map: tuple[MapEntry, ...] = ()
@@ -230,7 +231,8 @@ def _table(r: Reader, name: str = "table", default: Any = None) -> Table:
     try:
         return TABLES[text.lower()]
     except KeyError:
-        raise r.error(name, f"expected one of coil, discrete, holding, input, got {text!r}") from None
+        raise r.error(name, f"expected one of coil, discrete, holding, input, got {text!r}"
+                      ) from None
 
 
 def _order(r: Reader, default: Order) -> Order:
@@ -259,7 +261,10 @@ def _mtype(r: Reader, table: Table, text: str | None) -> ModbusType:
 
 
 def _scaling(r: Reader, mtype: ModbusType) -> Scaling | None:
-    """``scaling = {raw = [lo, hi], eng = [lo, hi]}`` or ``scale``/``offset`` (eng = raw*scale+offset)."""
+    """``scaling = {raw = [lo, hi], eng = [lo, hi]}`` or ``scale``/``offset``.
+
+    With scale/offset: eng = raw * scale + offset.
+    """
     result = None
     if r.has("scaling"):
         s = r.table("scaling")
@@ -299,7 +304,8 @@ def _check_overlaps(entries: list[tuple[MapEntry, Reader]]) -> None:
                                   f"{entry.address} is already mapped by {other.key} "
                                   f"({other.path})")
                 at[entry.mtype.bit] = entry
-                if last is not None and last.mtype.kind is Kind.BIT and last.address == entry.address:
+                shares = last is not None and last.mtype.kind is Kind.BIT
+                if shares and last is not None and last.address == entry.address:
                     continue
             if last is not None and entry.address < last.end:
                 raise r.error("address", f"{TABLE_SHORT[entry.table]} {entry.address}.."
@@ -436,7 +442,10 @@ def _server(r: Reader) -> ServerConfig:
 
 
 def parse_device_endpoint(text: str) -> tuple[str, int]:
-    """``host:port``, ``host`` (port 502), ``[v6]:port`` or ``tcp:host=H:port=P`` -> (host, port)."""
+    """``host:port``, ``host`` (port 502), ``[v6]:port`` or ``tcp:host=H:port=P``.
+
+    Returns (host, port).
+    """
     text = text.strip()
     if text.startswith("tcp:"):
         opts = dict(p.partition("=")[::2] for p in text[4:].split(":") if p)
@@ -529,7 +538,8 @@ def _device(r: Reader) -> DeviceConfig:
 
     name = r.str("name")
     if check_tag_path(name) or "/" in name or " " in name:
-        raise r.error("name", f"expected a short name of letters, digits, '_', '-', '.', got {name!r}")
+        raise r.error("name", "expected a short name of letters, digits, '_', '-', '.', "
+                      f"got {name!r}")
     try:
         host, port = parse_device_endpoint(r.str("endpoint"))
     except ValueError as exc:
@@ -589,66 +599,3 @@ def parse(r: Reader) -> ModbusConfig:
     r.done()
     return ModbusConfig(server=server, devices=tuple(devices))
 
-
-# ------------------------------------------------------------------------------- default
-
-
-def _default_toml() -> str:
-    holding = [
-        ("Line1/Pump1/Speed", 0, "float32", ""),
-        ("Line1/Pump1/SpeedSetpoint", 2, "float32", ""),
-        ("Line1/Pump1/Current", 4, "float32", ""),
-        ("Line1/Pump1/FlowRate", 6, "float32", ""),
-        ("Line1/Press1/Temperature", 8, "float32", ""),
-        ("Line1/Press1/Pressure", 10, "float32", ""),
-        ("Line1/Press1/TemperatureSetpoint", 12, "float32", ""),
-        ("Line1/Press1/StrokeCount", 14, "uint32", ""),
-        ("Line1/Conveyor/Mode", 16, "int16", ""),
-        ("Line1/Press1/Running", 17, "bool", ""),
-        ("Utilities/Heartbeat", 18, "int32", ""),
-        ("Line2/Oven/Zone1/Temperature", 20, "float32", ""),
-        ("Line2/Oven/Zone2/Temperature", 22, "float32", ""),
-        ("Line2/Oven/Zone3/Temperature", 24, "float32", ""),
-        ("Line2/Oven/Zone4/Temperature", 26, "float32", ""),
-        ("Line2/Oven/Zone1/Setpoint", 28, "float32", ""),
-        ("Line2/Oven/Zone2/Setpoint", 30, "float32", ""),
-        ("Line2/Oven/Zone3/Setpoint", 32, "float32", ""),
-        ("Line2/Oven/Zone4/Setpoint", 34, "float32", ""),
-        ("Utilities/Compressor/Pressure", 36, "float32", ""),
-        ("Utilities/Power/ActivePower", 38, "float32", ""),
-        ("Utilities/Water/TankLevel", 40, "float32", ""),
-        ("Line1/Pump1/Speed", 100, "uint16", "scaling = { raw = [0, 36000], eng = [0, 3600] }"),
-        ("Line1/Press1/State", 110, "string:8", ""),
-    ]
-    lines = [
-        "# Modbus TCP server on loopback: a register map of the simulated plant.",
-        "[modbus.server]",
-        f'endpoints = ["{DEFAULT_ENDPOINT}"]',
-        "",
-    ]
-
-    def add(table: str, path: str, address: int, mtype: str = "", extra: str = "") -> None:
-        lines.append("[[modbus.server.map]]")
-        lines.append(f'path = "Plant/{path}"')
-        lines.append(f'table = "{table}"')
-        lines.append(f"address = {address}")
-        if mtype:
-            lines.append(f'type = "{mtype}"')
-        if extra:
-            lines.append(extra)
-        lines.append("")
-
-    for path, address, mtype, extra in holding:
-        add("holding", path, address, mtype, extra)
-    add("coil", "Line1/Pump1/Run", 0)
-    for i, path in enumerate(["Line1/Press1/Running", "Line1/Conveyor/Jammed",
-                              "Line2/Oven/DoorOpen", "Utilities/Compressor/Loaded"]):
-        add("discrete", path, i)
-    add("input", "Utilities/Power/Frequency", 0, "float32")
-    add("input", "Utilities/Power/Energy", 2, "float64")
-    add("input", "Line1/Conveyor/PartCount", 6, "uint64")
-    return "\n".join(lines)
-
-
-# Appended to the built-in default configuration (config.DEFAULT_CONFIG).
-DEFAULT_TOML = _default_toml()

@@ -188,7 +188,7 @@ class TableImage:
 
     def __post_init__(self) -> None:
         if self.values.dtype.itemsize == 2:
-            self.raw = memoryview(self.values).cast("B")
+            self.raw = self.values.data.cast("B")
 
 
 def _runs(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:

@@ -15,6 +15,7 @@ read-modify-write), and answered with the PLC's verdict after the tag has been r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -207,19 +208,18 @@ class Device:
         b = self.cfg.backoff
         delay = min(b.max, b.initial * (2 ** min(self._attempt, 30)))
         self._attempt += 1
-        return max(0.0, delay * (1 + self._rng.uniform(-b.jitter, b.jitter)))
+        return max(0.0, float(delay * (1 + self._rng.uniform(-b.jitter, b.jitter))))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         self.state = "connecting"
         while True:
             try:
-                if not self.connected:
-                    if not await self._connect():
-                        self._mark(Quality.BAD_NOT_CONNECTED)
-                        self.state = "backoff"
-                        await self._sleep(self._backoff())
-                        continue
+                if not self.connected and not await self._connect():
+                    self._mark(Quality.BAD_NOT_CONNECTED)
+                    self.state = "backoff"
+                    await self._sleep(self._backoff())
+                    continue
                 now = loop.time()
                 for g in self.groups:
                     if g.next <= now and self.connected:
@@ -288,10 +288,8 @@ class Device:
     def _close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing must not fail the caller
                 client.close()
-            except Exception:  # closing must not fail the caller
-                pass
 
     # -- requests -------------------------------------------------------------------------
     async def _request(self, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -309,7 +307,7 @@ class Device:
             raise
         except ConnectionException as exc:
             raise _Disconnected(str(exc)) from None
-        except (ModbusIOException, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ModbusIOException) as exc:
             if client.connected:
                 self.stats.timeouts += 1
                 raise _Timeout(str(exc)) from None

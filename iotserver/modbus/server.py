@@ -134,6 +134,8 @@ class ModbusServer:
 class ModbusServerFactory(Factory):
     """One per listener; ``secure`` listeners authorise clients by certificate role."""
 
+    noisy = False  # we log the listener ourselves (core.listening)
+
     def __init__(self, server: ModbusServer, secure: bool) -> None:
         self.server = server
         self.secure = secure
@@ -170,8 +172,9 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
         srv = self.server
-        assert self.transport is not None
-        peer = self.transport.getPeer()
+        transport: Any = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.principal = f"modbus:{getattr(peer, 'host', '?')}"
         if len(srv.connections) >= srv.cfg.max_connections:
@@ -179,7 +182,7 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             log.warn("modbus: refusing {peer}: max_connections ({n}) reached", peer=self.peer,
                      n=srv.cfg.max_connections)
             self._closing = True
-            self.transport.abortConnection()
+            transport.abortConnection()
             return
         srv.connections.add(self)
         self._counted = True
@@ -187,7 +190,8 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
 
         self._eager = isinstance(self.transport, Connection)
         srv.stats.connections_total += 1
-        self.callLater = srv.clock.callLater  # TimeoutMixin on the injected clock
+        # TimeoutMixin on the injected clock
+        self.callLater = srv.clock.callLater  # type: ignore[method-assign,assignment]
         if srv.cfg.idle_timeout:
             self.setTimeout(srv.cfg.idle_timeout)
 
@@ -215,8 +219,8 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             log.warn("modbus: {who} ({peer}) has role {role!r}, which has no access; closing",
                      who=who, peer=self.peer, role=role)
             self._closing = True
-            assert self.transport is not None
-            self.transport.loseConnection()
+            transport: Any = self.transport
+            transport.loseConnection()
             return
         self.authorized = True
         self.can_write = access == "readwrite"
@@ -262,13 +266,11 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         else:
             self._run(frames)
         if self._closing and not self._busy and not self._lost:
-            assert self.transport is not None
-            self.transport.loseConnection()
+            transport: Any = self.transport
+            transport.loseConnection()
 
-    def _run(self, frames: list[Frame] | deque[Frame]) -> None:
+    def _run(self, frames: list[Frame]) -> None:
         """Answer frames in order until one has to wait for the store."""
-        transport = self.transport
-        assert transport is not None
         i = 0
         n = len(frames)
         while i < n:
@@ -280,10 +282,10 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
                 self._send(out)
                 continue
             self._busy = True
-            out.addCallback(self._write_finished)  # type: ignore[union-attr]
-            if i < n:
-                self._backlog.extend(list(frames)[i:])
+            if i < n:  # queue the rest first: the answer may come at once
+                self._backlog.extend(frames[i:])
                 self._check_pause()
+            out.addCallback(self._write_finished)  # type: ignore[union-attr]
             return
 
     def _send(self, data: bytes) -> None:
@@ -308,15 +310,15 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         self._busy = False
         if self._lost:
             return
-        assert self.transport is not None
+        transport: Any = self.transport
         self._send(response)
         backlog, self._backlog = self._backlog, deque()
-        self._run(backlog)
+        self._run(list(backlog))
         if self._paused and len(self._backlog) < self.server.cfg.max_requests_in_flight - 1:
             self._paused = False
-            self.transport.resumeProducing()
+            transport.resumeProducing()
         if self._closing and not self._busy:
-            self.transport.loseConnection()
+            transport.loseConnection()
 
     def _check_pause(self) -> None:
         if not self._paused and len(self._backlog) + 1 >= self.server.cfg.max_requests_in_flight:
@@ -433,5 +435,10 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
 
         if len(qualities) == len(pending):  # every owner answered synchronously (memory tags)
             return finish()
+
+        def failed(failure: Failure) -> bytes:
+            log.failure("modbus: write from {peer} failed", failure, peer=self.peer)
+            return self._exc(tid, unit, fc, ExceptionCode.SERVER_DEVICE_FAILURE)
+
         done: Deferred[Any] = DeferredList(pending)
-        return done.addCallback(finish)
+        return done.addCallback(finish).addErrback(failed)

@@ -61,6 +61,7 @@ class ModbusService(AsyncService):
         reactor = self._reactor()
         for description in scfg.endpoints:
             secure = description.startswith("tls:")
+            endpoint: Any
             try:
                 if secure and "cert" not in parse_tls_description(description):
                     endpoint = server_endpoint(reactor, description, self._context_factory())

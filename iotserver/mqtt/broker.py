@@ -148,6 +148,7 @@ class Broker:
                               max_queued=self.limits.max_queued_messages,
                               max_queued_bytes=self.limits.max_queued_bytes, stats=self.stats,
                               clock=self.clock)
+            session.ratelog = self.ratelog
             self.sessions[client_id] = session
             present = False
         else:
@@ -288,6 +289,8 @@ class Broker:
         existed = topic_filter in session.subs
         if not existed and len(session.subs) >= self.limits.max_subscriptions:
             self.stats.dropped["subscription_limit"] += 1
+            self.ratelog.warn("max_subscriptions", "MQTT: {cid!r} has {n} subscriptions, "
+                              "refusing more", cid=session.client_id, n=len(session.subs))
             return ReasonCode.QUOTA_EXCEEDED, None
         qos = min(options.qos, self.limits.maximum_qos)  # QoS downgrade (3.9.3)
         if qos != options.qos:

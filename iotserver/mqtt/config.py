@@ -201,7 +201,8 @@ class PersistenceConfig:
     ``<data_dir>/mqtt/``.
 
     QoS 1/2 messages for persistent sessions are committed before the publisher gets its
-    PUBACK/PUBREC (group commit: one transaction every ``commit_interval`` seconds at most).
+    PUBACK/PUBREC (group commit: everything that arrives while a commit runs goes into the
+    next; commits start at most every ``commit_interval`` seconds).
     ``synchronous = "full"`` survives power loss; ``"normal"`` only process crashes (kill -9).
     """
 

@@ -9,9 +9,10 @@ Writes never block the event loop and never cost a commit per message:
 - the PUBACK/PUBREC of a QoS 1/2 message that reached a persistent session (or a retained
   store) waits for the commit that covers it: ``token()`` names the batch the buffered
   operations will be in, ``when_committed(token, fn)`` runs ``fn`` once it is durable.
-  Batches with a waiter are committed ``commit_interval`` after their first operation;
-  batches without one (subscriptions, retained updates from the tag bridge) within
-  ``LAZY_INTERVAL``, which coalesces high-rate retained updates per topic.
+  A batch with a waiter is committed at once, or ``commit_interval`` after the previous
+  commit started if that was more recent (operations arriving meanwhile join the batch);
+  batches without one (subscriptions, retained updates from the tag bridge) are committed
+  within ``LAZY_INTERVAL``, which coalesces high-rate retained updates per topic.
 
 Tables: ``sessions``, ``subs``, ``queue`` (one row per message per session, in ``seq`` order),
 ``messages`` (content, shared by queue rows; reference-counted in memory), ``retained``.
@@ -20,6 +21,7 @@ Times are wall-clock seconds (the event loop's clock does not survive a restart)
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -133,6 +135,7 @@ class BrokerStore:
             reactor = default_reactor
         self.reactor = reactor
         self._pool: ThreadPool | None = None
+        self._trigger: Any = None
         self._db: sqlite3.Connection | None = None
         self._ops: dict[Any, tuple[str, Any]] = {}
         self._batch = 1  # number of the batch being buffered
@@ -142,9 +145,11 @@ class BrokerStore:
         self._urgent = False
         self._committing: Deferred[Any] | None = None
         self._next_msg_id = 1
+        self._last_start = float("-inf")
         self.commits = 0
         self.rows_written = 0
         self.failed = False
+        self.failures = 0
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -154,16 +159,28 @@ class BrokerStore:
 
     async def open(self) -> Snapshot:
         """Create or open the database and load its state."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pool = ThreadPool(1, 1, name="mqtt-persistence")
         self._pool.start()
+        # its thread is not a daemon: should the service never get to close() (a shutdown
+        # that timed out), stop it with the reactor or the process would never exit
+        self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown",
+                                                           self._stop_pool)
         try:
             snap: Snapshot = await self._run(self._load)
         except BaseException:
-            self._pool.stop()
-            self._pool = None
+            self._stop_pool()
             raise
         return snap
+
+    def _stop_pool(self) -> None:
+        if self._trigger is not None:
+            with contextlib.suppress(ValueError, KeyError):
+                self.reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.stop()
 
     def _load(self) -> Snapshot:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
@@ -200,8 +217,7 @@ class BrokerStore:
         try:
             await self._run(self._close_db)
         finally:
-            self._pool.stop()
-            self._pool = None
+            self._stop_pool()
 
     def _close_db(self) -> None:
         if self._db is not None:
@@ -308,20 +324,26 @@ class BrokerStore:
     def when_committed(self, token: int, fn: Callable[[bool], None]) -> None:
         """Call ``fn(ok)`` once batch ``token`` is committed (at once if it already is)."""
         if token <= self._done:
-            fn(not self.failed)
+            fn(True)  # committed earlier (a failed batch fired its waiters with False then)
             return
         self._waiters.setdefault(token, []).append(fn)
         if self._committing is None and not self._urgent and not self.closed:
             if self._call is not None and self._call.active():
                 self._call.cancel()
             self._urgent = True
-            self._call = self.clock.callLater(self.commit_interval, self._commit)
+            self._call = self.clock.callLater(self._urgent_delay(), self._commit)
+
+    def _urgent_delay(self) -> float:
+        """Commit at once when the last commit started long enough ago, else when it did
+        ``commit_interval`` ago: low latency when idle, bounded commit rate under load."""
+        return max(0.0, self._last_start + self.commit_interval - self.clock.seconds())
 
     def _commit(self) -> None:
         self._call = None
         self._urgent = False
         if self._pool is None:
             return
+        self._last_start = self.clock.seconds()
         number = self._batch
         self._batch += 1
         batch = list(self._ops.values())
@@ -354,12 +376,18 @@ class BrokerStore:
         self._committing = None
         ok = not isinstance(result, Failure)
         if ok:
+            if self.failed:
+                log.info("MQTT persistence: commits work again after {n} failures",
+                         n=self.failures)
+            self.failed = False
             self.commits += 1
             self.rows_written += result or 0
         else:
+            if not self.failed:  # once per outage, not once per commit
+                log.failure("MQTT persistence: commit failed; messages are acknowledged with "
+                            "reason 0x83 (v5) and may be lost on restart", result)
             self.failed = True
-            log.failure("MQTT persistence: commit failed; acknowledged messages may be lost "
-                        "on restart", result)
+            self.failures += 1
         self._done = number
         for key in sorted(k for k in self._waiters if k <= number):
             for fn in self._waiters.pop(key):
@@ -371,7 +399,7 @@ class BrokerStore:
             return
         if self._waiters:
             self._urgent = True
-            self._call = self.clock.callLater(self.commit_interval, self._commit)
+            self._call = self.clock.callLater(self._urgent_delay(), self._commit)
         elif self._ops:
             self._call = self.clock.callLater(LAZY_INTERVAL, self._commit)
 
@@ -404,6 +432,7 @@ def restore(broker: Any, snap: Snapshot) -> tuple[int, int, int]:
                     max_queued_bytes=limits.max_queued_bytes, stats=broker.stats,
                     clock=broker.clock)
         s.store = store
+        s.ratelog = broker.ratelog
         s.disconnected_at = since
         sessions[cid] = s
         broker.sessions[cid] = s

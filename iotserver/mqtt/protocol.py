@@ -594,7 +594,8 @@ class MqttServerProtocol(Protocol):
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _send_disconnect(self, code: int, reason: str | None = None) -> None:
-        if self.version == MQTT_5 and self.state in (OPEN, AUTHENTICATING):
+        # only after the CONNACK: a DISCONNECT may not precede it (MQTT-3.2.0-1)
+        if self.version == MQTT_5 and self.state == OPEN:
             self.write(encode(Disconnect(code, self._reason(reason)), MQTT_5))
 
     def server_disconnect(self, code: int, reason: str | None = None) -> None:

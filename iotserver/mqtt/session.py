@@ -206,6 +206,7 @@ class Session:
         self.store: SessionStore | None = None  # set while the session is persistent
         self.stats = stats
         self.clock = clock
+        self.ratelog: Any = None  # limits.RateLimitedLog, set by the broker
         self.will: Will | None = None
         self.will_timer: Any = None
         self.expiry_timer: Any = None
@@ -277,6 +278,10 @@ class Session:
     def _count_drop(self, reason: str) -> None:
         if self.stats is not None:
             self.stats.dropped[reason] += 1
+        if self.ratelog is not None and reason != "expired":
+            self.ratelog.warn(f"drop:{reason}", "MQTT: {reason}: a message for {cid!r} was "
+                              "dropped ({queued} queued)", reason=reason, cid=self.client_id,
+                              queued=len(self.queue))
 
     def fill(self) -> None:
         """Move queued messages into the window while the connection can take them."""

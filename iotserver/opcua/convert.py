@@ -104,21 +104,36 @@ def to_variant(tag: TagDef, value: Any, vtype: ua.VariantType | None = None) -> 
     return ua.Variant(value, vt, None, False)
 
 
+_new = object.__new__
+_Variant = ua.Variant
+
+
 def make_datavalue(tag: TagDef, vtype: ua.VariantType, value: Any, quality: int,
                    source_ns: int, server_ns: int, times: TimeCache) -> ua.DataValue:
     """The DataValue for one store sample. Bad quality carries no value (Part 4 7.11).
 
     An :class:`~iotserver.opcua.fastenc.IotDataValue`: encoded once however many clients
-    receive it.
+    receive it. Hot path: the objects are filled slot by slot, skipping the dataclass
+    ``__post_init__`` checks (type guessing we do not need): 0.25 us instead of 0.8 us.
     """
     if quality & 0x80000000 or value is None:
-        variant = ua.Variant(None, ua.VariantType.Null)
+        variant = _Variant(None, ua.VariantType.Null)
     elif tag.shape:
         variant = to_variant(tag, value, vtype)
     else:
-        variant = ua.Variant(value.item() if isinstance(value, np.generic) else value,
-                             vtype, None, False)
-    dv = IotDataValue(variant, status(quality), times.source(source_ns), times.server(server_ns))
+        variant = _new(_Variant)
+        variant.Value = value.item() if isinstance(value, np.generic) else value
+        variant.VariantType = vtype
+        variant.Dimensions = None
+        variant.is_array = False
+    dv = _new(IotDataValue)
+    dv.Encoding = 0
+    dv.Value = variant
+    dv.StatusCode = status(quality)
+    dv.SourceTimestamp = times.source(source_ns)
+    dv.ServerTimestamp = times.server(server_ns)
+    dv.SourcePicoseconds = None
+    dv.ServerPicoseconds = None
     dv._bin = None
     dv._src_ns = source_ns
     dv._srv_ns = server_ns

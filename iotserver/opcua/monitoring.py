@@ -103,6 +103,22 @@ def _exceeds(old: Any, new: Any, limit: float) -> bool:
         return True
 
 
+_STATUS = ua.DataChangeTrigger.Status
+_STATUS_VALUE_TIMESTAMP = ua.DataChangeTrigger.StatusValueTimestamp
+_DISABLED = ua.MonitoringMode.Disabled
+_SAMPLING = ua.MonitoringMode.Sampling
+_BOTH = ua.TimestampsToReturn.Both
+_Notification = ua.MonitoredItemNotification
+_new = object.__new__
+
+
+def _differ(ov: ua.Variant | None, nv: ua.Variant | None) -> bool:
+    """Variant inequality without Variant.__ne__ (a Python-level call chain)."""
+    if ov is None or nv is None:
+        return ov is not nv
+    return ov.VariantType is not nv.VariantType or bool(ov.Value != nv.Value)
+
+
 def passes(item: Item, dv: ua.DataValue) -> bool:
     """Whether ``dv`` is reported, compared with the last reported value (Part 4 7.22.2)."""
     last = item.last
@@ -113,18 +129,18 @@ def passes(item: Item, dv: ua.DataValue) -> bool:
     if old_sc != new_sc:
         return True  # "Deadband is ignored if the status of the data item changes"
     trigger = item.trigger
-    if trigger == ua.DataChangeTrigger.Status:
+    if trigger is _STATUS:
         return False
     ov, nv = last.Value, dv.Value
     if item.deadband > 0.0 and ov is not None and nv is not None:
         if ov.Value is not None and nv.Value is not None:
             if _exceeds(ov.Value, nv.Value, item.deadband):
                 return True
-        elif ov != nv:
+        elif _differ(ov, nv):
             return True
-    elif ov != nv:
+    elif _differ(ov, nv):
         return True
-    if trigger == ua.DataChangeTrigger.StatusValueTimestamp:
+    if trigger is _STATUS_VALUE_TIMESTAMP:
         return (last.SourceTimestamp != dv.SourceTimestamp
                 or last.SourcePicoseconds != dv.SourcePicoseconds)
     return False
@@ -267,14 +283,14 @@ class IotMonitoredItemService(MonitoredItemService):
         item.client_handle = rp.ClientHandle
         item.node_id = node_id
         item.attr = attr
-        item.mode = req.MonitoringMode
+        item.mode = ua.MonitoringMode(req.MonitoringMode)  # enums compared by identity later
         item.queue_size = self._revise_queue(rp.QueueSize)
         item.discard_oldest = bool(rp.DiscardOldest)
         item.filter = rp.Filter
         if isinstance(rp.Filter, DataChangeFilter):
-            item.trigger = rp.Filter.Trigger
+            item.trigger = ua.DataChangeTrigger(rp.Filter.Trigger)
         item.deadband = limit
-        item.timestamps = timestamps
+        item.timestamps = ua.TimestampsToReturn(timestamps)
         self._items[item.mid] = item
         self._by_handle[handle] = item
         self._limits.count += 1
@@ -304,7 +320,8 @@ class IotMonitoredItemService(MonitoredItemService):
         item.queue_size = self._revise_queue(rp.QueueSize)
         item.discard_oldest = bool(rp.DiscardOldest)
         item.filter = rp.Filter
-        item.trigger = (rp.Filter.Trigger if isinstance(rp.Filter, DataChangeFilter)
+        item.trigger = (ua.DataChangeTrigger(rp.Filter.Trigger)
+                        if isinstance(rp.Filter, DataChangeFilter)
                         else ua.DataChangeTrigger.StatusValue)
         item.deadband = limit
         queue = self.isub._triggered_datachanges.get(item.mid)
@@ -324,7 +341,7 @@ class IotMonitoredItemService(MonitoredItemService):
             if item is None:
                 results.extend(await super().set_monitoring_mode(mode, [mid]))
                 continue
-            previous, item.mode = item.mode, mode
+            previous, item.mode = item.mode, ua.MonitoringMode(mode)
             if mode == ua.MonitoringMode.Reporting and previous == ua.MonitoringMode.Sampling:
                 for dv in item.sampled:  # Part 4 5.13.1.3: queued samples are now reported
                     self._queue(item, dv)
@@ -357,12 +374,12 @@ class IotMonitoredItemService(MonitoredItemService):
     def on_change(self, handle: int, dv: ua.DataValue) -> None:
         """A new value of a monitored node: filter it and queue it (no copy, no await)."""
         item = self._by_handle.get(handle)
-        if item is None or item.mode == ua.MonitoringMode.Disabled:
+        if item is None or item.mode is _DISABLED:
             return
         if not passes(item, dv):
             return
         item.last = dv
-        if item.mode == ua.MonitoringMode.Sampling:
+        if item.mode is _SAMPLING:
             item.sampled.append(dv)
             if len(item.sampled) > item.queue_size:
                 del item.sampled[0]
@@ -371,9 +388,11 @@ class IotMonitoredItemService(MonitoredItemService):
 
     def _queue(self, item: Item, dv: ua.DataValue) -> None:
         """Queue per Part 4 5.13.1.5 (size, discard policy, Overflow bit)."""
-        if item.timestamps != ua.TimestampsToReturn.Both:
+        if item.timestamps is not _BOTH:
             dv = _strip_timestamps(dv, item.timestamps)
-        note = ua.MonitoredItemNotification(item.client_handle, dv)
+        note = _new(_Notification)  # the dataclass __init__ costs 3x as much
+        note.ClientHandle = item.client_handle
+        note.Value = dv
         pending = self.isub._triggered_datachanges
         queue = pending.get(item.mid)
         if queue is None:

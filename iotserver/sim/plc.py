@@ -83,7 +83,7 @@ class _PLCProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         plc = self.plc
-        transport = self.transport
+        transport: Any = self.transport
         assert transport is not None
         try:
             frames = self.decoder.feed(data)
@@ -107,8 +107,9 @@ class _PLCProtocol(Protocol):
                 transport.write(out)
 
     def _late(self, out: bytes) -> None:
-        if self.transport is not None and self in self.plc.connections:
-            self.transport.write(out)
+        transport: Any = self.transport
+        if transport is not None and self in self.plc.connections:
+            transport.write(out)
 
 
 class SimPLC:
@@ -120,9 +121,9 @@ class SimPLC:
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         assert clock is not None
-        self.clock = clock
+        self.clock: Any = clock
         self.port = port
         self.interface = interface
         self.registers = registers
@@ -150,7 +151,8 @@ class SimPLC:
         from twisted.internet import reactor
         from twisted.internet.endpoints import TCP4ServerEndpoint
 
-        factory = Factory.forProtocol(lambda: _PLCProtocol(self))  # type: ignore[arg-type,return-value]
+        factory = Factory.forProtocol(lambda: _PLCProtocol(self))
+        factory.noisy = False
         endpoint = TCP4ServerEndpoint(reactor, self.port, interface=self.interface)
         self._listening = await endpoint.listen(factory)
         self.port = self._listening.getHost().port
@@ -207,7 +209,8 @@ class SimPLC:
     def _fault(self, req: Any) -> int | None:
         for acc in req.accesses:
             for f in self.faults:
-                if f.table is acc.table and acc.address < f.end and f.start < acc.address + acc.count:
+                end = acc.address + acc.count
+                if f.table is acc.table and acc.address < f.end and f.start < end:
                     return f.code
         return None
 
@@ -281,8 +284,10 @@ def _parse_fault(text: str) -> tuple[str, int, int, int]:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer
+    from twisted.internet import reactor as _reactor
 
+    reactor: Any = _reactor
     try:
         faults = [_parse_fault(f) for f in args.fail]
     except ValueError as exc:
@@ -305,12 +310,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f"iotserver sim-plc: cannot listen on {args.interface}:{args.port}: {exc}",
                   file=sys.stderr)
             status["code"] = 1
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
             return
         print(f"simulated PLC on {args.interface}:{port}: holding 0..{args.registers - 1} count "
               f"up, input registers float32 sines, every {args.interval:g} s", flush=True)
 
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(main()))  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(main()))
+    reactor.run()
     return status["code"]
 
