@@ -145,6 +145,8 @@ def main() -> None:
         children = [c for c in root if isinstance(c, AsyncService) and c.started is not None]
         for c in children:
             await c.started
+            sys.stderr.write(f"[server_child] {c.name} started after "
+                             f"{time.monotonic() - started:.1f} s\n")
         failed = [c.name for c in children if c.failure is not None]
         if failed:
             sys.stderr.write(f"services failed to start: {failed}\n")

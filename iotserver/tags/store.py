@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -405,8 +405,16 @@ class TagStore:
         if owner is None:
             log.warn("write to {path}: no owner {owner!r} is running", path=path, owner=tag.owner)
             return self._refused(Quality.BAD_NOT_CONNECTED)
-        d: Deferred[Quality] = maybeDeferred(owner.write_tag, tag, coerced)
-        d.addTimeout(self.write_timeout, self._clock)
+        try:
+            result = owner.write_tag(tag, coerced)
+        except Exception:
+            return succeed(self._write_done(self._write_failed(Failure(), path)))
+        if not isinstance(result, Deferred):
+            # Answered at once (memory tags): no timer, no callback chain.
+            return succeed(self._write_done(result))
+        d: Deferred[Quality] = result
+        if not d.called:
+            d.addTimeout(self.write_timeout, self._clock)
         d.addErrback(self._write_failed, path)
         d.addCallback(self._write_done)
         return d
