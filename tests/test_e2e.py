@@ -313,5 +313,16 @@ async def test_plc_outage_is_bad_everywhere_and_recovers(tmp_path: Path) -> None
         await eventually(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q")
                          == "Good", what="MQTT Good again")
         assert not (await modbus_read(p, SERVED_LEVEL)).isError()
+
+        # -- an operator forces a reconnect of the PLC from OPC UA (a method on its folder) --
+        from asyncua import ua
+
+        device = p.core.services["modbus"].devices["plc1"]
+        before = device.stats.reconnects
+        folder = p.opcua.get_node(ua.NodeId("PLC1", p.ns))
+        await aio(folder.call_method(ua.NodeId("PLC1#Reconnect", p.ns)))
+        await eventually(lambda: device.stats.reconnects > before, what="reconnect")
+        await eventually(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
+                         what="Good after the forced reconnect")
     finally:
         await stop_plant(p)

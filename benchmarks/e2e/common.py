@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 USER, PASSWORD = "bench", "bench-password"  # engineer: may write tags and signal blocks
+NS_URI = "urn:bench:tags"  # the OPC UA namespace of the tags in every benchmark config
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -147,6 +148,7 @@ enabled = false
         text += f"""
 [opcua]
 endpoint = "opc.tcp://127.0.0.1:{opcua_port}/iotserver"
+namespace_uri = "{NS_URI}"
 security_policies = ["None"]
 """
     if mqtt_port is not None:

@@ -104,5 +104,19 @@ class ModbusService(AsyncService):
             await as_deferred(device.stop())
 
 
+    # -- source control (OPC UA "Reconnect" methods, console) ---------------------------------
+    def source_names(self) -> list[str]:
+        """Tag owners this service answers for: ``modbus:<device>``."""
+        return [f"modbus:{name}" for name in self.devices]
+
+    def reconnect_source(self, owner: str) -> bool:
+        """Reconnect the device that owns ``owner``'s tags now; False if it is not ours."""
+        device = self.devices.get(owner.removeprefix("modbus:"))
+        if device is None or not owner.startswith("modbus:"):
+            return False
+        device.reconnect()
+        return True
+
+
 def make_service(core: Any, cfg: ModbusConfig) -> ModbusService:
     return ModbusService(core, cfg)
