@@ -38,7 +38,9 @@ def test_none_and_anonymous_are_warned_about_off_host() -> None:
     cfg = parse('[opcua]\nendpoint = "opc.tcp://0.0.0.0:4841"\n'
                 'security_policies = ["None"]\nallow_anonymous = true\npki_dir = "pki"\n')
     assert not cfg.loopback and cfg.port == 4841
-    assert all("reachable off-host" in w for w in cfg.warnings()) and len(cfg.warnings()) == 2
+    warnings = cfg.warnings()
+    assert all("reachable off-host" in w for w in warnings) and len(warnings) == 3
+    assert any("passwords travel in clear text" in w for w in warnings)
     assert cfg.pki_path(Path("/d")) == Path("/etc/iot/pki")
 
 

@@ -234,6 +234,8 @@ async def test_history_read_through_asyncua(srv: Running) -> None:
                                                   numvalues=500)
             assert len(samples) == 500
             assert samples[-1].Value.VariantType == ua.VariantType.Float  # [0] is a bound
+            latest = await wave.read_data_value()
+            assert latest.StatusCode.is_good() and isinstance(latest.Value.Value, float)
             rms = c.get_node(ua.NodeId("Plant/Line1/Pump1/Vibration/RMS", ns))
             assert (await rms.read_browse_name()).Name == "RMS"
     await aio(body())

@@ -268,8 +268,13 @@ async def scenario(kind: type, tags: int, clients: int, seconds: float, warmup: 
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(clients)]
     for proc in procs:  # all subscribed before anyone counts
         assert proc.stdout is not None
-        while (await proc.stdout.readline()).strip() != b"READY":
-            pass
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                await server.stop()
+                raise RuntimeError("a client process died before subscribing")
+            if line.strip() == b"READY":
+                break
     applied_at_ready = server.applied
     t_ready = time.perf_counter()
     cpu_ready = time.process_time()
@@ -305,9 +310,14 @@ def run_isolated(kind: str, tags: int, clients: int, seconds: float, warmup: flo
     """One scenario in a fresh process: no GC state or caches carried between servers."""
     out = subprocess.run(
         [sys.executable, __file__, "--scenario", kind, str(tags), str(clients), str(seconds),
-         str(warmup)], capture_output=True, text=True, check=True,
+         str(warmup)], capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    lines = out.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines else {}
+    if not result.get("rates"):
+        print(f"{kind} {tags} tags {clients} clients failed: {out.stderr.strip()[-300:]}")
+        return {"rates": [0.0] * clients}
+    return dict(result)
 
 
 def main_table(args: argparse.Namespace) -> None:

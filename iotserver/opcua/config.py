@@ -139,6 +139,9 @@ class OpcUaConfig:
         if "None" in self.security_policies:
             out.append(f"OPC UA security policy None is enabled {where}: traffic is neither "
                        "signed nor encrypted")
+        if self.security_policies == ("None",):
+            out.append(f"OPC UA offers only security policy None {where}: user names and "
+                       "passwords travel in clear text")
         if self.allow_anonymous:
             out.append(f"OPC UA anonymous sessions are allowed {where} (read-only)")
         return out

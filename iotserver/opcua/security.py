@@ -30,7 +30,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
 class TrustList:
     """The trusted/issuers/rejected folders, re-read whenever one of them changes."""
 
-    def __init__(self, pki_dir: Path, extra_anchors: list[x509.Certificate] = ()) -> None:
+    def __init__(self, pki_dir: Path, extra_anchors: Iterable[x509.Certificate] = ()) -> None:
         self.pki_dir = pki_dir
         self._extra = list(extra_anchors)
         self._stamp: tuple[float, ...] = ()

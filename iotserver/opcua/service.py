@@ -15,6 +15,7 @@ a ``Reconnect`` method to the folder holding each such source's tags.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
@@ -111,6 +112,7 @@ class OpcUaService(AsyncService):
             min_interval_ms=cfg.min_publishing_interval_ms)
         iserver.max_subscriptions = cfg.max_subscriptions
         iserver.max_sessions = cfg.max_sessions
+        iserver.clear_text_passwords = cfg.security_policies == ("None",)
         iserver.certificate_validator = ClientCertificateValidator(self.trust)
         self.server = server = IotUaServer(iserver=iserver)
         if ca_cert is not None and app.cert.issuer == ca_cert.subject:
@@ -200,6 +202,13 @@ class OpcUaService(AsyncService):
                 log.exception("closing OPC UA session %s", session)
         for sub_id in list(iserver.subscription_service.subscriptions):
             await iserver.subscription_service.delete_subscriptions([sub_id])
+        # the ServerStatus clock sleeps a second between updates; InternalServer.stop would
+        # wait for that sleep to end
+        clock, iserver.time_task = iserver.time_task, None
+        if clock is not None and not clock.done():
+            clock.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clock
         try:
             if self._bserver_started:
                 await server.stop()

@@ -110,8 +110,9 @@ class ValuePump:
                 attval.value = dv
                 hooks = attval.datachange_callbacks
                 if hooks:
+                    # every callback is a monitoring._Hook: all subscriptions are ours
                     for handle, hook in hooks.items():
-                        hook.sync(handle, dv)
+                        hook.sync(handle, dv)  # type: ignore[attr-defined]
             self.changes += stop - i
             i = stop
             if time.perf_counter() >= deadline:
