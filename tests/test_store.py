@@ -308,6 +308,22 @@ def test_history_sink_gets_every_sample() -> None:
     assert samples == [(10, 1.0), (20, 2.0)]
 
 
+def test_history_skips_bad_samples_and_time_going_backwards() -> None:
+    from iotserver.tags.ring import RingBuffer
+
+    store, _ = make_store()
+    store.define(f64("H/x"))
+    ring = RingBuffer(16)
+    store.set_history("H/x", ring)
+    store.apply([Update("H/x", 1.0, source_ns=100), Update("H/x", 2.0, source_ns=200)])
+    store.apply([Update("H/x", 2.0, Quality.BAD_NOT_CONNECTED, 300)])  # an outage: a gap
+    store.apply([Update("H/x", 3.0, source_ns=150), Update("H/x", 4.0, source_ns=400)])
+    ts, values = ring.last_n(16)
+    assert list(ts) == [100, 200, 400] and list(values) == [1.0, 2.0, 4.0]
+    assert store.stats.history_dropped == 1
+    assert store.read("H/x").value == 4.0  # the batch was applied in full
+
+
 def test_remove_tag() -> None:
     store, _ = make_store()
     seen: list[tuple[str, bool]] = []

@@ -89,7 +89,10 @@ async def main(port):
             done.set_result(None)
             return
         v = int(line.split()[1])
-        server.write_attribute_value(var.nodeid, ua.DataValue(ua.Variant(v, ua.VariantType.UInt16)))
+        r = server.write_attribute_value(var.nodeid,
+                                         ua.DataValue(ua.Variant(v, ua.VariantType.UInt16)))
+        if asyncio.iscoroutine(r):
+            asyncio.ensure_future(r)
 
     async with server:
         loop.add_reader(sys.stdin.fileno(), on_line)

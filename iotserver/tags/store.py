@@ -139,6 +139,7 @@ class _Entry:
 class StoreStats:
     updates_applied: int = 0
     updates_unknown: int = 0
+    history_dropped: int = 0
     notifications: int = 0
     writes: int = 0
     writes_failed: int = 0
@@ -253,6 +254,7 @@ class TagStore:
         notified = 0
         unknown = 0
         applied = 0
+        history_dropped = 0
         for path, value, quality, source_ns in updates:
             entry = entries.get(path)
             if entry is None:
@@ -261,8 +263,12 @@ class TagStore:
             applied += 1
             tv = TagValue(value, quality, source_ns or now, now)
             entry.value = tv
-            if entry.history is not None and value is not None:
-                entry.history.append(tv.source_ns, value)
+            # History holds usable samples only: a Bad period is a gap, not repeated values.
+            if entry.history is not None and value is not None and quality < 0x80000000:
+                try:
+                    entry.history.append(tv.source_ns, value)
+                except ValueError:  # source clock went backwards: keep the ring time-ordered
+                    history_dropped += 1
             if quality != entry.reported_quality or (
                 (value != entry.reported)
                 if entry.plain
@@ -275,6 +281,9 @@ class TagStore:
                     entry.reported_quality = quality
                 notified += 1
         self.stats.updates_applied += applied
+        if history_dropped:
+            self.stats.history_dropped += history_dropped
+            log.debug("apply: {n} samples older than their history dropped", n=history_dropped)
         if unknown:
             self.stats.updates_unknown += unknown
             log.debug("apply: {n} updates for unknown tags ignored", n=unknown)
