@@ -20,6 +20,13 @@ if command -v apt-get >/dev/null 2>&1; then
     $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
 fi
 
+# node-opcua: a second OPC UA stack for the interop tests (skipped where npm is missing).
+if command -v npm >/dev/null 2>&1 && [ ! -d .interop/nodeopcua/node_modules/node-opcua-client ]; then
+    mkdir -p .interop/nodeopcua
+    (cd .interop/nodeopcua && npm install --no-audit --no-fund --loglevel=error \
+        node-opcua-client@2 >/dev/null) || echo "bootstrap: node-opcua not installed (interop test will skip)"
+fi
+
 PY=${PYTHON:-python3}
 # editable_mode=compat: the default editable install uses an import hook that Twisted's plugin
 # scan cannot see, and `twistd --help` would not list iotserver (facts.md).

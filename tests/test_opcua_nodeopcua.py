@@ -23,7 +23,10 @@ from iotserver.tags.model import Update
 
 pytestmark = pytest.mark.interop
 
-NODE_DIR = Path(os.environ.get("IOTSERVER_NODE_OPCUA_DIR", "/tmp/nodeopcua"))
+# scripts/bootstrap.sh installs it into .interop/nodeopcua (git-ignored) when npm is present.
+_REPO_NODE_DIR = Path(__file__).resolve().parent.parent / ".interop" / "nodeopcua"
+NODE_DIR = Path(os.environ.get("IOTSERVER_NODE_OPCUA_DIR") or (
+    _REPO_NODE_DIR if _REPO_NODE_DIR.is_dir() else "/tmp/nodeopcua"))
 
 SCRIPT = r"""
 const {
