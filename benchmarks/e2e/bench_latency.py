@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import socket
@@ -62,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 SEQ_REG, SET_REG = 100, 200
 
@@ -351,7 +350,7 @@ async def measure(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, An
         plc.holding[SEQ_REG] = value
         try:
             t_opc, t_mqtt = await asyncio.wait_for(asyncio.gather(f_opc, f_mqtt), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             missed += 1
             continue
         t_read = next((t for t in reads[nreads:] if t >= t0), None)
@@ -390,7 +389,7 @@ async def measure(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, An
         mq.publish("iotserver/tags/Probe/Setpoint/set", str(value).encode(), qos=1)
         try:
             t1 = await asyncio.wait_for(fut, 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             bad.append("mqtt write: no result")
             continue
         w_mqtt_rtt.append((t1 - t0) / 1e6)

@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 
 @dataclass
@@ -297,6 +297,9 @@ def run(sc: Scenario, seconds: float, tmp: Path) -> dict[str, Any]:
             side_cpu=(side1 - side0) / dt,
             ready_startup_s=ready_msg.get("startup_s", 0.0),
             dropped=s1.get("broker", {}).get("dropped", {}),
+            gc_share=[(a - b) / dt for a, b in zip(s1["gc_seconds"], s0["gc_seconds"],
+                                                    strict=True)],
+            gc_count=[a - b for a, b in zip(s1["gc"], s0["gc"], strict=True)],
         )
         stop.set()
         for _ in workers:
@@ -384,7 +387,9 @@ def main() -> None:
         print(f"{sc.label}: {sc.plcs} sim-plc x {sc.registers} registers, poll {sc.poll} s; "
               f"ready after {r['ready_startup_s']:.1f} s (RSS {r['rss_ready'] / 1e6:.0f} MB); "
               f"{r['polls_s']:.1f} polls/s (of {sc.plcs / sc.poll:.0f}), "
-              f"{r['timeouts']} timeouts")
+              f"{r['timeouts']} timeouts; garbage collector "
+              f"{sum(r['gc_share']) * 100:.0f} % of a core (collections per generation "
+              f"{r['gc_count']}, time share {[round(x * 100, 1) for x in r['gc_share']]} %)")
         if sc.opcua or sc.mqtt:
             print(f"  store -> OPC UA pump {r['opc_store_s']:,.0f}/s (conflated "
                   f"{r['opc_conflated_s']:,.0f}/s), store -> MQTT bridge "

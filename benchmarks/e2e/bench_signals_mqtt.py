@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import select
-import socket
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 RATE = 51200.0
 DT = 0.1  # seconds of signal per block at the default block size
@@ -189,7 +188,7 @@ def run(channels: int, seconds: float, block: int, capacity: int, tmp: Path,
     nproc = procs_per_run or max(2, min(4, (channels + 63) // 64))
     ctx = mp.get_context("fork")
     results = ctx.Queue()
-    ticks = int(round(seconds * RATE / block))
+    ticks = round(seconds * RATE / block)
     dt = block / RATE
     t0_mono = time.monotonic() + 0.5
     t0_ns = time.time_ns() + 500_000_000

@@ -83,7 +83,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    k = min(len(s) - 1, max(0, int(round(q / 100.0 * (len(s) - 1)))))
+    k = min(len(s) - 1, max(0, round(q / 100.0 * (len(s) - 1))))
     return s[k]
 
 

@@ -83,7 +83,19 @@ def collect(core: Any, kind: str, started: float) -> dict[str, Any]:
     import gc
 
     out["gc"] = [g["collections"] for g in gc.get_stats()]
+    out["gc_seconds"] = list(_GC_TIME)
     return out
+
+
+_GC_TIME = [0.0, 0.0, 0.0]  # seconds spent in collections of each generation
+_gc_start = [0.0]
+
+
+def _gc_callback(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_start[0] = time.perf_counter()
+    else:
+        _GC_TIME[info["generation"]] += time.perf_counter() - _gc_start[0]
 
 
 def main() -> None:
@@ -113,6 +125,9 @@ def main() -> None:
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
         redirectStandardIO=False)
     forward_stdlib_logging()
+    import gc
+
+    gc.callbacks.append(_gc_callback)
     started = time.monotonic()
     cfg = config.load(args.config)
     root, core = app.build(cfg, reactor, stop_reactor=reactor.stop)  # type: ignore[attr-defined]
