@@ -390,7 +390,10 @@ def test_from_config_defensive(users: UserDB) -> None:
     assert not b.can_receive("olga", "c", "iotserver/tags/x")
 
 
-def test_decision_cache_is_bounded() -> None:
+def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import iotserver.mqtt.acl as acl_module
+
+    monkeypatch.setattr(acl_module, "_CACHE_LIMIT", 4096)
     a = acl(AclRule("t/#", R))
     for i in range(10_000):
         assert a.can_receive("u", "c", f"t/{i}")

@@ -178,6 +178,40 @@ def test_batches_are_published_once_per_flush(env: SimpleNamespace) -> None:
     assert b.json(topic("Line1/Temp"))["v"] == 9.0
 
 
+def test_large_batches_are_published_in_slices_and_conflated_meanwhile(
+        env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    b, store, clock = env.broker, env.store, env.clock
+    monkeypatch.setattr(TagBridge, "SLICE", 3)
+    later: list[Any] = []  # the bridge's next slices, run by hand: one "reactor turn" each
+
+    class Turns:
+        def callLater(self, _delay: float, f: Any, *args: Any) -> None:
+            later.append((f, args))
+
+        def seconds(self) -> float:
+            return clock.seconds()
+
+    env.core.clock = Turns()
+    paths = [f"Big/T{i}" for i in range(8)]
+    for p in paths:
+        store.define(TagDef(p, DataType.FLOAT64))
+    before = len(b.published)
+    store.apply([Update(p, 1.0) for p in paths])
+    clock.advance(0)  # the store delivers the batch: the bridge publishes one slice
+    assert len(b.published) - before == 3
+    store.apply([Update("Big/T0", 2.0)])
+    store.apply([Update("Big/T0", 3.0)])  # the bridge is busy: the store conflates
+    clock.advance(0)
+    assert len(b.published) - before == 3
+    while later:
+        f, args = later.pop(0)
+        f(*args)
+    assert len(b.published) - before == 8
+    clock.advance(0)  # the bridge is ready again: the conflated change follows
+    assert [json.loads(m.payload)["v"] for m in b.on(topic("Big/T0"))] == [1.0, 3.0]
+    assert {m.topic for m in b.published[before:]} == {topic(p) for p in paths}
+
+
 def test_nan_inf_and_arrays(env: SimpleNamespace) -> None:
     b, store, clock = env.broker, env.store, env.clock
     store.apply([Update("Line1/Temp", float("nan"), Quality.UNCERTAIN_SENSOR_NOT_ACCURATE)])

@@ -39,7 +39,9 @@ from iotserver.confparse import ConfigError, Context, Reader
 from iotserver.mqtt.topics import is_valid_topic_filter, is_valid_topic_name, matches, parse_shared
 
 ROLES = ("operator", "engineer", "admin")
-_CACHE_LIMIT = 4096  # decisions remembered per identity and operation (topics repeat in a plant)
+# Decisions remembered per identity and operation: topics repeat in a plant, and the bridge's
+# tag topics alone can number 100k (a smaller cache misses on every publish).
+_CACHE_LIMIT = 262_144
 _IDENTITY_LIMIT = 4096  # identities (user, client id) with compiled rules
 
 

@@ -289,7 +289,37 @@ class TagBridge:
         self._interceptors.clear()
 
     # -- tags -> MQTT ---------------------------------------------------------------------
-    def _on_changes(self, changes: list[Change]) -> None:
+    # Changes published per reactor turn. A poll of a large PLC delivers tens of thousands of
+    # changes at once; publishing them in one go stalls the loop and overflows subscribers'
+    # queues (benchmarks/e2e/bench_scale.py). Between slices the store sees us busy and
+    # conflates further changes per tag, so the backlog stays bounded by the tag count.
+    SLICE = 2000
+
+    def _on_changes(self, changes: list[Change]) -> Deferred[None] | None:
+        if len(changes) <= self.SLICE:
+            self._publish_changes(changes)
+            return None
+        done: Deferred[None] = Deferred()
+
+        def next_slice(start: int) -> None:
+            if not self._running:
+                done.callback(None)
+                return
+            end = start + self.SLICE
+            try:
+                self._publish_changes(changes[start:end])
+            except Exception:  # the store logs a subscriber failure; do not hang it
+                done.errback()
+                return
+            if end < len(changes):
+                self.core.clock.callLater(0, next_slice, end)
+            else:
+                done.callback(None)
+
+        next_slice(0)
+        return done
+
+    def _publish_changes(self, changes: list[Change]) -> None:
         publish = self.broker.publish_internal
         encode = self._encode if self.payload_kind == "json" else _bare_value
         prefix = self.tags_prefix
