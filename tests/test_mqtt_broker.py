@@ -395,6 +395,20 @@ def test_persistent_session_operations_reach_the_store() -> None:
     assert ("session_del", "c") in store.ops
 
 
+def test_volatile_retained_topics_are_not_persisted() -> None:
+    store = FakeStore()
+    h = Harness(store=store)
+    h.broker.volatile_retained = (*h.broker.volatile_retained, "iotserver/tags/")
+    h.broker.publish_internal("iotserver/tags/A/x", b"1", retain=True)
+    h.broker.publish_internal("plant/status", b"up", retain=True)
+    h.broker.publish_internal("$SYS/broker/x", b"2", retain=True)
+    puts = [op for op in store.ops if op[0] == "r_put"]
+    assert len(puts) == 1 and "plant/status" in repr(puts[0])
+    assert len(h.broker.retained) == 3  # all three are still retained in memory
+    c = subscribed(h, "c", "iotserver/tags/#")
+    assert payloads(c) == [b"1"]
+
+
 # --------------------------------------------------------------------------- interceptors
 
 

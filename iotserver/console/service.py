@@ -182,6 +182,7 @@ def _factory_class() -> type:
 
     class ConsoleFactory(SSHFactory):
         protocol = ConsoleTransport
+        noisy = False  # the listener is logged once by core.listening
 
         def __init__(self, portal: Any, host_key: keys.Key) -> None:
             self.portal = portal

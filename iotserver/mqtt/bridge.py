@@ -261,6 +261,9 @@ class TagBridge:
         self._running = True
         store = self.core.store
         self._undefine = store.on_define(self._on_define)
+        if hasattr(self.broker, "volatile_retained"):
+            # republished from the store at every start: no need to persist each change
+            self.broker.volatile_retained = (*self.broker.volatile_retained, self.tags_prefix)
         self._subscription = store.subscribe("**", self._on_changes, name="mqtt-bridge")
         # the tags subtree is always intercepted (consumed), even with writes off: clients
         # must not be able to publish or retain look-alike tag values there

@@ -74,6 +74,11 @@ class Broker:
         self.connections: set[Any] = set()  # every open connection, CONNECTed or not
         self.tree: TopicTree[Any, Subscription] = TopicTree()
         self.retained = RetainedStore()
+        # Retained topics kept in memory only: the tag bridge republishes every tag from the
+        # store at start, so writing each tag change to SQLite as well only costs time
+        # (about 7 % of the loop at 100k changes/s, benchmarks/e2e/bench_scale.py).
+        # "$" topics ($SYS) are never persisted either.
+        self.volatile_retained: tuple[str, ...] = ("$",)
         self.stats = BrokerStats(clock.seconds())
         self.ratelog = RateLimitedLog(clock)
         self.connect_rate = ConnectRate(clock, cfg.limits.max_connect_rate)
@@ -487,7 +492,7 @@ class Broker:
                               "{topic!r} not retained", topic=topic)
             return False
         store.set(msg)
-        if self.store is not None and not topic.startswith("$"):
+        if self.store is not None and not topic.startswith(self.volatile_retained):
             self.store.retain_set(msg)
             return True
         return False
@@ -495,7 +500,7 @@ class Broker:
     def _retain_clear(self, topic: str) -> bool:
         if self.retained.remove(topic) is None:
             return False
-        if self.store is not None and not topic.startswith("$"):
+        if self.store is not None and not topic.startswith(self.volatile_retained):
             self.store.retain_clear(topic)
             return True
         return False
