@@ -158,7 +158,9 @@ class OpcUaService(AsyncService):
         self._bserver_started = True
         # asyncua's standard address space is ~100k long-lived objects; every cyclic GC pass
         # walked them, which cost 3-4x in notification throughput (measured: 12 us -> 3 us per
-        # change). Freezing moves what exists now out of the collector's reach.
+        # change). Freezing moves what exists now out of the collector's reach. (app._tune_gc
+        # freezes the whole server again at "ready"; this covers the service run on its own,
+        # as in benchmarks/opcua, and the time between its start and "ready".)
         gc.collect()
         gc.freeze()
         core.listening("OPC UA", cfg.endpoint)
