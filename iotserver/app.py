@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from iotserver.config import Config
 from iotserver.lifecycle import AsyncService, StartupError
 from iotserver.security.users import UserDB, UserFileError
-from iotserver.tags.model import DataType, Quality, TagDef, TagValue
+from iotserver.tags.model import DataType, Quality, TagDef, TagValue, coerce
 from iotserver.tags.persist import MemoryTagPersistence
 from iotserver.tags.ring import RingRegistry
 from iotserver.tags.signals import SignalHub
@@ -170,8 +170,6 @@ class CoreService(Service):
             if tag.persist and tag.path in saved:
                 value, quality, ts = saved[tag.path]
                 try:
-                    from iotserver.tags.model import coerce
-
                     value = coerce(tag, value)
                     initial = TagValue(value, Quality(quality), ts, store.now_ns())
                     restored += 1

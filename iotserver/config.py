@@ -12,13 +12,21 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from iotserver.confparse import ConfigError, Context, Reader
-from iotserver.tags.model import Access, DataType, DeadbandKind, Scaling, TagDef
+from iotserver.tags.model import (
+    Access,
+    CoerceError,
+    DataType,
+    DeadbandKind,
+    Scaling,
+    TagDef,
+    coerce,
+)
 
 # Protocol sections and the function that parses each: "module:function(Reader) -> object".
 # An object may offer ``tag_defs() -> list[TagDef]`` to contribute tags (e.g. polled PLC tags),
@@ -259,20 +267,12 @@ def parse_tag(r: Reader, *, owner: str = "memory", history_default: int = 10_000
         initial=None,
     )
     if initial is not None:
-        from iotserver.tags.model import CoerceError, coerce
-
         try:
             coerce(tag, initial)
         except CoerceError as exc:
             raise r.error("initial", f"not a valid value for this tag: {exc}") from None
-        tag = _replace(tag, initial=initial)
+        tag = replace(tag, initial=initial)
     return tag
-
-
-def _replace(tag: TagDef, **changes: Any) -> TagDef:
-    from dataclasses import replace
-
-    return replace(tag, **changes)
 
 
 def _parse_signal(r: Reader) -> SignalConfig:
