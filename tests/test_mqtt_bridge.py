@@ -56,6 +56,7 @@ class FakeBroker:
         self.published: list[Msg] = []
         self.interceptors: dict[str, Any] = {}
         self._handles: dict[int, str] = {}
+        self.sources: dict[str, Any] = {}
 
     def publish_internal(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
@@ -63,6 +64,19 @@ class FakeBroker:
     ) -> None:
         assert isinstance(payload, bytes)
         self.published.append(Msg(topic, payload, qos, retain, properties))
+
+    def plan_for(self, topic: str) -> Any:
+        return topic  # every topic has a subscriber here
+
+    def route(self, plan: Any, msg: Any) -> bool:
+        self.published.append(Msg(msg.topic, msg.payload, msg.qos, msg.retain, None))
+        return False
+
+    def add_retained_source(self, prefix: str, source: Any) -> None:
+        self.sources[prefix] = source
+
+    def remove_retained_source(self, prefix: str) -> None:
+        self.sources.pop(prefix, None)
 
     def add_interceptor(self, topic_filter: str, callback: Any) -> int:
         self.interceptors[topic_filter] = callback

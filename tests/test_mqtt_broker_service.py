@@ -132,6 +132,7 @@ async def test_slow_consumer_is_bounded_and_does_not_stall_others(tmp_path: Path
     text = mqtt_config(tmp_path / "d", free_port, extra="""
 [mqtt.limits]
 max_queued_messages = 100
+write_buffer_bytes = 65536
 """)
     root = await start(text)
     broker = root.core.services["mqtt"].broker
@@ -156,6 +157,8 @@ max_queued_messages = 100
             got += 1
         session = broker.sessions["stk"]
         assert session.conn is not None and session.conn.paused  # its transport is full
+        tcp = session.conn.transport  # type: ignore[attr-defined]
+        assert tcp.bufferSize == 65536 and tcp.SEND_LIMIT >= 65536  # [mqtt.limits] applied
         assert len(session.queue) <= 100
         assert broker.stats.dropped["queue_full_qos0"] > 0
         await fast.close()

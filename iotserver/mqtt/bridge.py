@@ -51,7 +51,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from iotserver.mqtt.packets import Properties, Publish, ReasonCode
-from iotserver.mqtt.topics import is_valid_topic_name
+from iotserver.mqtt.session import Message
+from iotserver.mqtt.topics import is_valid_topic_name, matches
 from iotserver.tags.model import Change, Quality, TagDef, TagValue
 from iotserver.tags.store import compile_pattern
 
@@ -123,20 +124,28 @@ def decode_signal_block(payload: bytes) -> SignalBlock:
 
 
 class _IsoClock:
-    """Formats ns timestamps as ISO 8601 UTC; the seconds part is cached (changes are bursty)."""
+    """Formats ns timestamps as ISO 8601 UTC with milliseconds; the last millisecond's text is
+    cached (a poll stamps a whole block with one time)."""
 
-    __slots__ = ("_sec", "_text")
+    __slots__ = ("_ms", "_sec", "_sec_text", "_text")
 
     def __init__(self) -> None:
-        self._sec: int | None = None
+        self._ms: int | None = None
         self._text = ""
+        self._sec: int | None = None
+        self._sec_text = ""
 
     def __call__(self, ns: int) -> str:
-        sec, rem = divmod(ns, 1_000_000_000)
+        ms = ns // 1_000_000
+        if ms == self._ms:
+            return self._text
+        sec, rem = divmod(ms, 1000)
         if sec != self._sec:
             self._sec = sec
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._text}.{rem // 1_000_000:03d}Z"
+            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        self._ms = ms
+        self._text = f"{self._sec_text}.{rem:03d}Z"
+        return self._text
 
 
 def json_value(value: Any) -> Any:
@@ -158,28 +167,39 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
-_PLAIN = (int, str, bool, type(None))
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_float_text = float.__repr__  # what the json module writes for a finite float
+
+
+def json_text(value: Any) -> str:
+    """The JSON text of a tag value. Scalars are formatted directly, exactly as the json
+    module would (the bridge formats 100k values/s); anything else goes through it."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return _float_text(value) if math.isfinite(value) else "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return _dumps(json_value(value))
 
 
 class TagJson:
-    """Encodes TagValues as the bridge's JSON payload (one ``json.dumps`` per change)."""
+    """Encodes TagValues as the bridge's JSON payload ``{"v":..,"q":..,"t":..}``."""
 
     def __init__(self) -> None:
         self._iso = _IsoClock()
 
     def __call__(self, tv: TagValue) -> bytes:
-        v = tv.value
-        kind = type(v)
-        if not (kind is float and math.isfinite(v)) and kind not in _PLAIN:
-            v = json_value(v)
-        t = self._iso(tv.source_ns)
-        return _dumps({"v": v, "q": _QUALITY_TEXT[tv.quality], "t": t}).encode()
+        return (f'{{"v":{json_text(tv.value)},"q":"{_QUALITY_TEXT[tv.quality]}",'
+                f'"t":"{self._iso(tv.source_ns)}"}}').encode()
 
 
 def _bare_value(tv: TagValue) -> bytes:
     """``payload = "value"``: just the JSON value (quality and timestamp are dropped)."""
-    return _dumps(json_value(tv.value)).encode()
+    return json_text(tv.value).encode()
 
 
 def parse_set_payload(payload: bytes) -> Any:
@@ -242,6 +262,7 @@ class TagBridge:
             None if "**" in patterns else [compile_pattern(p) for p in patterns]
         )
         self._publish_ok: dict[str, bool] = {}
+        self._topics: dict[str, str] = {}  # tag path -> topic, for published tags only
         self.tags_prefix = f"{self.prefix}/tags/"
         self.signals_prefix = f"{self.prefix}/signals/"
         self.stats = BridgeStats()
@@ -261,9 +282,10 @@ class TagBridge:
         self._running = True
         store = self.core.store
         self._undefine = store.on_define(self._on_define)
-        if hasattr(self.broker, "volatile_retained"):
-            # republished from the store at every start: no need to persist each change
-            self.broker.volatile_retained = (*self.broker.volatile_retained, self.tags_prefix)
+        if self.retain:
+            # the store holds every tag's current value: it answers for the retained
+            # messages of the tag topics (no copy in the broker, nothing to persist)
+            self.broker.add_retained_source(self.tags_prefix, self)
         self._subscription = store.subscribe("**", self._on_changes, name="mqtt-bridge")
         # the tags subtree is always intercepted (consumed), even with writes off: clients
         # must not be able to publish or retain look-alike tag values there
@@ -278,6 +300,8 @@ class TagBridge:
     def stop(self) -> None:
         """Stop publishing and intercepting; idempotent."""
         self._running = False
+        if self.retain:
+            self.broker.remove_retained_source(self.tags_prefix)
         if self._subscription is not None:
             self._subscription.cancel()
             self._subscription = None
@@ -323,25 +347,78 @@ class TagBridge:
         return done
 
     def _publish_changes(self, changes: list[Change]) -> None:
-        publish = self.broker.publish_internal
-        encode = self._encode if self.payload_kind == "json" else _bare_value
-        prefix = self.tags_prefix
+        # Hot path (one call per tag change): topics were validated when the tags were
+        # defined, and a change nobody subscribes to is neither encoded nor built.
+        broker = self.broker
+        plan_for = broker.plan_for
+        route = broker.route
+        encode = self._encoder()
+        topics = self._topics
         qos = self.qos
         retain = self.retain
         selected = self._publish_rx is not None
         sent = 0
         for tag, tv in changes:
-            if selected and not self._selected(tag.path):
+            path = tag.path
+            topic = topics.get(path)
+            if topic is None:
+                if selected and not self._selected(path):
+                    continue
+                topic = self._topic(path)
+            plan = plan_for(topic)
+            if plan is None:
                 continue
             try:
                 payload = encode(tv)
             except (TypeError, ValueError) as exc:
                 self.stats.encode_errors += 1
-                log.warn("tag {path}: value not encodable as JSON: {exc}", path=tag.path, exc=exc)
+                log.warn("tag {path}: value not encodable as JSON: {exc}", path=path, exc=exc)
                 continue
-            publish(prefix + tag.path, payload, qos, retain)
+            route(plan, Message(topic, payload, qos, retain))
             sent += 1
         self.stats.published += sent
+
+    def _encoder(self) -> Any:
+        return self._encode if self.payload_kind == "json" else _bare_value
+
+    def _topic(self, path: str) -> str:
+        """The topic of a published tag (cached; tag paths are valid topic levels)."""
+        topic = self.tags_prefix + path
+        if len(self._topics) >= 1_000_000:
+            self._topics.clear()  # bound: more tags than that were defined and removed
+        self._topics[path] = topic
+        return topic
+
+    # -- retained source: the store answers for the tag topics' retained messages ----------
+    def retained_match(self, topic_filter: str) -> list[Message]:
+        """Current values of the published tags whose topics ``topic_filter`` matches."""
+        store = self.core.store
+        prefix = self.tags_prefix
+        # tag paths under the filter's literal head, then the exact MQTT match
+        head = topic_filter[len(prefix):] if topic_filter.startswith(prefix) else ""
+        cut = min((i for i in (head.find("+"), head.find("#")) if i >= 0), default=len(head))
+        head = head[:cut]
+        encode = self._encoder()
+        out: list[Message] = []
+        for path in store.paths():
+            if not path.startswith(head):
+                continue
+            if self._publish_rx is not None and not self._selected(path):
+                continue
+            topic = prefix + path
+            if not matches(topic_filter, topic):
+                continue
+            try:
+                payload = encode(store.read(path))
+            except (TypeError, ValueError):
+                continue  # counted and logged when it was published
+            out.append(Message(topic, payload, self.qos, True))
+        return out
+
+    def retained_count(self) -> int:
+        if self._publish_rx is None:
+            return len(self.core.store)
+        return sum(1 for p in self.core.store.paths() if self._selected(p))
 
     def _selected(self, path: str) -> bool:
         """Whether ``[mqtt.bridge] publish`` globs include the tag (cached per path)."""
@@ -356,8 +433,9 @@ class TagBridge:
 
     def _on_define(self, tag: TagDef, added: bool) -> None:
         self._publish_ok.pop(tag.path, None)
+        self._topics.pop(tag.path, None)
         if not added and self._running and self.retain:
-            # an empty retained message deletes the retained value (MQTT-3.3.1-10)
+            # subscribers see the retained value go: an empty retained message (MQTT-3.3.1-10)
             self.broker.publish_internal(self.tags_prefix + tag.path, b"", 0, True)
 
     # -- MQTT -> tag writes ---------------------------------------------------------------

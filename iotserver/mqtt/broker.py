@@ -33,9 +33,15 @@ from iotserver.mqtt.packets import (
     SubscriptionOptions,
     Will,
 )
-from iotserver.mqtt.retained import RetainedStore
+from iotserver.mqtt.retained import RetainedSource, RetainedStore
 from iotserver.mqtt.session import NEVER, Connection, Message, Session, Subscription
-from iotserver.mqtt.topics import TopicError, TopicTree, parse_shared, validate_topic_filter
+from iotserver.mqtt.topics import (
+    TopicError,
+    TopicTree,
+    filter_may_match_prefix,
+    parse_shared,
+    validate_topic_filter,
+)
 
 # Topics whose routing plan is remembered: a plant publishes each tag topic over and over, so
 # this should exceed the tag count (100k tags in benchmarks/e2e/bench_scale.py).
@@ -74,10 +80,12 @@ class Broker:
         self.connections: set[Any] = set()  # every open connection, CONNECTed or not
         self.tree: TopicTree[Any, Subscription] = TopicTree()
         self.retained = RetainedStore()
-        # Retained topics kept in memory only: the tag bridge republishes every tag from the
-        # store at start, so writing each tag change to SQLite as well only costs time
-        # (about 7 % of the loop at 100k changes/s, benchmarks/e2e/bench_scale.py).
-        # "$" topics ($SYS) are never persisted either.
+        # Topic prefixes whose retained messages another component answers for (the tag
+        # bridge: the tag store holds the current value of every tag topic, so keeping a
+        # Message per tag here too would cost memory and a store update per change).
+        self.retained_sources: dict[str, RetainedSource] = {}
+        self._source_prefixes: tuple[str, ...] = ()
+        # "$" topics ($SYS) are never persisted.
         self.volatile_retained: tuple[str, ...] = ("$",)
         self.stats = BrokerStats(clock.seconds())
         self.ratelog = RateLimitedLog(clock)
@@ -325,7 +333,11 @@ class Broker:
         # Retained messages are not sent to shared subscriptions (4.8.2).
         now = self.clock.seconds()
         subids = (sub.subid,) if sub.subid else ()
-        for msg in self.retained.match(sub.topic):
+        found = self.retained.match(sub.topic)
+        for prefix, source in self.retained_sources.items():
+            if filter_may_match_prefix(sub.topic, prefix):
+                found.extend(source.retained_match(sub.topic))
+        for msg in found:
             if msg.expiry_at is not None and msg.expiry_at <= now:
                 self._retain_clear(msg.topic)
                 continue
@@ -378,6 +390,19 @@ class Broker:
         plan = self._plans.get(msg.topic)
         if plan is None:
             plan = self._plan(msg.topic)
+        return self.route(plan, msg) or need
+
+    def plan_for(self, topic: str) -> _Plan | None:
+        """Who receives ``topic`` (cached), None when nobody does: a server-side publisher
+        can skip building the message (the tag bridge at 100k changes/s)."""
+        plan = self._plans.get(topic)
+        if plan is None:
+            plan = self._plan(topic)
+        return plan if plan.direct or plan.shared else None
+
+    def route(self, plan: _Plan, msg: Message) -> bool:
+        """Deliver ``msg`` per ``plan``; True when a delivery was written to persistence."""
+        need = False
         origin = msg.origin
         mqos = msg.qos
         retain = msg.retain
@@ -477,9 +502,30 @@ class Broker:
         return plan
 
     # -- retained ------------------------------------------------------------------------------
+    def add_retained_source(self, prefix: str, source: RetainedSource) -> None:
+        """Let ``source`` answer for the retained messages of topics under ``prefix``
+        (ending in "/"). Retained messages stored under it before (an earlier version, or
+        the persistence file) are cleared: the source is the only truth there."""
+        self.retained_sources[prefix] = source
+        self._source_prefixes = tuple(self.retained_sources)
+        for topic in [t for t in self.retained.by_topic if t.startswith(prefix)]:
+            self._retain_clear(topic)
+
+    def remove_retained_source(self, prefix: str) -> None:
+        self.retained_sources.pop(prefix, None)
+        self._source_prefixes = tuple(self.retained_sources)
+
+    @property
+    def retained_count(self) -> int:
+        """Retained messages held here plus those the retained sources answer for."""
+        return len(self.retained) + sum(s.retained_count() for s in
+                                        self.retained_sources.values())
+
     def _retain(self, msg: Message) -> bool:
         """Store, replace or clear (empty payload, MQTT-3.3.1-10) a retained message."""
         topic = msg.topic
+        if self._source_prefixes and topic.startswith(self._source_prefixes):
+            return False  # a retained source holds these
         if not msg.payload:
             return self._retain_clear(topic)
         store = self.retained

@@ -183,6 +183,9 @@ class LimitsConfig:
     max_inflight: int = 64  #: outbound unacknowledged QoS 1/2 per client (and the client's own)
     max_queued_messages: int = 1000  #: per session, offline or behind a slow reader
     max_queued_bytes: int = 8 << 20  #: payload bytes queued per session
+    #: unsent bytes a connection's socket buffer may hold before the broker stops writing to
+    #: it and queues instead (Twisted's default of 64 KiB pauses a fast reader at every burst)
+    write_buffer_bytes: int = 1 << 20
     max_retained: int = 100_000  #: retained messages; a new topic over it is not retained
     max_retained_bytes: int = 64 << 20  #: payload bytes of all retained messages
     max_subscriptions: int = 1000  #: per session; more gets 0x97 Quota exceeded
@@ -344,6 +347,8 @@ def _parse_limits(r: Reader) -> LimitsConfig:
         max_queued_messages=m.int("max_queued_messages", d.max_queued_messages, min=0,
                                   max=10_000_000),
         max_queued_bytes=m.int("max_queued_bytes", d.max_queued_bytes, min=0),
+        write_buffer_bytes=m.int("write_buffer_bytes", d.write_buffer_bytes, min=4096,
+                                 max=1 << 30),
         max_retained=m.int("max_retained", d.max_retained, min=0),
         max_retained_bytes=m.int("max_retained_bytes", d.max_retained_bytes, min=0),
         max_subscriptions=m.int("max_subscriptions", d.max_subscriptions, min=1),

@@ -156,6 +156,7 @@ class MqttServerProtocol(Protocol):
             with contextlib.suppress(Exception):
                 set_nodelay(True)  # QoS 1 tail latency (facts.md)
         self.transport.registerProducer(self, True)
+        _set_write_buffer(self.transport, self.limits.write_buffer_bytes)
         self._last_rx = self.clock.seconds()
         self._connect_call = self.clock.callLater(self.limits.connect_timeout,
                                                   self._connect_timeout)
@@ -623,3 +624,19 @@ class MqttServerProtocol(Protocol):
 
     def stopProducing(self) -> None:
         self.paused = True
+
+
+def _set_write_buffer(transport: Any, size: int) -> None:
+    """Set the socket transport's pause threshold (``bufferSize``: Twisted pauses its
+    producer, us, once that many bytes are unsent) and let it hand the kernel up to that much
+    per reactor turn (``SEND_LIMIT``, 128 KiB by default: a burst of tag changes then drains
+    more slowly than the bridge produces it). Under TLS the TCP transport is the wrapped one,
+    whose pause the TLS layer passes on."""
+    for _ in range(4):
+        if transport is None:
+            return
+        if hasattr(transport, "bufferSize") and hasattr(transport, "socket"):
+            transport.bufferSize = size
+            transport.SEND_LIMIT = max(transport.SEND_LIMIT, size)
+            return
+        transport = getattr(transport, "transport", None)

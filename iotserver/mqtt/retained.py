@@ -6,9 +6,19 @@ thousands of tag topics; a subscription to ``site/line1/#`` must not scan all of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from iotserver.mqtt.session import Message
+
+
+class RetainedSource(Protocol):
+    """Answers for the retained messages under a topic prefix (``Broker.add_retained_source``)."""
+
+    def retained_match(self, topic_filter: str) -> list[Message]:
+        """The current retained messages whose topics the filter matches."""
+        ...
+
+    def retained_count(self) -> int: ...
 
 
 class RetainedStore:

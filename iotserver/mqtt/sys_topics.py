@@ -41,7 +41,7 @@ def sys_values(broker: Any) -> dict[str, str]:
         "publish/messages/dropped": st.dropped_total,
         "bytes/received": st.bytes_received,
         "bytes/sent": st.bytes_sent,
-        "retained messages/count": len(broker.retained),
+        "retained messages/count": broker.retained_count,
         "subscriptions/count": broker.subscription_count,
         "store/messages/count": sum(len(s.queue) + len(s.inflight) for s in sessions.values()),
     }

@@ -97,6 +97,24 @@ def parse_shared(topic_filter: str) -> tuple[str, str] | None:
     return group, rest
 
 
+def filter_may_match_prefix(topic_filter: str, prefix: str) -> bool:
+    """Whether the (valid) filter can match some topic that starts with ``prefix`` (whole
+    levels, ending in "/", e.g. ``iotserver/tags/``)."""
+    if prefix.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False  # MQTT-4.7.2-1
+    flevels = topic_filter.split("/")
+    plevels = prefix.rstrip("/").split("/")
+    for i, p in enumerate(plevels):
+        if i >= len(flevels):
+            return False  # the filter ends above the prefix
+        f = flevels[i]
+        if f == "#":
+            return True
+        if f != "+" and f != p:
+            return False
+    return len(flevels) > len(plevels)
+
+
 def matches(topic_filter: str, topic: str) -> bool:
     """True when the (valid) filter matches the (valid) topic name (MQTT 4.7).
 
