@@ -40,6 +40,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import select
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,7 +205,7 @@ def _cpu() -> float:
 # --------------------------------------------------------------------------- one scenario
 
 
-def run(sc: Scenario, seconds: float, tmp: Path) -> dict[str, Any]:
+def run(sc: Scenario, seconds: float, tmp: Path, pyspy: str = "") -> dict[str, Any]:
     procs = common.Procs()
     ctx = mp.get_context("fork")
     results = ctx.Queue()
@@ -258,7 +259,15 @@ def run(sc: Scenario, seconds: float, tmp: Path) -> dict[str, Any]:
         cpu0, wall0 = st.cpu(), time.monotonic()
         m0, o0 = mqtt_count.value, opc_count.value
         side0 = common.children_cpu(plc_pids + [w.pid for w in workers])
+        spy = None
+        if pyspy:  # sample the server's stacks over the window (py-spy, raw folded stacks)
+            spy = procs.popen(["py-spy", "record", "--pid", str(server.pid), "--duration",
+                               str(int(seconds)), "--rate", "200", "--format", "raw", "--output",
+                               f"{pyspy}.{sc.name.split()[0]}-{sc.north}.txt", "--nonblocking"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(seconds)
+        if spy is not None:
+            spy.wait(timeout=60)
         s1 = server.stats()
         cpu1, wall1 = st.cpu(), time.monotonic()
         m1, o1 = mqtt_count.value, opc_count.value
@@ -356,6 +365,9 @@ def main() -> None:
                     help="about 45 s: 20,000 tags at 1 s and 10,000 at 100 ms, 6 s windows")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured window per run")
     ap.add_argument("--opcua-items", type=int, default=10_000)
+    ap.add_argument("--pyspy", metavar="PREFIX", default="",
+                    help="record the server with py-spy over each window to PREFIX.<run>.txt "
+                         "(folded stacks)")
     ap.add_argument("--runs", default="100k:ingest,100k:all,10k:ingest,10k:all",
                     help="comma-separated SCENARIO:NORTH, SCENARIO in 100k, 20k, 10k and NORTH "
                          "in ingest (poller only), mqtt, opcua, all")
@@ -374,7 +386,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmpdir:
         for sc in scenarios:
-            r = run(sc, args.seconds, Path(tmpdir))
+            r = run(sc, args.seconds, Path(tmpdir), args.pyspy)
             results.append(r)
             rows.append(fmt(r))
             print("| " + " | ".join(str(c) for c in rows[-1]) + " |", flush=True)

@@ -111,6 +111,8 @@ class Message:
         size = 2 + n + (2 if qos else 0) + v5 + len(self.payload)
         b0 = 0x30 | (qos << 1) | retain
         header = bytes((b0, size)) if size < 128 else bytes((b0,)) + encode_varint(size)
+        if not qos and not v5:  # the common case (tag telemetry), in one concatenation
+            return header + n.to_bytes(2, "big") + tb + self.payload, -1
         parts = [header, n.to_bytes(2, "big"), tb]
         if qos:
             parts.append(b"\x00\x01")
