@@ -490,3 +490,40 @@ async def test_max_notifications_per_publish(srv: Running) -> None:
             assert sizes[:3] == [(3, True), (3, True), (1, False)]
             await sub.delete()
     await aio(body())
+
+
+@pytest_twisted.ensureDeferred
+async def test_virtual_nodes_with_a_tiny_node_cache(srv: Running) -> None:
+    """Every tag node is built on lookup; with a cache of one node, a full browse, reads and
+    a subscription still see the same address space (nodecache)."""
+    space = srv.service.space
+    capacity, space.table.capacity = space.table.capacity, 1
+    path = "Line1/Count"
+
+    async def walk(node: Any, out: dict[str, Any]) -> None:
+        for child in await node.get_children():
+            if child.nodeid.NamespaceIndex == space.idx:
+                out[str(child.nodeid.Identifier)] = (await child.read_browse_name()).Name
+                await walk(child, out)
+
+    async def body() -> None:
+        async with client(srv, user="bob") as c:
+            ns = await ns_of(c, srv)
+            first: dict[str, Any] = {}
+            await walk(c.nodes.objects, first)
+            assert set(space.tags) <= set(first) and "Line1" in first
+            node = c.get_node(ua.NodeId(path, ns))
+            sub, handler = await _subscribe(c, node, queuesize=10)
+            again: dict[str, Any] = {}
+            await walk(c.nodes.objects, again)  # evicts the monitored node many times over
+            assert again == first
+            srv.store.apply([Update(path, 4242)])
+            await _settle()
+            assert handler.values[-1] == 4242
+            assert await node.read_value() == 4242
+            await sub.delete()
+            assert not space.monitored
+    try:
+        await aio(body())
+    finally:
+        space.table.capacity = capacity

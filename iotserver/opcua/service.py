@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred
 from iotserver.lifecycle import AsyncService, StartupError, as_deferred
 from iotserver.opcua.addrspace import TagSpace
 from iotserver.opcua.config import POLICIES, OpcUaConfig
+from iotserver.opcua.convert import VARIANT_TYPES
 from iotserver.opcua.history import HistoryReader, Series, stepped
 from iotserver.opcua.security import (
     ClientCertificateValidator,
@@ -135,7 +136,7 @@ class OpcUaService(AsyncService):
 
         idx = await server.register_namespace(cfg.namespace)
         store = core.store
-        self.space = space = TagSpace(iserver.aspace, idx)
+        self.space = space = TagSpace(iserver.aspace, idx, read=store.read)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         count = space.build(((t, store.read(t.path)) for t in store.tags()),
@@ -170,14 +171,15 @@ class OpcUaService(AsyncService):
         space = self.space
         if space is None:
             return None
-        tag = space.by_node.get(node_id)
+        tag = space.tag_of(node_id)
         rings = self.core.rings
         if tag is not None:
             key = f"tag:{tag.path}"
             if key not in rings:
                 return None
-            return Series(key, rings.get(key), space.vtypes[tag.path], stepped(tag.data_type))
-        channel = space.channels.get(node_id)
+            return Series(key, rings.get(key), VARIANT_TYPES[tag.data_type],
+                          stepped(tag.data_type))
+        channel = space.channel_of(node_id)
         if channel is not None and f"signal:{channel}" in rings:
             key = f"signal:{channel}"
             return Series(key, rings.get(key), ua.VariantType.Float, False)

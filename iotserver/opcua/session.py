@@ -27,7 +27,7 @@ from asyncua.common.utils import ServiceError
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 
-from iotserver.opcua.addrspace import CURRENT_WRITE
+from iotserver.opcua.addrspace import CURRENT_WRITE, access_level
 from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_variant
 from iotserver.opcua.monitoring import IotSubscriptionService
 from iotserver.opcua.security import can_write, role_of
@@ -145,15 +145,15 @@ class IotSession(InternalSession):
         results: list[ua.DataValue | None] = [None] * len(params.NodesToRead)
         rest = []
         for i, rv in enumerate(params.NodesToRead):
-            tag = space.by_node.get(rv.NodeId)
+            tag = space.tag_of(rv.NodeId)
             if tag is None or rv.AttributeId not in (A.Value, A.UserAccessLevel):
-                if rv.AttributeId == A.Value and rv.NodeId in space.channels:
+                if rv.AttributeId == A.Value and space.channel_of(rv.NodeId) is not None:
                     results[i] = self._read_channel(svc, rv.NodeId)
                 else:
                     rest.append(i)
                 continue
             if rv.AttributeId == A.UserAccessLevel:
-                level = space.aspace.read_attribute_value(rv.NodeId, A.AccessLevel).Value.Value
+                level = access_level(tag)
                 if not can_write(self.user):
                     level &= ~CURRENT_WRITE
                 results[i] = ua.DataValue(ua.Variant(level, ua.VariantType.Byte))
@@ -186,7 +186,7 @@ class IotSession(InternalSession):
         if timestamps == ua.TimestampsToReturn.Invalid:
             return ua.DataValue(StatusCode=status(ua.StatusCodes.BadTimestampsToReturnInvalid))
         try:
-            tv = svc.store.read(tag.path)
+            tv = svc.space.current(tag.path)
         except KeyError:
             return ua.DataValue(StatusCode=status(ua.StatusCodes.BadNodeIdUnknown))
         value = tv.value
@@ -225,14 +225,14 @@ class IotSession(InternalSession):
         user = self.user
         principal = f"opcua:{getattr(user, 'name', None) or 'anonymous'}"
         for i, wv in enumerate(items):
-            tag = svc.space.by_node.get(wv.NodeId)
+            tag = svc.space.tag_of(wv.NodeId)
             if tag is None:
                 node = self.aspace.get(wv.NodeId)
                 if node is None:  # asyncua would answer BadUserAccessDenied
                     results[i] = status(ua.StatusCodes.BadNodeIdUnknown)
                 elif wv.AttributeId not in node.attributes:
                     results[i] = status(ua.StatusCodes.BadAttributeIdInvalid)
-                elif wv.NodeId in svc.space.channels:
+                elif svc.space.channel_of(wv.NodeId) is not None:
                     results[i] = status(ua.StatusCodes.BadNotWritable)
                 else:
                     rest.append(i)
@@ -260,7 +260,7 @@ class IotSession(InternalSession):
                 code = (int(quality) if isinstance(quality, int)
                         else ua.StatusCodes.BadInternalError)
                 results[i] = status(code)
-                tag = svc.space.by_node.get(items[i].NodeId)
+                tag = svc.space.tag_of(items[i].NodeId)
                 log.info("OPC UA write %s by %s: %s", tag.path if tag else items[i].NodeId,
                          principal, ua.StatusCode(code).name)
         svc.writes += len(items)
@@ -302,7 +302,7 @@ class IotSession(InternalSession):
         for i, rv in enumerate(params.NodesToRead):
             series = svc.series(rv.NodeId)
             if series is None:
-                if rv.NodeId in svc.space.by_node:
+                if svc.space.tag_of(rv.NodeId) is not None:
                     # AccessLevel has no HistoryRead bit (Part 4 5.11.3.4)
                     res = ua.HistoryReadResult()
                     res.StatusCode = status(ua.StatusCodes.BadNotReadable)

@@ -110,6 +110,7 @@ class ServerInfo:
                 log.info("OPC UA: no common folder for the tags of %s: no Reconnect method",
                          owner)
                 continue
+            space.keep(folder)  # asyncua adds the method's reference to the folder node
             node = self.server.get_node(space.node_id(folder))
             method_id = ua.NodeId(f"{folder}#Reconnect", space.idx, ua.NodeIdType.String)
 

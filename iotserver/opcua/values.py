@@ -1,9 +1,10 @@
 """Tag store -> address space: batches of changes written into the variables, fast and fair.
 
-One store subscription (``**``) delivers each batch of changes once per reactor turn. For each
-change a new DataValue is built (StatusCode = the tag's quality, source and server timestamps)
-and stored directly in the variable's Value attribute, and every monitored item on the node is
-handed the same DataValue synchronously (:mod:`.monitoring`; no copy, no coroutine).
+One store subscription (``**``) delivers each batch of changes once per reactor turn. The tag
+variables are virtual (:mod:`.addrspace`: their Value is read from the store when read), so
+only changes of *monitored* tags cost anything: for each, a new DataValue is built (StatusCode =
+the tag's quality, source and server timestamps) and every monitored item on the node is handed
+the same DataValue synchronously (:mod:`.monitoring`; no copy, no coroutine).
 
 asyncua has no sampling: values go straight into the monitored item queues, and a long batch
 would starve the publish loops and the sockets (clients then time out with zero notifications,
@@ -24,7 +25,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from iotserver.opcua.addrspace import TagSpace
-from iotserver.opcua.convert import make_datavalue
+from iotserver.opcua.convert import VARIANT_TYPES, make_datavalue
 from iotserver.tags.model import Change, TagDef
 from iotserver.tags.store import Subscription, TagStore
 
@@ -89,30 +90,32 @@ class ValuePump:
             return  # stopping: the store subscription is already cancelled
 
     def _apply(self, changes: list[Change], start: int) -> int:
-        """Write changes from ``start`` until the slice budget is used; returns the next index."""
+        """Handle changes from ``start`` until the slice budget is used; returns the next index.
+
+        Only monitored tags cost anything: unmonitored variables read the store when read.
+        """
         self.slices += 1
         space = self.space
-        attrs = space.value_attrs
-        vtypes = space.vtypes
+        monitored = space.monitored
+        n = len(changes)
+        if not monitored:
+            self.changes += n - start
+            return n
         times = space.times
         deadline = time.perf_counter() + self.budget
-        n = len(changes)
         i = start
         while i < n:
             stop = min(n, i + _CHECK_EVERY)
             for j in range(i, stop):
                 tag, tv = changes[j]
-                attval = attrs.get(tag.path)
+                attval = monitored.get(tag.path)
                 if attval is None:
                     continue
-                dv = make_datavalue(tag, vtypes[tag.path], tv.value, tv.quality, tv.source_ns,
-                                    tv.server_ns, times)
-                attval.value = dv
-                hooks = attval.datachange_callbacks
-                if hooks:
-                    # every callback is a monitoring._Hook: all subscriptions are ours
-                    for handle, hook in hooks.items():
-                        hook.sync(handle, dv)  # type: ignore[attr-defined]
+                dv = make_datavalue(tag, VARIANT_TYPES[tag.data_type], tv.value, tv.quality,
+                                    tv.source_ns, tv.server_ns, times)
+                # every callback is a monitoring._Hook: all subscriptions are ours
+                for handle, hook in attval.datachange_callbacks.items():
+                    hook.sync(handle, dv)  # type: ignore[attr-defined]
             self.changes += stop - i
             i = stop
             if time.perf_counter() >= deadline:
