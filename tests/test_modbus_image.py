@@ -140,3 +140,39 @@ def test_unmapped_reads_zero_and_bits() -> None:
     assert image.plan_bit_write(0, [True]) is ExceptionCode.ILLEGAL_DATA_ADDRESS
     assert image.plan_register_write(4, struct.pack(">H", 1)) is ExceptionCode.ILLEGAL_DATA_ADDRESS
     image.stop()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_exact_bindings_skip_coerce_only_where_it_changes_nothing(data: st.DataObject) -> None:
+    """A write through an ``exact`` binding plans the raw value; that is what coerce gives."""
+    from iotserver.tags.model import CoerceError, coerce
+
+    for _ in range(4):
+        reg = data.draw(st.sampled_from(sorted(_LIMITS)))
+        dt = data.draw(st.sampled_from([DataType.INT16, DataType.UINT16, DataType.INT32,
+                                        DataType.UINT32, DataType.INT64, DataType.UINT64,
+                                        DataType.FLOAT32, DataType.FLOAT64]))
+        ranged = data.draw(st.booleans())
+        tag = TagDef("T", dt, access=Access.READ_WRITE, low=0 if ranged else None,
+                     high=100 if ranged else None)
+        mtype = ModbusType.parse(reg)
+        b = Binding(MapEntry("k", "T", Table.HOLDING_REGISTERS, 0, mtype, Order.ABCD))
+        b.bind(tag)
+        raw = data.draw(st.integers(*_LIMITS[reg]))
+        if b.exact:
+            assert not ranged and dt.is_integer
+            assert coerce(tag, raw) == raw and type(coerce(tag, raw)) is int
+        _, image, _ = make([MapEntry("k", "T", Table.HOLDING_REGISTERS, 0, mtype, Order.ABCD)],
+                           [tag])
+        wire = to_wire_bytes(encode_value(mtype, Order.ABCD, raw))
+        plan = image.plan_register_write(0, wire)
+        try:
+            expected: object = coerce(tag, raw)
+        except CoerceError:
+            assert plan is ExceptionCode.ILLEGAL_DATA_VALUE
+        else:
+            assert not isinstance(plan, ExceptionCode)
+            assert [v for _, v in plan] == [expected]
+            assert type(plan[0][1]) is type(expected)
+        image.stop()

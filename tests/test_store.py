@@ -253,6 +253,67 @@ def test_write_owner_answers_and_failures() -> None:
     assert result_of(d) is Quality.BAD_TIMEOUT
 
 
+def test_write_now_answers_synchronous_owners_without_a_deferred() -> None:
+    store, clock = make_store()
+    store.register_owner("memory", MemoryOwner(store))
+    owner = RecordingOwner()
+    store.register_owner("plc", owner)
+    store.define(TagDef(path="M/x", data_type=DataType.INT16, access=Access.READ_WRITE))
+    store.define(rw("P/x"))
+    assert store.write_now("M/x", 5.0) is Quality.GOOD  # coerced: int 5
+    assert store.read("M/x").value == 5 and type(store.read("M/x").value) is int
+    # refusals are plain qualities too, counted as failed; nothing is written
+    assert store.write_now("M/x", 1 << 20) is Quality.BAD_OUT_OF_RANGE
+    assert store.write_now("M/none", 1) is Quality.BAD_NODE_ID_UNKNOWN
+    assert store.read("M/x").value == 5
+    assert (store.stats.writes, store.stats.writes_failed) == (3, 2)
+    # an owner that answers later: the same Deferred as write() gives (timeout included)
+    owner.answer = Deferred()
+    d = store.write_now("P/x", 1)
+    assert isinstance(d, Deferred) and not d.called
+    clock.advance(5.1)
+    assert result_of(d) is Quality.BAD_TIMEOUT
+
+
+def test_write_now_checked_skips_coerce_only_for_the_current_definition() -> None:
+    store, _ = make_store()
+    owner = RecordingOwner()
+    store.register_owner("plc", owner)
+    old = rw("P/x", DataType.INT16, low=0, high=100)
+    store.define(old)
+    # the caller coerced for this very TagDef: passed on as is
+    assert store.write_now("P/x", 7, checked=old) is Quality.GOOD
+    # checked against another definition (the tag was redefined): coerced again, refused
+    store.remove("P/x")
+    store.define(rw("P/x", DataType.INT16, low=0, high=10))
+    assert store.write_now("P/x", 50, checked=old) is Quality.BAD_OUT_OF_RANGE
+    assert owner.writes == [("P/x", 7)]
+
+
+def test_write_origin_is_not_notified_every_other_subscriber_is() -> None:
+    store, clock = make_store()
+    store.register_owner("memory", MemoryOwner(store))
+    store.define(TagDef(path="M/x", data_type=DataType.INT16, access=Access.READ_WRITE))
+    mine: list[Any] = []
+    others: list[Any] = []
+    origin = store.subscribe("**", lambda ch: mine.extend(c.value.value for c in ch),
+                             initial=False)
+    store.subscribe("**", lambda ch: others.extend(c.value.value for c in ch), initial=False)
+    store.apply([Update("M/x", 1)])  # pending for both
+    assert store.write_now("M/x", 2, origin=origin) is Quality.GOOD
+    clock.advance(0)
+    assert mine == [] and others == [2]  # the origin's stale pending 1 was dropped as well
+    assert result_of(store.write("M/x", 3)) is Quality.GOOD  # without origin: everyone
+    clock.advance(0)
+    assert mine == [3] and others == [2, 3]
+    # an owner other than memory never gets the origin (it cannot know about it)
+    owner = RecordingOwner()
+    store.register_owner("plc", owner)
+    store.define(rw("P/x"))
+    assert store.write_now("P/x", 1.0, origin=origin) is Quality.GOOD
+    assert owner.writes == [("P/x", 1.0)]
+
+
 def test_memory_owner_applies_and_persists(tmp_path: Any) -> None:
     from iotserver.tags.persist import MemoryTagPersistence
 

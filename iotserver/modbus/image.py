@@ -33,7 +33,7 @@ from iotserver.modbus.encoding import (
     set_bit,
     to_wire_bytes,
 )
-from iotserver.tags.model import Change, CoerceError, TagDef, TagValue, coerce
+from iotserver.tags.model import Change, CoerceError, Scaling, TagDef, TagValue, coerce
 from iotserver.tags.store import Subscription, TagStore
 
 __all__ = ["SIZE", "Binding", "Image", "TableImage", "to_eng", "to_raw"]
@@ -78,16 +78,27 @@ class Binding:
     ``encoding.encode_value`` / ``decode_registers`` (tested) without their numpy overhead.
     """
 
-    __slots__ = ("bad", "byte_swap", "entry", "kind", "last", "problem", "reorder", "start",
-                 "stop", "struct", "tag")
+    __slots__ = ("address", "bad", "byte_swap", "end", "entry", "exact", "kind", "last", "limits",
+                 "path",
+                 "problem", "reorder", "scaling", "start", "stop", "struct", "table", "tag",
+                 "writable")
 
     def __init__(self, entry: MapEntry) -> None:
         self.entry = entry
         self.tag: TagDef | None = None
         self.problem = "not defined"
+        self.exact = False
         self.bad = True
         self.last: Any = _UNSET  # the value last encoded into the image
         self.kind = entry.mtype.kind if entry.table not in BIT_TABLES else Kind.BOOL
+        # entry fields copied: these are read once or more per write and per tag update
+        self.path = entry.path
+        self.address = entry.address
+        self.end = entry.end
+        self.writable = entry.writable
+        self.scaling = entry.scaling
+        self.limits = _INT_RANGE.get(self.kind)
+        self.table: TableImage | None = None  # set by the Image
         self.start = 2 * entry.address  # byte offsets into the table's wire bytes
         self.stop = 2 * entry.end
         code = _STRUCT_CODES.get(self.kind)
@@ -106,6 +117,15 @@ class Binding:
             self.problem = f"a {tag.data_type.value} tag, not {self.entry.mtype.kind.value}"
         else:
             self.problem = ""
+        # Integer registers, no scaling, a tag without a range whose type holds every value
+        # the registers can: the decoded int is exactly what coerce would return, so a write
+        # needs no further validation (tested against coerce).
+        self.exact = False
+        if not self.problem and tag is not None and self.limits is not None \
+                and self.scaling is None and tag.low is None and tag.high is None \
+                and tag.data_type.is_integer:
+            info = np.iinfo(tag.data_type.numpy_dtype)
+            self.exact = info.min <= self.limits[0] and self.limits[1] <= info.max
 
     @property
     def usable(self) -> bool:
@@ -144,10 +164,15 @@ def to_raw(entry: MapEntry, value: Any) -> Any:
         return bool(value)
     if kind is Kind.STRING:
         return str(value)
-    raw = entry.scaling.to_raw(float(value)) if entry.scaling is not None else value
-    limits = _INT_RANGE.get(kind)
+    return _to_raw_number(entry.scaling, _INT_RANGE.get(kind), value)
+
+
+def _to_raw_number(scaling: Scaling | None, limits: tuple[int, int] | None, value: Any) -> Any:
+    raw = scaling.to_raw(float(value)) if scaling is not None else value
     if limits is None:
         return float(raw)
+    if type(raw) is int:  # the common case: an integer tag on integer registers
+        return raw if limits[0] <= raw <= limits[1] else min(max(raw, limits[0]), limits[1])
     if isinstance(raw, float):
         if raw != raw:
             return 0
@@ -235,6 +260,10 @@ class Image:
                 _runs(mapped), _runs(writable), cover, bad,
                 sum(1 for b in self.bindings if b.entry.table is table),
             )
+        for b in self.bindings:
+            b.table = self.tables[b.entry.table]
+        self._hr = self.tables[Table.HOLDING_REGISTERS]
+        self._coils = self.tables[Table.COILS]
         self._sub: Subscription | None = None
         self._undefine: Any = None
 
@@ -256,6 +285,11 @@ class Image:
         self._undefine = self.store.on_define(self._on_define)
         self._sub = self.store.subscribe("**", self._on_changes, name="modbus server image",
                                          initial=False)
+
+    @property
+    def subscription(self) -> Subscription | None:
+        """The image's store subscription (a write's ``origin``, see ``TagStore.write_now``)."""
+        return self._sub
 
     def stop(self) -> None:
         if self._sub is not None:
@@ -292,26 +326,31 @@ class Image:
 
     # -- encoding into the tables ------------------------------------------------------------
     def _apply(self, bindings: list[Binding], tv: TagValue | None) -> None:
+        value = None if tv is None else tv.value
+        # Quality is an IntEnum: the Bad bit tested directly (the is_bad property is slower)
+        good = value is not None and not tv.quality & 0x80000000  # type: ignore[union-attr]
         for b in bindings:
-            e = b.entry
-            good = tv is not None and b.usable and tv.value is not None and not tv.quality.is_bad
-            if good == b.bad:  # quality transition
-                t = self.tables[e.table]
-                b.bad = not good
-                delta = -1 if good else 1
-                t.bad[e.address:e.end] += delta
+            usable = not b.problem
+            shown_good = good and usable
+            if shown_good == b.bad:  # quality transition
+                t = b.table
+                assert t is not None
+                b.bad = not shown_good
+                delta = -1 if shown_good else 1
+                t.bad[b.address:b.end] += delta
                 t.bad_total += delta
-            if not b.usable:
+            if not usable:
                 self._put(b, None)
-            elif tv is not None and tv.value is not None:
-                self._put(b, tv.value)
+            elif value is not None:
+                self._put(b, value)
 
     def _put(self, b: Binding, value: Any) -> None:
         if value is b.last and value is not None:
             return
         b.last = value
         e = b.entry
-        t = self.tables[e.table]
+        t = b.table
+        assert t is not None
         kind = b.kind
         if t.raw is None:
             t.values[e.address] = 1 if value else 0
@@ -328,7 +367,7 @@ class Image:
             elif kind is Kind.BOOL:
                 data = b"\x00\x01" if value else b"\x00\x00"
             else:
-                data = b.wire(to_raw(e, value))
+                data = b.wire(_to_raw_number(b.scaling, b.limits, value))
         except (ValueError, TypeError, struct.error) as exc:
             log.warn("modbus map {key}: cannot encode {path} = {v!r}: {exc}", key=e.key,
                      path=e.path, v=value, exc=str(exc))
@@ -383,16 +422,15 @@ class Image:
         range, MB AP 6.12 "illegal data value"). A bit of a shared register is written only
         when it changes.
         """
-        t = self.tables[Table.HOLDING_REGISTERS]
+        t = self._hr
         end = address + len(wire) // 2
         covering = self._covering(t, address, end)
-        if isinstance(covering, ExceptionCode):
-            return covering
+        if type(covering) is not list:
+            return covering  # type: ignore[return-value]  # an ExceptionCode
         plan: list[tuple[Binding, Any]] = []
         base = 2 * address
         for b in covering:
-            e = b.entry
-            if e.address < address or e.end > end:
+            if b.address < address or b.end > end:
                 return ExceptionCode.ILLEGAL_DATA_ADDRESS
             raw = b.unwire(wire[b.start - base:b.stop - base])
             if b.kind is Kind.BIT:
@@ -400,11 +438,16 @@ class Image:
                 if raw == b.unwire(bytes(t.raw[b.start:b.stop])):
                     continue
             tag = b.tag
-            if tag is None or b.problem or not tag.writable or not e.writable:
+            if tag is None or b.problem or not tag.writable or not b.writable:
                 return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            value = self._check(tag, to_eng(e, tag, raw))
-            if isinstance(value, ExceptionCode):
-                return value
+            # the one validation of the value; the store does not coerce it again
+            if b.exact:
+                value = raw
+            else:
+                try:
+                    value = coerce(tag, raw if b.scaling is None else to_eng(b.entry, tag, raw))
+                except CoerceError:
+                    return ExceptionCode.ILLEGAL_DATA_VALUE
             plan.append((b, value))
         return plan
 
@@ -412,11 +455,11 @@ class Image:
         self, address: int, values: Iterable[bool]
     ) -> list[tuple[Binding, Any]] | ExceptionCode:
         """Coils ``address..`` := ``values`` (FC05/FC0F), validated like registers."""
-        t = self.tables[Table.COILS]
+        t = self._coils
         vals = list(values)
         covering = self._covering(t, address, address + len(vals))
-        if isinstance(covering, ExceptionCode):
-            return covering
+        if type(covering) is not list:
+            return covering  # type: ignore[return-value]  # an ExceptionCode
         plan: list[tuple[Binding, Any]] = []
         for b in covering:
             if not b.usable or b.tag is None or not b.tag.writable:

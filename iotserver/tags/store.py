@@ -243,11 +243,12 @@ class TagStore:
         return {p: self._entries[p].value for p in sorted(self._entries) if rx.match(p)}
 
     # -- source updates (hot path) ----------------------------------------------------------
-    def apply(self, updates: Iterable[Update]) -> int:
+    def apply(self, updates: Iterable[Update], *, origin: Subscription | None = None) -> int:
         """Apply a batch from a source; returns how many changes were notified.
 
         Values are trusted to be of the tag's type (sources decode them); the deadband decides
         whether subscribers hear of the change, while ``read`` always returns the latest sample.
+        ``origin`` (a write's own subscriber, see :meth:`write_now`) is not notified.
         """
         now = self.now_ns()
         entries = self._entries
@@ -275,7 +276,7 @@ class TagStore:
                 else entry.tag.deadband_exceeded(entry.reported, value)
             ):
                 if entry.subs:
-                    self._notify(entry, tv)
+                    self._notify(entry, tv, origin)
                 else:
                     entry.reported = value
                     entry.reported_quality = quality
@@ -291,13 +292,17 @@ class TagStore:
             self._schedule_flush()
         return notified
 
-    def _notify(self, entry: _Entry, tv: TagValue) -> None:
+    def _notify(self, entry: _Entry, tv: TagValue, origin: Subscription | None = None) -> None:
         entry.reported = tv.value
         entry.reported_quality = tv.quality
         change = Change(entry.tag, tv)
         path = entry.tag.path
         dirty = self._dirty
         for sub in entry.subs:
+            if sub is origin:
+                # The writer shows this value itself; an older pending one must not follow it.
+                sub.pending.pop(path, None)
+                continue
             pending = sub.pending
             if path in pending:
                 sub.conflated += 1
@@ -399,6 +404,29 @@ class TagStore:
         BadTypeMismatch, BadOutOfRange, BadTimeout, BadInternalError ...), so each protocol can
         answer its client with its own code.
         """
+        result = self.write_now(path, value, principal=principal)
+        if isinstance(result, Deferred):
+            return result
+        return succeed(result)
+
+    def write_now(
+        self,
+        path: str,
+        value: Any,
+        *,
+        principal: str = "",
+        checked: TagDef | None = None,
+        origin: Subscription | None = None,
+    ) -> Quality | Deferred[Quality]:
+        """:meth:`write` for hot paths: the same checks and routing, but when the owner answers
+        at once (memory tags, refusals) the final Quality is returned itself, no Deferred.
+
+        ``checked``: the TagDef the caller already coerced ``value`` for; while that is still
+        the tag's definition the value is not coerced a second time (coerce is idempotent).
+        ``origin``: the caller's own store subscription. A memory tag's write does not notify
+        it (every other subscriber is notified as usual): the caller must show the new value
+        itself, e.g. from :meth:`read` right after the write.
+        """
         self.stats.writes += 1
         entry = self._entries.get(path)
         if entry is None:
@@ -406,21 +434,25 @@ class TagStore:
         tag = entry.tag
         if not tag.writable:
             return self._refused(Quality.BAD_NOT_WRITABLE)
-        try:
-            coerced = coerce(tag, value)
-        except CoerceError as exc:
-            return self._refused(exc.quality)
+        if checked is not tag:
+            try:
+                value = coerce(tag, value)
+            except CoerceError as exc:
+                return self._refused(exc.quality)
         owner = self._owners.get(tag.owner)
         if owner is None:
             log.warn("write to {path}: no owner {owner!r} is running", path=path, owner=tag.owner)
             return self._refused(Quality.BAD_NOT_CONNECTED)
+        result: Quality | Deferred[Quality]
         try:
-            result = owner.write_tag(tag, coerced)
+            if type(owner) is MemoryOwner:
+                result = owner.write_tag(tag, value, origin=origin)
+            else:
+                result = owner.write_tag(tag, value)
         except Exception:
-            return succeed(self._write_done(self._write_failed(Failure(), path)))
+            return self._write_done(self._write_failed(Failure(), path))
         if not isinstance(result, Deferred):
-            # Answered at once (memory tags): no timer, no callback chain.
-            return succeed(self._write_done(result))
+            return self._write_done(result)  # answered at once: no timer, no callback chain
         d: Deferred[Quality] = result
         if not d.called:
             d.addTimeout(self.write_timeout, self._clock)
@@ -428,9 +460,9 @@ class TagStore:
         d.addCallback(self._write_done)
         return d
 
-    def _refused(self, quality: Quality) -> Deferred[Quality]:
+    def _refused(self, quality: Quality) -> Quality:
         self.stats.writes_failed += 1
-        return succeed(quality)
+        return quality
 
     def _write_failed(self, failure: Failure, path: str) -> Quality:
         from twisted.internet.defer import TimeoutError as DeferTimeout
@@ -444,8 +476,9 @@ class TagStore:
         return Quality.BAD_INTERNAL_ERROR
 
     def _write_done(self, quality: Quality) -> Quality:
-        quality = Quality(quality)
-        if quality.is_bad:
+        if type(quality) is not Quality:
+            quality = Quality(quality)
+        if quality & 0x80000000:  # Bad (Quality is an IntEnum; .is_bad is slower)
             self.stats.writes_failed += 1
         return quality
 
@@ -463,9 +496,10 @@ class MemoryOwner:
         self._store = store
         self._persistence = persistence
 
-    def write_tag(self, tag: TagDef, value: Any) -> Quality:
+    def write_tag(self, tag: TagDef, value: Any, *, origin: Subscription | None = None) -> Quality:
+        """Always answers at once. ``origin`` is not notified (see :meth:`TagStore.write_now`)."""
         ts = self._store.now_ns()
         if tag.persist and self._persistence is not None:
             self._persistence.save(tag.path, value, Quality.GOOD, ts)
-        self._store.apply([Update(tag.path, value, Quality.GOOD, ts)])
+        self._store.apply((Update(tag.path, value, Quality.GOOD, ts),), origin=origin)
         return Quality.GOOD
