@@ -26,11 +26,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def start(*args: str) -> subprocess.Popen[str]:
-    """Run ``servers.py ARGS`` and wait until it prints "ready"."""
+def start(*args: str, command: list[str] | None = None) -> subprocess.Popen[str]:
+    """Run ``servers.py ARGS`` (or ``command``) and wait until it prints "ready"."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, str(HERE / "servers.py"), *args],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    cmd = command if command is not None else [sys.executable, str(HERE / "servers.py"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
