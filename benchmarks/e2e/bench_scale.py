@@ -280,6 +280,10 @@ def run(sc: Scenario, seconds: float, tmp: Path, pyspy: str = "") -> dict[str, A
                     - sum(d["timeouts"] for d in s0["modbus"].values()))
         polls = (sum(d["polls"] for d in s1["modbus"].values())
                  - sum(d["polls"] for d in s0["modbus"].values()))
+        requests = (sum(d["requests"] for d in s1["modbus"].values())
+                    - sum(d["requests"] for d in s0["modbus"].values()))
+        rtt = (sum(d["rtt_sum"] for d in s1["modbus"].values())
+               - sum(d["rtt_sum"] for d in s0["modbus"].values()))
 
         def delivered(stats: dict[str, Any], name: str) -> tuple[int, int]:
             for s in stats["subscriptions"]:
@@ -297,6 +301,7 @@ def run(sc: Scenario, seconds: float, tmp: Path, pyspy: str = "") -> dict[str, A
             values_s=values / dt,
             expected_s=sc.tags / sc.poll,
             polls_s=polls / dt,
+            rtt_ms=rtt / requests * 1000 if requests else 0.0,
             timeouts=timeouts,
             opc_rx_s=(o1 - o0) / dt,
             opc_items=len(chosen) if sc.opcua else 0,
@@ -401,7 +406,8 @@ def main() -> None:
         print(f"{sc.label}: {sc.plcs} sim-plc x {sc.registers} registers, poll {sc.poll} s; "
               f"ready after {r['ready_startup_s']:.1f} s (RSS {r['rss_ready'] / 1e6:.0f} MB); "
               f"{r['polls_s']:.1f} polls/s (of {sc.plcs / sc.poll:.0f}), "
-              f"{r['timeouts']} timeouts; garbage collector "
+              f"{r['timeouts']} timeouts, read round trip {r['rtt_ms']:.2f} ms on average; "
+              f"garbage collector "
               f"{sum(r['gc_share']) * 100:.0f} % of a core (collections per generation "
               f"{r['gc_count']}, time share {[round(x * 100, 1) for x in r['gc_share']]} %)")
         if sc.opcua or sc.mqtt:

@@ -327,24 +327,26 @@ class TagBridge:
             self._publish_changes(changes)
             return None
         done: Deferred[None] = Deferred()
-
-        def next_slice(start: int) -> None:
-            if not self._running:
-                done.callback(None)
-                return
-            end = start + self.SLICE
-            try:
-                self._publish_changes(changes[start:end])
-            except Exception:  # the store logs a subscriber failure; do not hang it
-                done.errback()
-                return
-            if end < len(changes):
-                self.core.clock.callLater(0, next_slice, end)
-            else:
-                done.callback(None)
-
-        next_slice(0)
+        self._next_slice(changes, 0, done)
         return done
+
+    def _next_slice(self, changes: list[Change], start: int, done: Deferred[None]) -> None:
+        # A method with explicit arguments, not a closure calling itself: that closure is a
+        # reference cycle which kept every batch (10,000 changes) alive until the garbage
+        # collector ran, 16 % of a core at 100k changes/s (benchmarks/e2e/bench_scale.py).
+        if not self._running:
+            done.callback(None)
+            return
+        end = start + self.SLICE
+        try:
+            self._publish_changes(changes[start:end])
+        except Exception:  # the store logs a subscriber failure; do not hang it
+            done.errback()
+            return
+        if end < len(changes):
+            self.core.clock.callLater(0, self._next_slice, changes, end, done)
+        else:
+            done.callback(None)
 
     def _publish_changes(self, changes: list[Change]) -> None:
         # Hot path (one call per tag change): topics were validated when the tags were
