@@ -704,3 +704,28 @@ def test_end_to_end_with_mosquitto_clients(tmp_path: Any, free_port: int) -> Non
     finally:
         server.terminate()
         server.wait(15)
+
+
+def test_sliced_publishing_leaves_no_reference_cycles(
+        env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch published in slices must be freed by reference counting as soon as it is done:
+    a cycle (e.g. a closure that schedules itself) keeps every batch alive until the garbage
+    collector runs, which at 100k changes/s cost a sixth of a core."""
+    import gc
+
+    monkeypatch.setattr(TagBridge, "SLICE", 3)
+    store, clock = env.store, env.clock
+    paths = [f"Cyc/T{i}" for i in range(10)]
+    for p in paths:
+        store.define(TagDef(p, DataType.FLOAT64))
+    clock.advance(0)
+    gc.collect()
+    gc.disable()
+    try:
+        store.apply([Update(p, 2.0) for p in paths])
+        for _ in range(10):
+            clock.advance(0)
+        assert len(env.broker.on(topic("Cyc/T9"))) >= 1  # every slice went out
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
