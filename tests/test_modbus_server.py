@@ -417,6 +417,73 @@ async def test_backpressure_many_slow_writes(server: Server) -> None:
         await c.close()
 
 
+def _loop_reader(fd: int) -> Any:
+    """What the asyncio loop calls when ``fd`` is readable (None: not watched for reading)."""
+    loop = reactor._asyncioEventloop  # type: ignore[attr-defined]
+    try:
+        handle = loop._selector.get_key(fd).data[0]
+    except KeyError:
+        return None
+    return None if handle is None or handle.cancelled() else handle._callback
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_tcp_connections_are_read_by_the_protocol_itself(server: Server) -> None:
+    """The loop calls the protocol directly; pause/resume, errors and EOF work as usual."""
+    server.slow.delay = 0.01
+    c = await raw(server.port)
+    c.send(read_hr(1, 0, 2))
+    assert len(await c.read(13)) == 13
+    (proto,) = server.service.server.connections
+    t = proto.transport
+    fd = t.fileno()
+    assert _loop_reader(fd) == proto._readable
+    # more pipelined slow writes than max_requests_in_flight (4): reading pauses and resumes
+    resumed: list[bool] = []
+    resume = t.resumeProducing
+
+    def spy() -> None:
+        resumed.append(True)
+        resume()
+
+    t.resumeProducing = spy
+    c.send(b"".join(write_hr(i, 20, f32(float(i))) for i in range(12)))
+    got = await c.read(12 * 12)
+    assert [struct.unpack(">H", got[i * 12:i * 12 + 2])[0] for i in range(12)] == list(range(12))
+    assert resumed and _loop_reader(fd) == proto._readable
+    # the client closes: the server's connection is lost and unregistered
+    await c.close()
+    for _ in range(100):
+        if not server.service.server.connections:
+            break
+        await sleep(0.01)
+    assert not server.service.server.connections and proto._lost
+    assert _loop_reader(fd) is None or _loop_reader(fd) != proto._readable
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_in_data_received_drops_only_that_connection(server: Server) -> None:
+    other = await raw(server.port)
+    c = await raw(server.port)
+    try:
+        c.send(read_hr(1, 0, 2))
+        assert len(await c.read(13)) == 13
+        (proto,) = [p for p in server.service.server.connections
+                    if p.transport.getPeer().port == c.transport.getHost().port]  # type: ignore[union-attr]
+
+        def boom(data: bytes) -> None:
+            raise RuntimeError("boom")
+
+        proto.dataReceived = boom  # type: ignore[method-assign]
+        c.send(read_hr(2, 0, 2))
+        await c.lost.addTimeout(TIMEOUT, reactor)
+        assert proto._lost
+        other.send(read_hr(3, 0, 2))
+        assert (await other.read(13))[:2] == b"\x00\x03"
+    finally:
+        await other.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_owner_failures_map_to_exceptions(server: Server) -> None:
     c = await raw(server.port)
@@ -612,6 +679,9 @@ async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> N
         eng = await connectProtocol(client("eng", "Engineer"), Raw())
         eng.send(write_hr(3, 0, f32(2.0)))
         assert await eng.read(12) == adu(3, struct.pack(">BHH", 0x10, 0, 2))
+        # TLS connections are read the normal way (through the TLS layer)
+        secure = [p for p in srv.service.server.connections if p.secure]
+        assert secure and all(p._recv is None for p in secure)
         assert srv.core.store.read("T/Setpoint").value == 2.0
         await eng.close()
         nobody = await connectProtocol(client("nobody", None), Raw())

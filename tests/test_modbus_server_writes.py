@@ -264,3 +264,89 @@ def test_mixed_owners_answer_after_all_and_memory_part_shows_at_once() -> None:
     assert rig.hr(10, 2) == [41, 32]
     rig.clock.advance(0)
     assert ("M/C", 41) in rig.seen and ("P/Y", 42) not in rig.seen
+
+
+def test_whole_fc06_frames_take_the_short_way_with_the_same_outcome() -> None:
+    """A whole FC06 frame on a single-register tag skips the frame decoder and the write
+    planner (``_write_register_fast``); the same frames split in two take the normal way.
+    Replies, stored values, image, notifications and counters must not differ."""
+    rigs = [Rig(), Rig()]
+    conns = [r.connect() for r in rigs]
+    handled: list[list[int]] = [[], []]
+    for (proto, _tr), log in zip(conns, handled, strict=True):
+        normal = proto._handle
+
+        def spy(frame: Any, normal: Any = normal, log: list[int] = log) -> Any:
+            log.append(frame[0])
+            return normal(frame)
+
+        proto._handle = spy  # type: ignore[method-assign]
+
+    def both(frame: bytes, plc: Quality | None = None) -> bytes:
+        out = []
+        for i, (rig, (proto, tr)) in enumerate(zip(rigs, conns, strict=True)):
+            if i == 0:
+                proto.dataReceived(frame)
+            else:
+                proto.dataReceived(frame[:5])
+                proto.dataReceived(frame[5:])
+            if plc is not None:
+                rig.plc.answer(plc)
+            rig.clock.advance(0)
+            out.append(take(tr))
+        assert out[0] == out[1], frame
+        return out[0]
+
+    assert both(fc06(1, 0, 0xBEEF)) == fc06(1, 0, 0xBEEF)  # memory uint16
+    assert both(fc06(2, 0, 0xBEEF)) == fc06(2, 0, 0xBEEF)  # the same value again
+    assert both(fc06(3, 1, 0x8000)) == fc06(3, 1, 0x8000)  # memory int16: -32768
+    assert both(fc06(4, 2, 50)) == fc06(4, 2, 50)  # a ranged tag: coerced the normal way
+    assert both(fc06(5, 2, 101)) == exc(5, 6, 3)
+    assert both(fc06(6, 3, 1)) == exc(6, 6, 2)  # read-only
+    assert both(fc06(7, 9, 1)) == exc(7, 6, 2)  # unmapped
+    assert both(fc06(8, 4, 77), plc=Quality.GOOD) == fc06(8, 4, 77)  # the owner answers later
+    assert both(fc06(9, 4, 78), plc=Quality.BAD_OUT_OF_RANGE) == exc(9, 6, 3)
+    assert both(fc06(10, 5, 1)) == exc(10, 6, 1)  # the owner refuses
+    assert both(fc06(11, 6, 1)) == exc(11, 6, 0x0B)  # no owner running
+    assert both(fc06(12, 7, 33)) == fc06(12, 7, 33)  # a tag mapped twice: both registers
+    for rig in rigs:  # a Bad value (a source went away): the write makes it Good again
+        rig.store.set_quality("M/A", Quality.BAD_NOT_CONNECTED)
+        rig.store.remove("M/C")
+        rig.clock.advance(0)
+    assert both(fc06(13, 0, 5)) == fc06(13, 0, 5)
+    assert both(fc06(14, 10, 5)) == exc(14, 6, 2)  # its tag is gone
+    assert both(fc03(15, 0, 9)) == adu(15, struct.pack(">BB9H", 3, 18, 5, 0x8000, 50, 4, 77,
+                                                        7, 8, 33, 33))
+    a, b = rigs
+    assert a.seen == b.seen and a.seen
+    assert [a.store.read(p) for p in a.store.paths()] == [b.store.read(p) for p in b.store.paths()]
+    assert a.store.stats == b.store.stats
+    assert a.server.stats == b.server.stats
+    for t in a.server.image.tables:
+        assert (a.server.image.tables[t].values == b.server.image.tables[t].values).all()
+        assert (a.server.image.tables[t].bad == b.server.image.tables[t].bad).all()
+        assert a.server.image.tables[t].bad_total == b.server.image.tables[t].bad_total
+    # the short way was taken where it applies (M/A, M/B, P/X, P/Nope, P/Gone), the normal
+    # way otherwise; a split frame always takes the normal way
+    assert handled[0] == [4, 5, 6, 7, 12, 14, 15]
+    assert handled[1] == list(range(1, 16))
+
+
+def test_short_way_keeps_order_behind_a_pending_write_and_framing_checks() -> None:
+    rig = Rig()
+    proto, tr = rig.connect()
+    proto.dataReceived(fc06(1, 4, 99))  # waits for the PLC
+    proto.dataReceived(fc06(2, 0, 42))  # queued behind it, not answered before it
+    assert tr.value() == b"" and rig.store.read("M/A").value == 1
+    rig.plc.answer()
+    assert take(tr) == fc06(1, 4, 99) + fc06(2, 0, 42)
+    assert rig.store.read("M/A").value == 42
+    # unit ids not served are refused as before
+    rig.server.units = frozenset({1})
+    proto.dataReceived(adu(3, struct.pack(">BHH", 6, 0, 43))[:6] + b"\x07" +
+                       struct.pack(">BHH", 6, 0, 43))
+    assert take(tr) == struct.pack(">HHHBBB", 3, 0, 3, 7, 0x86, 0x0B)
+    # a protocol id other than 0 is a framing error: nothing written, connection closed
+    proto.dataReceived(struct.pack(">HHHBBHH", 4, 1, 6, 1, 6, 0, 44))
+    assert take(tr) == b"" and tr.disconnecting
+    assert rig.store.read("M/A").value == 42

@@ -393,3 +393,50 @@ def test_remove_tag() -> None:
     store.remove("A/x")
     assert "A/x" not in store and seen == [("A/x", True), ("A/x", False)]
     assert isinstance(TagValue(1, Quality.GOOD, 1, 1), tuple)
+
+
+def test_memory_write_has_the_effects_of_applying_the_value() -> None:
+    """A memory tag's write (no persistence) is ``apply`` of a Good update at server time:
+    value and timestamps, history, deadband, notifications and flush all the same."""
+    got: list[list[Any]] = [[], []]
+    samples: list[list[tuple[int, Any]]] = [[], []]
+    stores = []
+    for i in range(2):
+        store, clock = make_store()
+        store.register_owner("memory", MemoryOwner(store))
+        store.define(f64("M/x", access=Access.READ_WRITE, deadband_kind=DeadbandKind.ABSOLUTE,
+                         deadband=1.0, initial=0.0))
+        store.define(TagDef(path="M/i", data_type=DataType.INT32, access=Access.READ_WRITE))
+        store.define(TagDef(path="M/quiet", data_type=DataType.INT32, access=Access.READ_WRITE))
+
+        class Sink:
+            def append(self, ts: int, value: Any, i: int = i) -> None:
+                samples[i].append((ts, value))
+
+        store.set_history("M/x", Sink())
+        for pattern in ("M/x", "M/i"):
+            store.subscribe(pattern, lambda ch, i=i: got[i].extend(
+                (c.tag.path, c.value) for c in ch), initial=False)
+        stores.append((store, clock))
+    steps = [("M/x", 0.5), ("M/x", 2.0), ("M/i", 3), ("M/i", 3), ("M/quiet", 1), ("M/x", 2.2)]
+    for path, value in steps:
+        flush = []
+        for i, (store, clock) in enumerate(stores):
+            clock.advance(0.25)
+            if i == 0:
+                assert store.write_now(path, value) is Quality.GOOD
+            else:
+                store.apply([Update(path, value)])
+            flush.append(clock.getDelayedCalls() != [])
+        assert flush[0] == flush[1]
+        for _store, clock in stores:
+            clock.advance(0)
+    (a, _), (b, _) = stores
+    assert got[0] == got[1] and [(p, tv.value) for p, tv in got[0]] == \
+        [("M/x", 2.0), ("M/i", 3)]
+    assert samples[0] == samples[1] and len(samples[0]) == 3
+    for path in ("M/x", "M/i", "M/quiet"):
+        tv = a.read(path)
+        assert tv == b.read(path) and tv.source_ns == tv.server_ns
+    assert a.stats.updates_applied == b.stats.updates_applied == 6
+    assert a.stats.notifications == b.stats.notifications

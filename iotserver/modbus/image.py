@@ -263,6 +263,17 @@ class Image:
         for b in self.bindings:
             b.table = self.tables[b.entry.table]
         self._hr = self.tables[Table.HOLDING_REGISTERS]
+        # FC06's short way (ModbusServerProtocol): holding registers covered by exactly one
+        # writable binding, a one-register integer whose wire bytes are the value's big-endian
+        # bytes, and whose tag has no other binding (a write changes only that register).
+        self.single_registers: dict[int, Binding] = {}
+        for address, covering in self._hr.cover.items():
+            if len(covering) != 1:
+                continue
+            b = covering[0]
+            if b.end - b.address == 1 and b.writable and b.reorder is None \
+                    and b.kind in (Kind.UINT16, Kind.INT16) and len(self.by_path[b.path]) == 1:
+                self.single_registers[address] = b
         self._coils = self.tables[Table.COILS]
         self._sub: Subscription | None = None
         self._undefine: Any = None

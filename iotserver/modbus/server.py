@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -56,6 +57,7 @@ from iotserver.modbus.codec import (
     parse_request,
 )
 from iotserver.modbus.config import ServerConfig
+from iotserver.modbus.encoding import Kind
 from iotserver.modbus.image import Binding, Image
 from iotserver.tags.model import Quality
 from iotserver.tags.store import TagStore
@@ -150,6 +152,7 @@ class ModbusServerFactory(Factory):
 
 _U16 = struct.Struct(">H")
 _U16x2 = struct.Struct(">HH")
+_FC06_REQ = struct.Struct(">HHHBBHH")  # MBAP + function 06, address, value
 
 
 @implementer(IHandshakeListener)
@@ -171,6 +174,8 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         self._lost = False
         self._counted = False
         self._eager = False
+        self._recv: Any = None  # the socket's recv, once _read_directly has hooked it
+        self._reactor: Any = None
 
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -199,10 +204,70 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             with contextlib.suppress(OSError):  # not a TCP socket after all
                 set_nodelay(True)
         srv.stats.connections_total += 1
+        if self._eager:
+            self._read_directly()
         # TimeoutMixin on the injected clock
         self.callLater = srv.clock.callLater  # type: ignore[method-assign,assignment]
         if srv.cfg.idle_timeout:
             self.setTimeout(srv.cfg.idle_timeout)
+
+    def _read_directly(self) -> None:
+        """Have the asyncio loop call :meth:`_readable` itself when the socket is readable.
+
+        Under the asyncio reactor each readable event of a Twisted connection goes through
+        ``log.callWithLogger`` (a log-context dict copied and pushed), the reactor's
+        ``_readOrWrite`` and the transport's ``doRead`` before ``dataReceived``: per request
+        about as much CPU as answering it (benchmarks/modbus). For a plain TCP connection
+        whose reader is registered with the loop, the loop's callback for its descriptor is
+        replaced by :meth:`_readable`, which does what those layers do. Twisted's own
+        bookkeeping is untouched: ``stopReading`` (pause, close, connection lost) removes
+        the descriptor from the loop as usual, and a later ``startReading`` registers the
+        normal callback again (``_write_finished`` re-installs this one after a resume).
+        Anything else (TLS, other reactors, a descriptor asyncio cannot poll) keeps the
+        normal way.
+        """
+        t: Any = self.transport
+        reactor = getattr(t, "reactor", None)
+        loop = getattr(reactor, "_asyncioEventloop", None)
+        readers = getattr(reactor, "_readers", None)
+        if loop is None or type(readers) is not dict or t.disconnecting or not t.connected:
+            return
+        if not hasattr(reactor, "_disconnectSelectable"):
+            return
+        fd = readers.get(t)
+        if fd is None or fd != t.fileno():  # not reading, or polled by other means
+            return
+        self._reactor = reactor
+        self._recv = t.socket.recv
+        loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        """The socket is readable: ``_readOrWrite`` + ``doRead`` for this connection."""
+        t: Any = self.transport
+        if self._lost or t is None or not t.connected:  # not expected: the normal way
+            if t is not None:
+                from twisted.python.log import callWithLogger
+
+                callWithLogger(t, self._reactor._readOrWrite, t, True)
+            return
+        why: Any
+        try:
+            data = self._recv(65536)  # tcp.Connection.bufferSize
+        except BlockingIOError:
+            return
+        except OSError:
+            why = CONNECTION_LOST
+        else:
+            if data:
+                try:
+                    self.dataReceived(data)
+                    return
+                except Exception as exc:  # as the reactor would: log, then drop the connection
+                    log.failure("modbus: handling data from {peer} failed", peer=self.peer)
+                    why = exc
+            else:
+                why = CONNECTION_DONE
+        self._reactor._disconnectSelectable(t, why, True)
 
     def handshakeCompleted(self) -> None:
         """TLS is up: authorise by the client certificate's Modbus role."""
@@ -260,6 +325,17 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             self.transport.abortConnection()
             return
         self.resetTimeout()
+        if len(data) == 12 and data[7] == 6 and self.can_write and not self._busy \
+                and not self.decoder._buf:
+            # One whole FC06 request and nothing buffered: the most common write, short way
+            out = self._write_register_fast(data)
+            if out is not None:
+                if type(out) is bytes:
+                    self._send(out)
+                else:
+                    self._busy = True
+                    out.addCallback(self._write_finished)  # type: ignore[union-attr]
+                return
         try:
             frames = self.decoder.feed(data)
         except ModbusFramingError as exc:
@@ -330,6 +406,8 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         if self._paused and len(self._backlog) < self.server.cfg.max_requests_in_flight - 1:
             self._paused = False
             transport.resumeProducing()
+            if self._recv is not None:
+                self._read_directly()
         if self._closing and not self._busy:
             transport.loseConnection()
 
@@ -403,6 +481,56 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         d: Deferred[ExceptionCode | None] = outcome  # type: ignore[assignment]
         return d.addCallback(self._answer, tid, unit, WriteRegister(address, value)).addErrback(
             self._write_error, tid, unit, 0x06)
+
+    def _write_register_fast(self, data: bytes) -> bytes | Deferred[bytes] | None:
+        """FC06 on a register of a single one-register integer tag (``Image.single_registers``)
+        whose value needs no coercion: what ``_handle`` and ``_write_register`` would do, in
+        fewer steps. ``data`` is exactly one request frame with function code 06. None (and
+        nothing done) when the request is not such a write: the caller takes the normal way.
+
+        The reply (an echo of the request, MB AP 6.6) follows the owner's answer, as always;
+        a memory tag's new value is put into the image right here.
+        """
+        tid, pid, length, unit, _fc, address, value = _FC06_REQ.unpack(data)
+        srv = self.server
+        if pid or length != 6 or (srv.units is not None and unit not in srv.units):
+            return None
+        image = srv.image
+        b = image.single_registers.get(address)
+        if b is None or not b.exact:
+            return None
+        tag: Any = b.tag  # exact: bound to a tag
+        if not tag.writable:
+            return None
+        srv.stats.requests[6] += 1
+        try:
+            v = value - 0x10000 if value & 0x8000 and b.kind is Kind.INT16 else value
+            store = srv.store
+            path = b.path
+            result = store.write_now(path, v, principal=self.principal, checked=tag,
+                                     origin=image._sub)
+            if type(result) is not Quality:
+                d: Deferred[Quality] = result  # type: ignore[assignment]
+                return d.addCallback(self._single_outcome, path).addCallback(
+                    self._answer, tid, unit, WriteRegister(address, value)).addErrback(
+                    self._write_error, tid, unit, 0x06)
+            tv = store.read(path)
+            if tv.value is v and not b.bad and not tv.quality & 0x80000000:
+                # the store holds our value (a memory tag): Image._put, for this binding
+                if v is not b.last:
+                    b.last = v
+                    b.table.raw[b.start:b.stop] = data[10:12]  # type: ignore[union-attr,index]
+            else:
+                image.refresh((path,))
+        except Exception:
+            log.failure("modbus: request {fc:#04x} from {peer} failed", fc=6, peer=self.peer)
+            return self._exc(tid, unit, 0x06, ExceptionCode.SERVER_DEVICE_FAILURE)
+        if result & 0x80000000:  # Bad
+            return self._exc(tid, unit, 0x06, quality_exception(result))  # type: ignore[arg-type]
+        return data if type(data) is bytes else bytes(data)
+
+    def _single_outcome(self, quality: Quality, path: str) -> ExceptionCode | None:
+        return self._outcome((path,), (quality,))
 
     def _write(self, tid: int, unit: int, req: Any) -> bytes | Deferred[bytes]:
         image = self.server.image

@@ -446,6 +446,10 @@ class TagStore:
         result: Quality | Deferred[Quality]
         try:
             if type(owner) is MemoryOwner:
+                if not tag.persist or owner._persistence is None:
+                    # MemoryOwner.write_tag without persistence, inlined (the hot path)
+                    self._set_local(entry, value, origin)
+                    return Quality.GOOD
                 result = owner.write_tag(tag, value, origin=origin)
             else:
                 result = owner.write_tag(tag, value)
@@ -459,6 +463,33 @@ class TagStore:
         d.addErrback(self._write_failed, path)
         d.addCallback(self._write_done)
         return d
+
+    def _set_local(self, entry: _Entry, value: Any, origin: Subscription | None) -> None:
+        """:meth:`apply` of one Good update stamped now, for a value the server itself holds
+        (memory tags): the same effects (value, history, deadband, notification, flush) with
+        one clock read (source and server time are the same instant) and no batch."""
+        now = int(self._clock.seconds() * 1_000_000_000)
+        tv = TagValue(value, Quality.GOOD, now, now)
+        entry.value = tv
+        self.stats.updates_applied += 1
+        if entry.history is not None and value is not None:
+            try:
+                entry.history.append(now, value)
+            except ValueError:  # source clock went backwards: keep the ring time-ordered
+                self.stats.history_dropped += 1
+                log.debug("apply: {n} samples older than their history dropped", n=1)
+        if entry.reported_quality != 0 or (  # 0: Quality.GOOD
+            (value != entry.reported)
+            if entry.plain
+            else entry.tag.deadband_exceeded(entry.reported, value)
+        ):
+            if entry.subs:
+                self._notify(entry, tv, origin)
+                if self._dirty:
+                    self._schedule_flush()
+            else:
+                entry.reported = value
+                entry.reported_quality = Quality.GOOD
 
     def _refused(self, quality: Quality) -> Quality:
         self.stats.writes_failed += 1
@@ -498,8 +529,15 @@ class MemoryOwner:
 
     def write_tag(self, tag: TagDef, value: Any, *, origin: Subscription | None = None) -> Quality:
         """Always answers at once. ``origin`` is not notified (see :meth:`TagStore.write_now`)."""
-        ts = self._store.now_ns()
+        store = self._store
         if tag.persist and self._persistence is not None:
+            ts = store.now_ns()
             self._persistence.save(tag.path, value, Quality.GOOD, ts)
-        self._store.apply((Update(tag.path, value, Quality.GOOD, ts),), origin=origin)
+            store.apply((Update(tag.path, value, Quality.GOOD, ts),), origin=origin)
+            return Quality.GOOD
+        entry = store._entries.get(tag.path)
+        if entry is None:  # not (or no longer) defined: apply counts it as unknown
+            store.apply((Update(tag.path, value, Quality.GOOD, 0),), origin=origin)
+        else:
+            store._set_local(entry, value, origin)
         return Quality.GOOD
