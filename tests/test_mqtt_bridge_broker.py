@@ -214,3 +214,67 @@ def test_iso_clock_cache_follows_milliseconds_and_seconds() -> None:
     assert iso(T0 + 1_000_000_000) == "2023-11-14T22:13:21.000Z"
     assert iso(T0 - 1_000_000) == "2023-11-14T22:13:19.999Z"  # back across a second
     assert iso(0) == "1970-01-01T00:00:00.000Z"
+
+
+# --------------------------------------------------------------------------- slow readers
+
+
+def test_paused_reader_gets_the_latest_value_of_each_tag_not_a_queue() -> None:
+    env = make()
+    c = subscribe(env, "iotserver/tags/#", "slow")
+    assert len(c.publishes()) == 4  # the retained snapshot
+    c.proto.pauseProducing()  # its socket buffer is full
+    for v in (2.0, 3.0, 4.0):
+        env.store.apply([Update("L1/Temp", v), Update("L2/Temp", v + 10)])
+        env.h.pump()
+    session = env.broker.sessions["slow"]
+    assert list(session.latest) == ["iotserver/tags/L1/Temp", "iotserver/tags/L2/Temp"]
+    assert not session.queue
+    assert env.broker.stats.conflated == 4  # two older values of each tag replaced
+    assert sum(env.broker.stats.dropped.values()) == 0
+    assert c.publishes() == []
+    c.proto.resumeProducing()
+    got = {p.topic: json.loads(p.payload)["v"] for p in c.publishes()}
+    assert got == {"iotserver/tags/L1/Temp": 4.0, "iotserver/tags/L2/Temp": 14.0}
+    assert not session.latest and session.latest_bytes == 0
+
+
+def test_other_qos0_messages_still_queue_in_order_for_a_paused_reader() -> None:
+    env = make()
+    c = subscribe(env, "plant/#", "slow")
+    c.packets()
+    c.proto.pauseProducing()
+    pub = env.h.connect("pub")
+    for i in range(3):
+        pub.send(Publish("plant/x", str(i).encode()))
+    session = env.broker.sessions["slow"]
+    assert [d.msg.payload for d in session.queue] == [b"0", b"1", b"2"]
+    assert not session.latest
+    c.proto.resumeProducing()
+    assert [p.payload for p in c.publishes()] == [b"0", b"1", b"2"]
+
+
+def test_latest_values_are_dropped_with_the_connection() -> None:
+    env = make()
+    c = subscribe(env, "iotserver/tags/#", "slow")
+    c.publishes()
+    c.proto.pauseProducing()
+    env.store.apply([Update("L1/Temp", 2.0)])
+    env.h.pump()
+    session = env.broker.sessions["slow"]
+    assert session.latest
+    c.drop()
+    assert not session.latest and session.latest_bytes == 0
+
+
+def test_queue_first_then_latest_values_on_resume() -> None:
+    env = make()
+    c = subscribe(env, "#", "slow")
+    c.publishes()
+    c.proto.pauseProducing()
+    env.store.apply([Update("L1/Temp", 2.0)])
+    env.h.pump()
+    pub = env.h.connect("pub")
+    pub.send(Publish("plant/x", b"p"))
+    c.proto.resumeProducing()
+    assert [p.topic for p in c.publishes()] == ["plant/x", "iotserver/tags/L1/Temp"]

@@ -376,7 +376,9 @@ class TagBridge:
                 self.stats.encode_errors += 1
                 log.warn("tag {path}: value not encodable as JSON: {exc}", path=path, exc=exc)
                 continue
-            route(plan, Message(topic, payload, qos, retain))
+            msg = Message(topic, payload, qos, retain)
+            msg.last_value = True
+            route(plan, msg)
             sent += 1
         self.stats.published += sent
 
@@ -414,7 +416,9 @@ class TagBridge:
                 payload = encode(store.read(path))
             except (TypeError, ValueError):
                 continue  # counted and logged when it was published
-            out.append(Message(topic, payload, self.qos, True))
+            msg = Message(topic, payload, self.qos, True)
+            msg.last_value = True
+            out.append(msg)
         return out
 
     def retained_count(self) -> int:

@@ -24,6 +24,7 @@ class BrokerStats:
         "bytes_sent",
         "clients_maximum",
         "clients_total",
+        "conflated",
         "connections_refused",
         "dropped",
         "messages_received",
@@ -47,6 +48,7 @@ class BrokerStats:
         self.connections_refused = 0
         self.protocol_errors = 0
         self.dropped: Counter[str] = Counter()  # reason -> messages dropped
+        self.conflated = 0  # last-value messages replaced by a newer one for a slow reader
 
     @property
     def dropped_total(self) -> int:

@@ -41,8 +41,8 @@ class Message:
     is the publishing client id (None for server-originated messages), for No Local.
     """
 
-    __slots__ = ("_enc", "db_id", "expiry_at", "origin", "payload", "props", "qos", "refs",
-                 "retain", "topic")
+    __slots__ = ("_enc", "db_id", "expiry_at", "last_value", "origin", "payload", "props", "qos",
+                 "refs", "retain", "topic")
 
     def __init__(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
                  props: Properties = NO_PROPERTIES, expiry_at: float | None = None,
@@ -57,6 +57,9 @@ class Message:
         self._enc: dict[Any, tuple[bytes, int]] = {}
         self.db_id = 0  # row id in the persistence's message table (0: not stored)
         self.refs = 0  # persisted queue entries that reference it
+        # A tag value: only the latest one per topic matters, so a reader that cannot keep
+        # up gets the newest message of each topic instead of a queue that overflows.
+        self.last_value = False
 
     def __repr__(self) -> str:
         return f"Message({self.topic!r}, {self.payload[:32]!r}, qos={self.qos})"
@@ -198,6 +201,10 @@ class Session:
         self.subs: dict[str, Subscription] = {}
         self.queue: deque[Delivery] = deque()
         self.queued_bytes = 0
+        # last-value QoS 0 messages waiting for a paused connection, one per topic (bounded
+        # by the number of such topics, i.e. tags: see _keep_latest)
+        self.latest: dict[str, Delivery] = {}
+        self.latest_bytes = 0
         self.queued_qos0 = 0
         self.inflight: dict[int, Delivery] = {}  # packet id -> delivery, in send order
         self.incoming_qos2: set[int] = set()  # inbound QoS 2 ids awaiting PUBREL (4.3.3)
@@ -244,6 +251,9 @@ class Session:
                 return store is not None
         elif conn is None and qos == 0:
             return False  # QoS 0 is not queued for offline sessions (MQTT 3.1.2.4, optional)
+        elif qos == 0 and msg.last_value:
+            self._keep_latest(Delivery(msg, 0, retain, subids))
+            return False
         # queue: offline, window full or transport paused (a slow reader); QoS 0 goes first
         full = len(self.queue) >= self.max_queued or \
             self.queued_bytes + len(msg.payload) + len(msg.topic) > self.max_queued_bytes
@@ -263,6 +273,20 @@ class Session:
             self.store.queue_add(self.client_id, d)
             return True
         return False
+
+    def _keep_latest(self, d: Delivery) -> None:
+        """A QoS 0 last-value message for a paused connection: it replaces an older one of
+        its topic that is still waiting, so a slow reader (or one draining the burst of
+        retained messages a SUBSCRIBE sent) is never left with a stale value. At most one per
+        topic waits; sent after the queue when the connection can take more."""
+        latest = self.latest
+        old = latest.pop(d.msg.topic, None)
+        if old is not None:
+            self.latest_bytes -= old.size
+            if self.stats is not None:
+                self.stats.conflated += 1
+        latest[d.msg.topic] = d
+        self.latest_bytes += d.size
 
     def _drop_oldest_qos0(self) -> bool:
         """Make room for a QoS 1/2 message by dropping the oldest queued QoS 0 one."""
@@ -290,7 +314,10 @@ class Session:
         conn = self.conn
         queue = self.queue
         now = self.clock.seconds() if self.clock is not None else 0.0
-        while queue and conn is not None and not conn.paused:
+        while (queue or self.latest) and conn is not None and not conn.paused:
+            if not queue:
+                self._fill_latest(conn)
+                return
             d = queue[0]
             if d.qos and len(self.inflight) >= conn.send_window:
                 return
@@ -316,6 +343,14 @@ class Session:
                 self.store.queue_update(self.client_id, d)  # QoS 2 keeps its id (MQTT-4.4.0-1)
             if not conn.write_publish(d.msg, d.qos, d.retain, d.subids, d.pid, dup):
                 self._forget(d.pid)
+
+    def _fill_latest(self, conn: Connection) -> None:
+        latest = self.latest
+        while latest and not conn.paused:
+            topic = next(iter(latest))
+            d = latest.pop(topic)
+            self.latest_bytes -= d.size
+            conn.write_publish(d.msg, 0, d.retain, d.subids, 0, False)
 
     def resend(self) -> None:
         """After a reconnect: unacknowledged PUBLISH (DUP) and PUBREL first, in their original
@@ -404,6 +439,8 @@ class Session:
     def detach(self) -> None:
         """The connection is gone: in-flight QoS 1/2 stays for redelivery, QoS 0 goes."""
         self.conn = None
+        self.latest.clear()
+        self.latest_bytes = 0
         if self.queued_qos0:
             kept = deque(d for d in self.queue if d.qos)
             self.queued_bytes = sum(d.size for d in kept)
@@ -436,6 +473,8 @@ class Session:
         self.queue.clear()
         self.queued_bytes = 0
         self.queued_qos0 = 0
+        self.latest.clear()
+        self.latest_bytes = 0
         self.incoming_qos2.clear()
         self.reserved.clear()
         return out

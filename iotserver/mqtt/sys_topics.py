@@ -39,11 +39,13 @@ def sys_values(broker: Any) -> dict[str, str]:
         "publish/messages/received": st.publish_received,
         "publish/messages/sent": st.publish_sent,
         "publish/messages/dropped": st.dropped_total,
+        "publish/messages/conflated": st.conflated,
         "bytes/received": st.bytes_received,
         "bytes/sent": st.bytes_sent,
         "retained messages/count": broker.retained_count,
         "subscriptions/count": broker.subscription_count,
-        "store/messages/count": sum(len(s.queue) + len(s.inflight) for s in sessions.values()),
+        "store/messages/count": sum(len(s.queue) + len(s.inflight) + len(s.latest)
+                                    for s in sessions.values()),
     }
     for reason, count in st.dropped.items():
         values[f"publish/messages/dropped/{reason}"] = count
