@@ -52,6 +52,7 @@ def test_none_and_anonymous_are_warned_about_off_host() -> None:
     ('security_modes = ["Encrypt"]', "opcua.security_modes"),
     ('application_uri = "no uri"', "opcua.application_uri"),
     ("max_sessions = 0", "opcua.max_sessions"),
+    ("max_browse_continuation_points = 0", "opcua.max_browse_continuation_points"),
     ("allow_anonymous = 1", "opcua.allow_anonymous: expected true or false"),
     ("bogus = 1", "opcua.bogus: unknown key"),
 ])

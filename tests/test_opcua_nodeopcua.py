@@ -59,6 +59,19 @@ const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
     out.readType = DataType[dv.value.dataType];
     const br = await session.browse(`ns=${ns};s=Line1`);
     out.browse = br.references.map((r) => r.browseName.name).sort();
+    // paged: two references per call, the rest through BrowseNext (Part 4 5.8.3)
+    session.requestedMaxReferencesPerNode = 2;
+    let page = await session.browse(`ns=${ns};s=Line1`);
+    out.pagedFirst = page.references.length;
+    out.paged = page.references.map((r) => r.browseName.name);
+    out.pages = 1;
+    while (page.continuationPoint && page.continuationPoint.length) {
+      page = await session.browseNext(page.continuationPoint, false);
+      out.paged.push(...page.references.map((r) => r.browseName.name));
+      out.pages += 1;
+    }
+    out.paged.sort();
+    session.requestedMaxReferencesPerNode = 0;
     const w1 = await session.write({ nodeId: sp, attributeId: AttributeIds.Value,
       value: { value: { dataType: DataType.Float, value: 77 } } });
     const w2 = await session.write({ nodeId: sp, attributeId: AttributeIds.Value,
@@ -144,6 +157,8 @@ async def test_node_opcua_client_sign_and_encrypt(tmp_path: Path) -> None:
         assert "error" not in out, out
         assert out["read"] == 10 and out["readType"] == "Float"
         assert out["browse"] == ["Count", "Name", "Profile", "Running", "Setpoint", "Temp"]
+        assert out["pagedFirst"] == 2 and out["pages"] == 3  # BrowseNext, two per page
+        assert out["paged"] == out["browse"]
         assert out["writes"] == ["Good", "BadTypeMismatch"]
         assert running.store.read("Line1/Setpoint").value == 77
         assert out["notifications"][-1] == 64.0 and len(out["notifications"]) >= 5

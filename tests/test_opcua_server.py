@@ -527,3 +527,56 @@ async def test_virtual_nodes_with_a_tiny_node_cache(srv: Running) -> None:
         await aio(body())
     finally:
         space.table.capacity = capacity
+
+
+# -- browse paging ------------------------------------------------------------------------
+
+
+def _browse_params(node: ua.NodeId, max_refs: int) -> ua.BrowseParameters:
+    desc = ua.BrowseDescription()
+    desc.NodeId = node
+    desc.BrowseDirection = ua.BrowseDirection.Forward
+    desc.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
+    desc.IncludeSubtypes = True
+    desc.NodeClassMask = 0
+    desc.ResultMask = ua.BrowseResultMask.All
+    params = ua.BrowseParameters()
+    params.NodesToBrowse = [desc]
+    params.RequestedMaxReferencesPerNode = max_refs
+    return params
+
+
+def _next_params(cp: bytes, release: bool = False) -> ua.BrowseNextParameters:
+    params = ua.BrowseNextParameters()
+    params.ReleaseContinuationPoints = release
+    params.ContinuationPoints = [cp]
+    return params
+
+
+@pytest_twisted.ensureDeferred
+async def test_browse_is_paged_with_browse_next(srv: Running) -> None:
+    """Part 4 5.8.2/5.8.3: no more references than the client asked for, the rest through
+    BrowseNext; used-up and released points are invalid."""
+    async def body() -> None:
+        async with client(srv, user="bob") as c:
+            line1 = ua.NodeId("Line1", await ns_of(c, srv))
+            full = (await c.uaclient.browse(_browse_params(line1, 0)))[0]
+            names = [r.BrowseName.Name for r in full.References]
+            assert len(names) == 6 and not full.ContinuationPoint
+            first = (await c.uaclient.browse(_browse_params(line1, 4)))[0]
+            assert [r.BrowseName.Name for r in first.References] == names[:4]
+            assert first.ContinuationPoint
+            second = (await c.uaclient.browse_next(_next_params(first.ContinuationPoint)))[0]
+            assert [r.BrowseName.Name for r in second.References] == names[4:]
+            assert not second.ContinuationPoint and second.StatusCode.is_good()
+            again = (await c.uaclient.browse_next(_next_params(first.ContinuationPoint)))[0]
+            assert again.StatusCode.value == ua.StatusCodes.BadContinuationPointInvalid
+            one = (await c.uaclient.browse(_browse_params(line1, 1)))[0]
+            released = (await c.uaclient.browse_next(
+                _next_params(one.ContinuationPoint, release=True)))[0]
+            assert released.StatusCode.is_good() and released.References == []
+            gone = (await c.uaclient.browse_next(_next_params(one.ContinuationPoint)))[0]
+            assert gone.StatusCode.value == ua.StatusCodes.BadContinuationPointInvalid
+            caps = c.get_node(ua.ObjectIds.Server_ServerCapabilities_MaxBrowseContinuationPoints)
+            assert await caps.read_value() == 10
+    await aio(body())

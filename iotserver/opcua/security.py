@@ -340,7 +340,9 @@ class IotRuleset(PermissionRuleset):
     """Every session may use the ordinary services; none may change the address space."""
 
     def __init__(self) -> None:
-        self._allowed = frozenset(ua.NodeId(t) for t in USER_TYPES)
+        # asyncua's list lacks BrowseNext, which we serve (browse.py)
+        browse_next = ua.ObjectIds.BrowseNextRequest_Encoding_DefaultBinary
+        self._allowed = frozenset(ua.NodeId(t) for t in (*USER_TYPES, browse_next))
 
     def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
         return action_type_id in self._allowed

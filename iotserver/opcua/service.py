@@ -113,6 +113,7 @@ class OpcUaService(AsyncService):
             min_interval_ms=cfg.min_publishing_interval_ms)
         iserver.max_subscriptions = cfg.max_subscriptions
         iserver.max_sessions = cfg.max_sessions
+        iserver.max_browse_continuation_points = cfg.max_browse_continuation_points
         iserver.clear_text_passwords = cfg.security_policies == ("None",)
         iserver.certificate_validator = ClientCertificateValidator(self.trust)
         self.server = server = IotUaServer(iserver=iserver)

@@ -28,6 +28,7 @@ from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 
 from iotserver.opcua.addrspace import CURRENT_WRITE, access_level
+from iotserver.opcua.browse import ContinuationPoints
 from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_variant
 from iotserver.opcua.monitoring import IotSubscriptionService
 from iotserver.opcua.security import can_write, role_of
@@ -65,6 +66,7 @@ class IotInternalServer(InternalServer):
         self.services: Services | None = None
         self.source_methods: dict[ua.NodeId, str] = {}
         self.max_sessions = 100
+        self.max_browse_continuation_points = 10  # per session (Part 4 5.8.2.1)
         # True only when no secure policy is offered: then the user token policy itself says
         # "no encryption" and clear-text passwords are what clients must send
         self.clear_text_passwords = False
@@ -96,6 +98,21 @@ class IotSession(InternalSession):
 
     iserver: IotInternalServer
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.browse_points = ContinuationPoints(self.iserver.max_browse_continuation_points)
+
+    async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
+        """asyncua's Browse, cut to RequestedMaxReferencesPerNode (Part 4 5.8.2)."""
+        results = await super().browse(params)
+        self.browse_points.page_results(results, params.RequestedMaxReferencesPerNode)
+        return results
+
+    async def browse_next(self, params: ua.BrowseNextParameters) -> list[ua.BrowseResult]:
+        if not params.ContinuationPoints:
+            raise ServiceError(ua.StatusCodes.BadNothingToDo)  # Part 4 5.8.3.3
+        return self.browse_points.browse_next(params)
+
     def activate_session(self, params: ua.ActivateSessionParameters,
                          peer_certificate: bytes | None) -> ua.ActivateSessionResult:
         # asyncua passes the secure channel's certificate to the user manager for every token
@@ -119,6 +136,7 @@ class IotSession(InternalSession):
 
     async def close_session(self, delete_subs: bool = True) -> None:
         self.iserver.active_sessions.discard(self)
+        self.browse_points.clear()
         await super().close_session(delete_subs)
 
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:

@@ -51,9 +51,10 @@ class ServerInfo:
                           cfg.max_subscriptions, u32)
         await self._write(oid.Server_ServerCapabilities_MaxMonitoredItems,
                           cfg.max_monitored_items, u32)
-        # continuation points are stateless (history) or not offered (browse)
+        # history continuation points are stateless (0: no limit); browse ones per session
         await self._write(oid.Server_ServerCapabilities_MaxHistoryContinuationPoints, 0, u16)
-        await self._write(oid.Server_ServerCapabilities_MaxBrowseContinuationPoints, 0, u16)
+        await self._write(oid.Server_ServerCapabilities_MaxBrowseContinuationPoints,
+                          cfg.max_browse_continuation_points, u16)
         await self._write(oid.Server_ServerCapabilities_MinSupportedSampleRate, 0.0, dbl)
         await self._write(oid.Server_ServerCapabilities_LocaleIdArray, ["en"],
                           ua.VariantType.String)

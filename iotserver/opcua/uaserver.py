@@ -1,16 +1,19 @@
 """asyncua's Server with our binary publish path.
 
-The only change: each connection's ``forward_publish_response`` encodes the PublishResponse with
+Two changes per connection: ``forward_publish_response`` encodes the PublishResponse with
 :func:`iotserver.opcua.fastenc.encode_publish_response` (values encoded once for all clients)
-instead of asyncua's generic serializer. Everything else is asyncua's.
+instead of asyncua's generic serializer, and BrowseNext is dispatched (``browse.py``).
+Everything else is asyncua's.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from asyncua import Server, ua
+from asyncua.ua.ua_binary import struct_from_binary
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.uaprocessor import PublishRequestData, UaProcessor
 
@@ -32,6 +35,34 @@ async def _forward_publish_response(self: UaProcessor, result: ua.PublishResult,
     self._transport.write(data)
 
 
+_BROWSE_NEXT = ua.NodeId(ua.ObjectIds.BrowseNextRequest_Encoding_DefaultBinary)
+
+
+def _with_browse_next(processor: UaProcessor) -> Any:
+    """The processor's request dispatch plus BrowseNext, which asyncua's lacks (it answers
+    Bad_ServiceUnsupported). The session and permission checks are asyncua's own: a
+    BrowseNext without a session, or one the policy refuses, goes to the original dispatch,
+    which refuses it as it refuses any request."""
+    original = processor._process_message
+
+    async def process_message(typeid: ua.NodeId, requesthdr: Any, seqhdr: Any, body: Any) -> bool:
+        session = processor.session
+        permissions = processor._connection.security_policy.permissions
+        if typeid != _BROWSE_NEXT or session is None or (
+                permissions is not None
+                and permissions.check_validity(session.user, typeid, body) is False):
+            return bool(await original(typeid, requesthdr, seqhdr, body))
+        processor.session_last_activity = time.monotonic()
+        session.touch()
+        params = struct_from_binary(ua.BrowseNextParameters, body)
+        response = ua.BrowseNextResponse()
+        response.Parameters.Results = await session.browse_next(params)
+        processor.send_response(requesthdr.RequestHandle, seqhdr, response)
+        return True
+
+    return process_message
+
+
 class IotProtocol(OPCUAProtocol):
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -39,6 +70,7 @@ class IotProtocol(OPCUAProtocol):
         if processor is not None:
             processor.forward_publish_response = (  # type: ignore[method-assign]
                 _forward_publish_response.__get__(processor))
+            processor._process_message = _with_browse_next(processor)  # type: ignore[method-assign]
 
 
 class IotBinaryServer(BinaryServer):
