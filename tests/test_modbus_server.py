@@ -650,7 +650,7 @@ async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> N
     from twisted.internet.endpoints import wrapClientTLS
 
     from iotserver.security import pki
-    from iotserver.security.tls import client_context_factory
+    from iotserver.security.tls import client_context_factory, peer_certificate
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -687,6 +687,23 @@ async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> N
         nobody = await connectProtocol(client("nobody", None), Raw())
         await nobody.lost.addTimeout(TIMEOUT, reactor)
         assert srv.service.server.stats.denied == 1
+        # SIGHUP re-reads the server certificate: a broken renewal is reported, the old one
+        # stays in use; a good one reaches new connections
+        (tls_dir / "server.key").write_bytes((tmp_path / "op.key").read_bytes())
+        problems = srv.core.reload()
+        assert len(problems) == 1 and "Modbus TLS certificate" in problems[0]
+        renewed, renewed_key = pki.issue_server_cert(ca_cert, ca_key, "iotserver",  # type: ignore[arg-type]
+                                                     dns_names=["localhost"],
+                                                     ip_addresses=["127.0.0.1"])
+        pki.write_cert_pem(renewed, tls_dir / "server.pem", force=True)
+        pki.write_key_pem(renewed_key, tls_dir / "server.key", force=True)
+        assert srv.core.reload() == []
+        again = await connectProtocol(client("eng2", "Engineer"), Raw())
+        again.send(read_hr(4, 0, 2))
+        assert len(await again.read(13)) == 13
+        shown = peer_certificate(again.transport)
+        assert shown is not None and shown.serial_number == renewed.serial_number
+        await again.close()
     finally:
         await root.stopService()
 

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from iotserver import app, config
 from iotserver.mqtt.packets import MQTT_5, Disconnect, Publish, ReasonCode
 from iotserver.security import pki
-from iotserver.security.tls import client_context_factory
+from iotserver.security.tls import client_context_factory, peer_certificate
 
 
 @pytest_twisted.ensureDeferred
@@ -90,6 +90,17 @@ client_certs = "required"
         anonymous_tls = client_context_factory("127.0.0.1", ca_path=data / "tls" / "ca.pem")
         with pytest.raises(ConnectionError):  # the server refuses the handshake
             c = await net_connect(tls_port, "nocert", MQTT_5, tls=anonymous_tls)
+        # a renewed server certificate reaches new connections after a reload (SIGHUP)
+        renewed, renewed_key = pki.issue_server_cert(ca, ca_key, "iotserver",
+                                                     dns_names=["localhost"],
+                                                     ip_addresses=["127.0.0.1"])
+        pki.write_cert_pem(renewed, data / "tls" / "server.pem", force=True)
+        pki.write_key_pem(renewed_key, data / "tls" / "server.key", force=True)
+        assert root.core.reload() == []
+        c = await net_connect(tls_port, "plc", MQTT_5, tls=good)
+        shown = peer_certificate(c.transport)
+        assert shown is not None and shown.serial_number == renewed.serial_number
+        await c.close()
     finally:
         await root.stopService()
 

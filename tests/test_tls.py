@@ -24,6 +24,7 @@ from iotserver.security.tls import (
     client_context_factory,
     parse_tls_description,
     peer_certificate,
+    reload_tls,
     server_context_factory,
     server_endpoint,
 )
@@ -500,3 +501,69 @@ async def test_openssl_s_client(reactor: Any, free_port: int, pki_files: Pki) ->
     finally:
         await listening.stopListening()
     assert factory.identities == ["plc-7", "plc-7"]
+
+
+# ----------------------------------------------------------------------------- reloading
+
+
+class CertClient(PingClient):
+    """A PingClient that notes the server certificate it was shown."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.server_cert = peer_certificate(self.transport)
+        super().dataReceived(data)
+
+
+async def server_serial(reactor: Any, port: int, ca: Path) -> int:
+    ctx = client_context_factory("localhost", ca_path=ca)
+    endpoint = wrapClientTLS(ctx, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+    client = await connectProtocol(endpoint, CertClient()).addTimeout(TIMEOUT, reactor)
+    await client.lost.addTimeout(TIMEOUT, reactor)
+    assert client.received == b"ping"
+    return int(client.server_cert.serial_number)
+
+
+def renew(d: Path, material: Any, **kw: Any) -> int:
+    """Write a new server certificate and key over the old files; returns its serial."""
+    cert, key = pki.issue_server_cert(material.ca_cert, pki.load_key(d / "ca.key"), "localhost",
+                                      dns_names=["localhost"], ip_addresses=["127.0.0.1"], **kw)
+    pki.write_cert_pem(cert, material.cert_path, force=True)
+    pki.write_key_pem(key, material.key_path, force=True)
+    return int(cert.serial_number)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_serves_a_renewed_certificate_to_new_connections(
+        reactor: Any, free_port: int, tmp_path: Path) -> None:
+    material = pki.ensure_server_material(tmp_path, hostnames=["localhost"],
+                                          ip_addresses=["127.0.0.1"])
+    reloadable: list[Any] = []
+    desc = (f"tls:{free_port}:interface=127.0.0.1:cert={material.cert_path}"
+            f":key={material.key_path}")
+    factory = ServerFactory()
+    listening = await server_endpoint(reactor, desc, reloadable=reloadable).listen(factory)
+    try:
+        first = await server_serial(reactor, free_port, material.ca_cert_path)
+        assert first == material.cert.serial_number and len(reloadable) == 1
+        new = renew(tmp_path, material)
+        assert await server_serial(reactor, free_port, material.ca_cert_path) == first
+        assert reload_tls("test", reloadable) == []
+        assert await server_serial(reactor, free_port, material.ca_cert_path) == new
+        # a renewal that is already expired is refused; the current certificate stays
+        good_cert, good_key = material.cert_path.read_bytes(), material.key_path.read_bytes()
+        renew(tmp_path, material, days=-1)
+        problems = reload_tls("test", reloadable)
+        assert len(problems) == 1 and "expired" in problems[0]
+        assert str(material.cert_path) in problems[0]
+        assert await server_serial(reactor, free_port, material.ca_cert_path) == new
+        # a key that does not belong to the certificate: refused as well
+        material.cert_path.write_bytes(good_cert)
+        other = pki.generate_key()
+        pki.write_key_pem(other, material.key_path, force=True)
+        problems = reload_tls("test", reloadable)
+        assert len(problems) == 1 and "private key" in problems[0]
+        material.key_path.write_bytes(good_key)
+        assert reload_tls("test", reloadable) == []
+        await factory.all_closed(reactor)
+    finally:
+        await listening.stopListening()

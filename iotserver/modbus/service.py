@@ -31,6 +31,7 @@ class ModbusService(AsyncService):
         self.server: ModbusServer | None = None
         self.ports: list[Any] = []
         self.devices: dict[str, Any] = {}
+        self.tls_contexts: list[Any] = []  # reloadable TLS contexts of the listeners (SIGHUP)
 
     def _reactor(self) -> Any:
         from twisted.internet import reactor
@@ -39,13 +40,16 @@ class ModbusService(AsyncService):
 
     def _context_factory(self) -> Any:
         """Modbus/TCP Security with the server's own certificate and CA, client certs required."""
-        from iotserver.security.tls import server_context_factory
+        from iotserver.security.tls import reloadable_server_context
 
         material = self.core.tls
         if material is None:
             raise StartupError("Modbus/TCP Security listener: no TLS material loaded")
-        return server_context_factory(material.cert_path, material.key_path,
-                                      ca_path=material.ca_cert_path, require_client_cert=True)
+        context = reloadable_server_context(material.cert_path, material.key_path,
+                                            ca_path=material.ca_cert_path,
+                                            require_client_cert=True)
+        self.tls_contexts.append(context)
+        return context
 
     async def start(self) -> None:
         from twisted.internet.error import CannotListenError
@@ -58,6 +62,7 @@ class ModbusService(AsyncService):
             return
         self.server = ModbusServer(scfg, self.core.store, self.core.clock)
         self.server.start()
+        self.core.reload_hooks.append(self.reload)
         reactor = self._reactor()
         for description in scfg.endpoints:
             secure = description.startswith("tls:")
@@ -66,7 +71,8 @@ class ModbusService(AsyncService):
                 if secure and "cert" not in parse_tls_description(description):
                     endpoint = server_endpoint(reactor, description, self._context_factory())
                 else:
-                    endpoint = server_endpoint(reactor, description)
+                    endpoint = server_endpoint(reactor, description,
+                                               reloadable=self.tls_contexts)
             except (ValueError, OSError) as exc:
                 raise StartupError(f"modbus server endpoint {description!r}: {exc}") from None
             try:
@@ -92,7 +98,17 @@ class ModbusService(AsyncService):
             self.devices[dcfg.name] = device
             device.start()
 
+    def reload(self) -> None:
+        """SIGHUP / console: re-read the TLS listeners' certificates (Modbus/TCP Security)."""
+        from iotserver.security.tls import reload_tls
+
+        problems = reload_tls("Modbus", self.tls_contexts)
+        if problems:
+            raise ValueError("; ".join(problems))
+
     async def stop(self) -> None:
+        if self.reload in self.core.reload_hooks:
+            self.core.reload_hooks.remove(self.reload)
         ports, self.ports = self.ports, []
         for port in ports:
             await port.stopListening()

@@ -18,6 +18,7 @@ from iotserver.lifecycle import AsyncService, StartupError
 from iotserver.mqtt.broker import Broker
 from iotserver.mqtt.config import MqttConfig
 from iotserver.mqtt.packets import ReasonCode
+from iotserver.security.tls import reload_tls
 from iotserver.mqtt.protocol import MqttServerFactory
 from iotserver.mqtt.sys_topics import SysPublisher
 
@@ -92,6 +93,7 @@ class MqttService(AsyncService):
         self.broker: Broker | None = None
         self.store: Any = None
         self.ports: list[Any] = []
+        self.tls_contexts: list[Any] = []  # reloadable TLS contexts of the listeners (SIGHUP)
         self.sys: SysPublisher | None = None
         self.bridge: Any = None
         self.acl: Any = None
@@ -148,7 +150,7 @@ class MqttService(AsyncService):
         self.authenticator = self._make_authenticator()
         core.reload_hooks.append(self.reload)
         reactor = self._reactor()
-        from iotserver.security.tls import server_endpoint, server_context_factory
+        from iotserver.security.tls import reloadable_server_context, server_endpoint
 
         for lst in cfg.listeners:
             context = None
@@ -156,12 +158,16 @@ class MqttService(AsyncService):
                 tls = core.tls
                 if tls is None:
                     raise StartupError(f"MQTT listener {lst.endpoint}: no TLS material")
-                context = server_context_factory(
-                    tls.cert_path, tls.key_path,
-                    ca_path=tls.ca_cert_path if lst.client_certs != "none" else None,
-                    require_client_cert=lst.client_certs == "required")
+                try:
+                    context = reloadable_server_context(
+                        tls.cert_path, tls.key_path,
+                        ca_path=tls.ca_cert_path if lst.client_certs != "none" else None,
+                        require_client_cert=lst.client_certs == "required")
+                except ValueError as exc:
+                    raise StartupError(f"MQTT listener {lst.endpoint}: {exc}") from None
+                self.tls_contexts.append(context)
             try:
-                endpoint = server_endpoint(reactor, lst.endpoint, context)
+                endpoint = server_endpoint(reactor, lst.endpoint, context, self.tls_contexts)
                 factory = MqttServerFactory(broker, lst,
                                             _ListenerAuth(self.authenticator,
                                                           lst.allow_anonymous))
@@ -204,12 +210,16 @@ class MqttService(AsyncService):
         return TagBridge(self.core, self.broker, self.cfg)
 
     def reload(self) -> None:
-        """SIGHUP / console: re-read the ACL file; a broken file keeps the old rules."""
+        """SIGHUP / console: re-read the ACL file and the TLS listeners' certificates; a broken
+        file keeps the previous rules or certificate."""
+        problems = reload_tls("MQTT", self.tls_contexts)
         if self.acl is not None and hasattr(self.acl, "reload"):
             self.acl.reload()
             if self.broker is not None:
                 self.broker.acl_changed()
             log.info("MQTT: ACL reloaded")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     async def stop(self) -> None:
         if self.reload in self.core.reload_hooks:

@@ -16,11 +16,14 @@ Escape ``:`` and ``\\`` in values with a backslash, as in Twisted's strings
 (``interface=\\:\\:1``). A ``tls:`` listener is an ``SSL4ServerEndpoint``, i.e. TLS via
 ``TLSMemoryBIOFactory`` over TCP; it accepts IPv6 interfaces too.
 
-All contexts use TLS 1.2 or newer.
+All contexts use TLS 1.2 or newer. A listener's context can be rebuilt from its files while
+the server runs (``ReloadableContextFactory``, on SIGHUP): a renewed certificate is used for
+every connection accepted after the reload.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,9 +33,11 @@ from OpenSSL import crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
     IStreamServerEndpoint,
 )
+from twisted.logger import Logger
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -42,13 +47,20 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
-from iotserver.security.pki import load_cert_chain, load_key
+from zope.interface import implementer
+
+from iotserver.security.pki import check_validity, load_cert_chain, load_key
+
+_log = Logger(namespace="iotserver.tls")
 
 __all__ = [
+    "ReloadableContextFactory",
     "cert_identity",
     "client_context_factory",
     "parse_tls_description",
     "peer_certificate",
+    "reload_tls",
+    "reloadable_server_context",
     "server_context_factory",
     "server_endpoint",
 ]
@@ -110,6 +122,62 @@ def server_context_factory(
         for ca in ca_certs:
             context.add_client_ca(ca)
     return cast(IOpenSSLServerConnectionCreator, options)
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableContextFactory:
+    """A server context factory (Twisted's ``IOpenSSLContextFactory``) that can be rebuilt from
+    its files: ``reload()`` re-reads them, and every connection accepted afterwards gets the new
+    certificate, key and trusted CAs; open connections keep theirs. If the new files do not
+    load, do not belong together or hold an expired certificate, ``reload`` raises and the
+    previous context stays in use.
+
+    Twisted asks ``getContext()`` once per accepted connection (its
+    ``_ContextFactoryToConnectionFactory``), so swapping the options object is all it takes.
+    """
+
+    def __init__(self, build: Callable[[], Any], cert_path: str | Path) -> None:
+        self._build = build
+        self.cert_path = Path(cert_path)
+        self._options = build()
+
+    def getContext(self) -> Any:
+        return self._options.getContext()
+
+    def reload(self) -> None:
+        check_validity(self.cert_path)  # raises for an expired or not yet valid certificate
+        self._options = self._build()
+
+
+def reload_tls(what: str, contexts: list[ReloadableContextFactory]) -> list[str]:
+    """Reload every context (SIGHUP); returns what failed, for which the previous certificate
+    stays in use."""
+    problems = []
+    for context in contexts:
+        try:
+            context.reload()
+        except Exception as exc:  # its message names the file and the fault
+            problems.append(f"{what} TLS certificate {context.cert_path}: {exc}")
+        else:
+            _log.info("{what}: TLS certificate reloaded from {path}", what=what,
+                      path=str(context.cert_path))
+    return problems
+
+
+def reloadable_server_context(
+    cert_path: str | Path,
+    key_path: str | Path,
+    *,
+    ca_path: str | Path | None = None,
+    require_client_cert: bool = False,
+    verify_client_cert: bool | None = None,
+) -> ReloadableContextFactory:
+    """``server_context_factory`` with the same arguments, rebuilt by ``reload()``."""
+    return ReloadableContextFactory(
+        lambda: server_context_factory(cert_path, key_path, ca_path=ca_path,
+                                       require_client_cert=require_client_cert,
+                                       verify_client_cert=verify_client_cert),
+        cert_path)
 
 
 def client_context_factory(
@@ -243,12 +311,14 @@ def parse_tls_description(description: str) -> dict[str, str]:
 def server_endpoint(
     reactor: Any,
     description: str,
-    context_factory: IOpenSSLServerConnectionCreator | None = None,
+    context_factory: Any = None,
+    reloadable: list[ReloadableContextFactory] | None = None,
 ) -> IStreamServerEndpoint:
     """A listening endpoint: ``tls:`` (ours, see module docstring) or any Twisted description.
 
     ``context_factory`` is used for ``tls:`` descriptions that carry no certificate options,
-    and must not be given for other descriptions.
+    and must not be given for other descriptions. The context built from a description's own
+    ``cert``/``key``/``ca`` files is appended to ``reloadable`` (when given).
     """
     if not description.startswith("tls:"):
         if context_factory is not None:
@@ -274,13 +344,15 @@ def server_endpoint(
         mode = options.get("clientAuth", "optional" if ca else "none")
         if mode != "none" and ca is None:
             raise ValueError(f"{description!r}: clientAuth={mode} needs ca=PATH")
-        factory = server_context_factory(
+        factory = reloadable_server_context(
             options["cert"],
             options["key"],
             ca_path=ca,
             require_client_cert=mode == "required",
             verify_client_cert=mode != "none",
         )
+        if reloadable is not None:
+            reloadable.append(factory)
     endpoint = SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
         reactor,
         int(options["port"]),
