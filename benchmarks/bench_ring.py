@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from iotserver.tags.ring import RingBuffer  # noqa: E402
+from iotserver.tags.ring import RingBuffer
 
 CAPACITY = 2**22
 BLOCK_SIZES = (64, 256, 1024, 4096, 8192, 65536)
@@ -137,7 +137,7 @@ def main() -> int:
         if block >= 8192 and ratio_p < TARGET:
             ok = False
 
-        def cell(name: str) -> str:
+        def cell(name: str, r: dict[str, tuple[float, float]] = r) -> str:
             best, med = r[name]
             return f"{best / 1e6:7.0f}M ({med / 1e6:5.0f}M)"
 

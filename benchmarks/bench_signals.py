@@ -39,7 +39,8 @@ def main() -> None:
     bands = ((10.0, 1000.0), (1000.0, 5000.0), (5000.0, 20000.0))
     names = [f"Plant/M{i}/Vib" for i in range(args.channels)]
     for n in names:
-        hub.add(SignalConfig(n, RATE, 1 << 20, args.block, "g", "", args.window, args.hop, bands, 0))
+        hub.add(SignalConfig(n, RATE, 1 << 20, args.block, "g", "", args.window, args.hop,
+                             bands, 0))
     rng = np.random.default_rng(1)
     blocks = [rng.normal(0, 1, args.block).astype(np.float32) for _ in range(8)]
     period = round(1e9 / RATE)

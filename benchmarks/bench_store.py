@@ -54,7 +54,8 @@ def baseline(n_tags: int, batch: int, seconds: float) -> float:
     """A dict assignment of a 4-tuple per update: the floor any Python store pays."""
     paths = [f"Plant/Area{i // 100}/Tag{i}" for i in range(n_tags)]
     d: dict[str, Any] = dict.fromkeys(paths)
-    batches = [[(paths[(k * batch + j) % n_tags], float(j)) for j in range(batch)] for k in range(64)]
+    batches = [[(paths[(k * batch + j) % n_tags], float(j)) for j in range(batch)]
+               for k in range(64)]
     done = 0
     start = time.perf_counter()
     k = 0

@@ -3,6 +3,7 @@ persistent MQTT sessions (issue 7). The server runs as users run it: twistd in a
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import queue
@@ -175,10 +176,8 @@ def test_restart_keeps_memory_tags_retained_and_sessions(tmp_path: Path, how: in
         assert back.wait_for("plant/events")[0] == b"evt-1"
     finally:
         for c in clients:
-            try:
+            with contextlib.suppress(Exception):
                 c.close()
-            except Exception:
-                pass
         if server.proc is not None and server.proc.poll() is None:
             server.proc.send_signal(signal.SIGTERM)
             try:

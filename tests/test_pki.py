@@ -157,9 +157,9 @@ def test_write_modes_and_no_overwrite(
     assert _mode(cert_path) & 0o077 in (0o044, 0o004, 0o040, 0)  # umask-dependent, never writable
     original = key_path.read_bytes()
     other_cert, other_key = pki.create_ca("Other")
-    with pytest.raises(FileExistsError, match="refusing to overwrite.*force=True"):
+    with pytest.raises(FileExistsError, match=r"refusing to overwrite.*force=True"):
         pki.write_key_pem(other_key, key_path)
-    with pytest.raises(FileExistsError, match="ca.pem"):
+    with pytest.raises(FileExistsError, match=r"ca\.pem"):
         pki.write_cert_pem(other_cert, cert_path)
     assert key_path.read_bytes() == original
     # force replaces, and a key file that was world-readable comes back as 0600
@@ -183,7 +183,7 @@ def test_der_round_trip(tmp_path: Path, ca: tuple[x509.Certificate, rsa.RSAPriva
     with pytest.raises(FileExistsError):
         pki.write_key_der(key, der_key)
     (tmp_path / "junk.pem").write_bytes(b"not a certificate")
-    with pytest.raises(ValueError, match="junk.pem"):
+    with pytest.raises(ValueError, match=r"junk\.pem"):
         pki.load_cert(tmp_path / "junk.pem")
 
 
@@ -285,7 +285,7 @@ def test_check_validity(tmp_path: Path, ca: tuple[x509.Certificate, rsa.RSAPriva
     future = pki.write_cert_pem(
         pki.issue_client_cert(*ca, "future", not_before=start)[0], tmp_path / "future.pem"
     )
-    with pytest.raises(pki.CertificateExpiredError, match="not valid before .*clock"):
+    with pytest.raises(pki.CertificateExpiredError, match=r"not valid before .*clock"):
         pki.check_validity(future)
     # an injected clock sees the same file as fine later on
     assert pki.check_validity(future, now=start + dt.timedelta(days=1)) is None

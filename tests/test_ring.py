@@ -65,7 +65,7 @@ def assert_aggregate_matches(agg: dict[str, np.ndarray], ref: list[dict[str, Any
 
 def contents(ring: RingBuffer) -> list[tuple[int, float]]:
     ts, vals = ring.last_n(len(ring))
-    return list(zip(ts.tolist(), vals.tolist()))
+    return list(zip(ts.tolist(), vals.tolist(), strict=True))
 
 
 def filled(capacity: int, n: int, *, start: int = 0, period: int = 10) -> RingBuffer:
@@ -152,7 +152,7 @@ def test_last_n_returns_contiguous_copies() -> None:
     vals[:] = -1
     ts[:] = 0
     assert ring.last_n(5)[1].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
-    rts, rvals = ring.range(0, 1000)
+    _rts, rvals = ring.range(0, 1000)
     rvals[:] = -1
     assert ring.range(0, 1000)[1].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
@@ -403,7 +403,7 @@ def test_envelope_matches_reference_over_wrap() -> None:
     vals = rng.normal(size=120)
     ring.append_block(ts[:70], vals[:70])
     ring.append_block(ts[70:], vals[70:])
-    samples = list(zip(ts[-50:].tolist(), vals[-50:].tolist()))
+    samples = list(zip(ts[-50:].tolist(), vals[-50:].tolist(), strict=True))
     start, end, nb = int(ts[-50]) - 3, int(ts[-1]) + 1, 7
     starts, mins, maxs = ring.envelope(start, end, nb)
     edges = [start + (k * (end - start)) // nb for k in range(nb)] + [end]
@@ -552,7 +552,7 @@ def test_property_range_and_aggregate_match_reference(
     for start, length, interval in queries:
         end = start + length
         ts, vals = ring.range(start, end)
-        assert list(zip(ts.tolist(), vals.tolist())) == ref_range(kept, start, end)
+        assert list(zip(ts.tolist(), vals.tolist(), strict=True)) == ref_range(kept, start, end)
         assert_aggregate_matches(
             ring.aggregate(start, end, interval), ref_aggregate(kept, start, end, interval)
         )

@@ -64,7 +64,7 @@ def test_gaussian_noise_kurtosis_and_timestamps() -> None:
 
 
 def test_overlapping_windows_across_blocks_are_all_analysed() -> None:
-    hub, store = make(window=4096, hop=1024)
+    hub, _store = make(window=4096, hop=1024)
     counts = []
     start = 10**18
     period = round(1e9 / RATE)

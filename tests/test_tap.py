@@ -165,8 +165,9 @@ from twisted.internet.task import Clock
 from iotserver.tags.model import TagDef, DataType, Access
 from iotserver.tags.store import TagStore, MemoryOwner
 from iotserver.tags.persist import MemoryTagPersistence
+from pathlib import Path
 store = TagStore(Clock())
-store.register_owner("memory", MemoryOwner(store, MemoryTagPersistence(__import__("pathlib").Path({str(db)!r}))))
+store.register_owner("memory", MemoryOwner(store, MemoryTagPersistence(Path({str(db)!r}))))
 store.define(TagDef(path="S/x", data_type=DataType.INT64, access=Access.READ_WRITE, persist=True))
 i = 0
 while True:
