@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -241,7 +241,9 @@ class ServerRoot(MultiService):
 
         def _when_running() -> None:
             # "ready" only once the reactor runs (signal handlers installed, listeners up)
-            DeferredList([c.started for c in children]).addCallback(_ready)
+            # the test keeps all: children are the started ones, and started is never reset
+            started = [c.started for c in children if c.started is not None]
+            DeferredList(started).addCallback(_ready)
 
         if self.clock is not None and hasattr(self.clock, "callWhenRunning"):
             self.clock.callWhenRunning(_when_running)
@@ -326,7 +328,7 @@ def build(
         if section is None:
             continue
         module, _, func = target.partition(":")
-        service: IService = getattr(importlib.import_module(module), func)(core, section)
+        service: Service = getattr(importlib.import_module(module), func)(core, section)
         core.services[section_name] = service
         service.setServiceParent(root)
 

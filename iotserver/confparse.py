@@ -10,9 +10,14 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 T = TypeVar("T")
+
+# Reader has methods named ``str`` and ``bool``: below them, inside the class body, those names
+# mean the methods, so its annotations use these aliases of the builtins.
+_Str: TypeAlias = str
+_Bool: TypeAlias = bool
 
 _MISSING: Any = object()
 
@@ -160,11 +165,11 @@ class Reader:
             raise self.error(name, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
+    def bool(self, name: _Str, default: Any = _MISSING) -> Any:
         return self._typed(name, default, lambda v: isinstance(v, bool), "true or false")
 
     def int(
-        self, name: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
+        self, name: _Str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
     ) -> Any:
         value = self._typed(
             name, default, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
@@ -174,12 +179,12 @@ class Reader:
 
     def float(
         self,
-        name: str,
+        name: _Str,
         default: Any = _MISSING,
         *,
         min: float | None = None,
         max: float | None = None,
-        positive: bool = False,
+        positive: _Bool = False,
     ) -> Any:
         value = self._typed(
             name,
@@ -195,14 +200,14 @@ class Reader:
         self._check_range(name, value, min, max)
         return value
 
-    def _check_range(self, name: str, value: Any, lo: Any, hi: Any) -> None:
+    def _check_range(self, name: _Str, value: Any, lo: Any, hi: Any) -> None:
         if value is None:
             return
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"{lo if lo is not None else '-inf'} .. {hi if hi is not None else 'inf'}"
             raise self.error(name, f"expected a value in {bounds}, got {value!r}")
 
-    def str_list(self, name: str, default: Any = _MISSING) -> Any:
+    def str_list(self, name: _Str, default: Any = _MISSING) -> Any:
         value = self._typed(
             name,
             default,
@@ -211,7 +216,7 @@ class Reader:
         )
         return tuple(value) if value is not None else None
 
-    def number_pair(self, name: str, default: Any = _MISSING) -> Any:
+    def number_pair(self, name: _Str, default: Any = _MISSING) -> Any:
         value = self._typed(
             name,
             default,
@@ -229,7 +234,7 @@ class Reader:
             raise self.error(name, f"expected low < high, got [{value[0]}, {value[1]}]")
         return lo, hi
 
-    def path(self, name: str, default: Any = _MISSING) -> Any:
+    def path(self, name: _Str, default: Any = _MISSING) -> Any:
         """A filesystem path; relative paths are relative to the config file's folder."""
         value = self.str(name, default)
         if value is None:
@@ -237,7 +242,7 @@ class Reader:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.ctx.base_dir / p)
 
-    def endpoint(self, name: str, default: Any = _MISSING) -> Any:
+    def endpoint(self, name: _Str, default: Any = _MISSING) -> Any:
         """A Twisted server endpoint string (``tcp:1883:interface=127.0.0.1``, ``tls:8883``...)."""
         value = self.str(name, default)
         if value is None:
@@ -247,13 +252,13 @@ class Reader:
             raise self.error(name, problem)
         return value
 
-    def table(self, name: str, *, required: bool = False) -> Reader:
+    def table(self, name: _Str, *, required: _Bool = False) -> Reader:
         value = self.raw(name, _MISSING if required else {})
         if not isinstance(value, dict):
             raise self.error(name, f"expected a table, got {_describe(value)}")
         return Reader(value, self.key(name), self.ctx)
 
-    def tables(self, name: str) -> list[Reader]:
+    def tables(self, name: _Str) -> list[Reader]:
         value = self.raw(name, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise self.error(name, f"expected an array of tables ([[{self.key(name)}]])")

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import MultiService
 from twisted.python import usage
 
 USAGE_REACTOR = (
@@ -40,7 +40,7 @@ def _check_reactor() -> Any:
     return reactor
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options) -> MultiService:
     reactor = _check_reactor()
     from iotserver import app, config
     from iotserver.confparse import ConfigError

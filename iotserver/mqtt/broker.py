@@ -19,9 +19,9 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from iotserver.clock import Clock
 from iotserver.mqtt.config import LimitsConfig, MqttConfig
 from iotserver.mqtt.limits import BrokerStats, ConnectRate, RateLimitedLog
 from iotserver.mqtt.packets import (
@@ -69,7 +69,7 @@ class _Plan:
 class Broker:
     """Sessions, subscriptions, retained messages and routing for every listener."""
 
-    def __init__(self, cfg: MqttConfig, clock: IReactorTime, *, acl: Any = None,
+    def __init__(self, cfg: MqttConfig, clock: Clock, *, acl: Any = None,
                  store: Any = None) -> None:
         self.cfg = cfg
         self.limits: LimitsConfig = cfg.limits

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from iotserver.clock import Clock
 
 log = Logger(namespace="iotserver.mqtt")
 
@@ -63,7 +64,7 @@ class BrokerStats:
 class RateLimitedLog:
     """``warn(key, fmt, **kw)`` logs at most once per ``interval`` seconds per ``key``."""
 
-    def __init__(self, clock: IReactorTime, interval: float = 10.0, logger: Logger = log) -> None:
+    def __init__(self, clock: Clock, interval: float = 10.0, logger: Logger = log) -> None:
         self.clock = clock
         self.interval = interval
         self.log = logger
@@ -89,7 +90,7 @@ class ConnectRate:
     """Token bucket over CONNECTs per second (``rate`` 0 = unlimited), burst of one second
     (at least one CONNECT)."""
 
-    def __init__(self, clock: IReactorTime, rate: float) -> None:
+    def __init__(self, clock: Clock, rate: float) -> None:
         self.clock = clock
         self.rate = rate
         self.burst = max(1.0, rate)

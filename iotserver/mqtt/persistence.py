@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from iotserver.clock import Clock
 from iotserver.mqtt.codec import decode_packet, encode
 from iotserver.mqtt.packets import (
     MQTT_5,
@@ -123,7 +123,7 @@ class Snapshot:
 class BrokerStore:
     """The broker's persistence: buffered operations, one writer thread, group commit."""
 
-    def __init__(self, path: Path, clock: IReactorTime, *, commit_interval: float = 0.002,
+    def __init__(self, path: Path, clock: Clock, *, commit_interval: float = 0.002,
                  synchronous: str = "full", reactor: Any = None) -> None:
         self.path = path
         self.clock = clock

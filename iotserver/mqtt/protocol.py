@@ -13,6 +13,7 @@ traceback, and never touches another client.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -86,6 +87,10 @@ class MqttServerFactory(Factory):
 class MqttServerProtocol(Protocol):
     """One client connection (see module docstring)."""
 
+    # A TCP or TLS transport, set before connectionMade (Protocol declares ITransport | None,
+    # whose zope interface methods mypy cannot call).
+    transport: Any
+
     def __init__(self, factory: MqttServerFactory) -> None:
         broker = factory.broker
         self.broker = broker
@@ -124,7 +129,7 @@ class MqttServerProtocol(Protocol):
         self._acl_generation = 0
         self._cert_identity: str | None = None
         self._will_on_close = True
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[Any], None]] = {
             Connect: self._on_connect, Puback: self._on_puback, Pubrec: self._on_pubrec,
             Pubrel: self._on_pubrel, Pubcomp: self._on_pubcomp, Subscribe: self._on_subscribe,
             Unsubscribe: self._on_unsubscribe, Pingreq: self._on_pingreq,

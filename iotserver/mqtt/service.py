@@ -171,7 +171,8 @@ class MqttService(AsyncService):
                 factory = MqttServerFactory(broker, lst,
                                             _ListenerAuth(self.authenticator,
                                                           lst.allow_anonymous))
-                port = await endpoint.listen(factory)
+                # Twisted's zope interface declares listen() without self (misc: mypy's note)
+                port = await endpoint.listen(factory)  # type: ignore[call-arg,misc]
             except Exception as exc:
                 raise StartupError(f"MQTT: cannot listen on {lst.endpoint}: {exc}") from None
             self.ports.append(port)

@@ -461,7 +461,7 @@ class TagSpace:
         nd = _common(node_id, _VARIABLE, path.rpartition("/")[2], self.idx, tag.description)
         _variable_attrs(nd, DATA_TYPE_IDS[tag.data_type], tag.shape, access_level(tag),
                         bool(tag.historize))
-        value = AttributeValue(None)  # type: ignore[arg-type]
+        value = AttributeValue(None)
         value.value_callback = self._value
         nd.attributes[A.Value] = value
         type_def = ANALOG_ITEM_TYPE if is_analog(tag) else BASE_DATA_VARIABLE_TYPE

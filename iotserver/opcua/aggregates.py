@@ -181,7 +181,8 @@ def _reduce(ufunc: Any, vals: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     sample to the next non-empty interval's first sample; cutting the array at the last
     interval's end keeps the bounding samples after it out.
     """
-    return ufunc.reduceat(vals[: hi[nonempty][-1]], lo[nonempty])
+    reduced: np.ndarray = ufunc.reduceat(vals[: hi[nonempty][-1]], lo[nonempty])
+    return reduced
 
 
 def _time_weighted(name: str, ts: np.ndarray, vals: np.ndarray, a: np.ndarray, b: np.ndarray,

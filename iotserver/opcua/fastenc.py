@@ -55,7 +55,7 @@ _PUBLISH_TYPE = nodeid_to_binary(ua.FourByteNodeId(_OIDS.PublishResponse_Encodin
 _EMPTY_ARRAY = _I32.pack(0)
 
 
-class IotDataValue(ua.DataValue):
+class IotDataValue(ua.DataValue):  # type: ignore[misc]  # asyncua is untyped
     """A DataValue that carries its timestamps as integer ns and caches its binary encoding."""
 
     __slots__ = ("_bin", "_src_ns", "_srv_ns")
@@ -75,7 +75,7 @@ def _variant(v: ua.Variant) -> bytes:
         if vt is _STRING:
             if v.Value is None:
                 return b"\x0c\xff\xff\xff\xff"
-            raw = v.Value.encode("utf-8")
+            raw: bytes = v.Value.encode("utf-8")
             return b"\x0c" + _I32.pack(len(raw)) + raw
     return bytes(variant_to_binary(v))
 
@@ -101,16 +101,16 @@ def encode_datavalue(dv: ua.DataValue) -> bytes:
         own = type(dv) is IotDataValue
         if dv.SourceTimestamp is not None:
             mask |= 0x04
-            parts.append(_ticks(dv._src_ns) if own else  # type: ignore[attr-defined]
+            parts.append(_ticks(dv._src_ns) if own else
                          Primitives.DateTime.pack(dv.SourceTimestamp))
         if dv.ServerTimestamp is not None:
             mask |= 0x08
-            parts.append(_ticks(dv._srv_ns) if own else  # type: ignore[attr-defined]
+            parts.append(_ticks(dv._srv_ns) if own else
                          Primitives.DateTime.pack(dv.ServerTimestamp))
         parts[0] = bytes((mask,))
         out = b"".join(parts)
     if type(dv) is IotDataValue:
-        dv._bin = out  # type: ignore[attr-defined]
+        dv._bin = out
     return out
 
 

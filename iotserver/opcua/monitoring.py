@@ -141,8 +141,9 @@ def passes(item: Item, dv: ua.DataValue) -> bool:
     elif _differ(ov, nv):
         return True
     if trigger is _STATUS_VALUE_TIMESTAMP:
-        return (last.SourceTimestamp != dv.SourceTimestamp
-                or last.SourcePicoseconds != dv.SourcePicoseconds)
+        changed: bool = (last.SourceTimestamp != dv.SourceTimestamp
+                         or last.SourcePicoseconds != dv.SourcePicoseconds)
+        return changed
     return False
 
 
@@ -196,7 +197,7 @@ class Limits:
         self.count = 0
 
 
-class IotMonitoredItemService(MonitoredItemService):
+class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # asyncua is untyped
     """Data-change items per spec without copies; event items use asyncua's code."""
 
     def __init__(self, isub: InternalSubscription, aspace: AddressSpace, limits: Limits) -> None:
@@ -409,7 +410,7 @@ class IotMonitoredItemService(MonitoredItemService):
             queue[-1] = _with_overflow(note)
 
 
-class IotSubscription(InternalSubscription):
+class IotSubscription(InternalSubscription):  # type: ignore[misc]  # asyncua is untyped
     """asyncua's subscription with our monitored item service and MaxNotificationsPerPublish.
 
     Part 4 5.14.2.2: a NotificationMessage carries at most ``maxNotificationsPerPublish``
@@ -418,6 +419,8 @@ class IotSubscription(InternalSubscription):
     which a client with a message size limit cannot take (and which blocks the event loop
     while it is encoded). We also apply a server-side cap.
     """
+
+    _triggered_datachanges: dict[int, list[ua.MonitoredItemNotification]]  # set by asyncua
 
     def __init__(self, *args: Any, limits: Limits, max_notifications: int,
                  **kwargs: Any) -> None:
@@ -455,7 +458,7 @@ class IotSubscription(InternalSubscription):
         return result
 
     async def publish_results(self, requestdata: Any = None) -> bool:
-        sent = await super().publish_results(requestdata)
+        sent: bool = await super().publish_results(requestdata)
         # the remainder goes out with the next Publish request, not a publishing interval later
         while sent and self._triggered_datachanges and self.pub_request_callback is not None \
                 and not self._closing:
@@ -466,7 +469,7 @@ class IotSubscription(InternalSubscription):
         return sent
 
 
-class IotSubscriptionService(SubscriptionService):
+class IotSubscriptionService(SubscriptionService):  # type: ignore[misc]  # asyncua is untyped
     """Creates :class:`IotSubscription` objects; revises the publishing interval (Part 4 5.14.2).
 
     A requested interval of 0 would make asyncua publish from inside every value write; it is

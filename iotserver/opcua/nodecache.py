@@ -120,7 +120,7 @@ class NodeTable(dict):  # type: ignore[type-arg]
         self.kept.pop(key, None)
 
 
-class TagAddressSpace(AddressSpace):
+class TagAddressSpace(AddressSpace):  # type: ignore[misc]  # asyncua is untyped
     """asyncua's AddressSpace over a :class:`NodeTable`; see the module docstring."""
 
     _nodes: NodeTable

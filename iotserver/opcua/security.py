@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from asyncua import ua
 from asyncua.common.utils import ServiceError
@@ -243,18 +243,18 @@ class TrustList:
         self.refresh()
         chain = self._chain(cert)
         if chain is None:
-            return ua.StatusCodes.BadCertificateUntrusted
+            return cast(int, ua.StatusCodes.BadCertificateUntrusted)
         now = _dt.datetime.now(_dt.UTC)
         for link in chain:
             if not link.not_valid_before_utc <= now <= link.not_valid_after_utc:
-                return (ua.StatusCodes.BadCertificateTimeInvalid if link is cert
-                        else ua.StatusCodes.BadCertificateIssuerTimeInvalid)
+                return cast(int, ua.StatusCodes.BadCertificateTimeInvalid if link is cert
+                            else ua.StatusCodes.BadCertificateIssuerTimeInvalid)
         for child, issuer in itertools.pairwise(chain):
             for crl in self._crls:
                 if crl.issuer == issuer.subject and \
                         crl.get_revoked_certificate_by_serial_number(child.serial_number):
-                    return (ua.StatusCodes.BadCertificateRevoked if child is cert
-                            else ua.StatusCodes.BadCertificateIssuerRevoked)
+                    return cast(int, ua.StatusCodes.BadCertificateRevoked if child is cert
+                                else ua.StatusCodes.BadCertificateIssuerRevoked)
         return 0
 
     def _chain(self, cert: x509.Certificate) -> list[x509.Certificate] | None:
@@ -325,7 +325,7 @@ class ClientCertificateValidator:
 
 
 @dataclass
-class IotUser(User):
+class IotUser(User):  # type: ignore[misc]  # asyncua is untyped
     """asyncua User (role ``User`` for everyone) with our role and login kind."""
 
     access: str = "operator"  # operator | engineer | admin
@@ -336,7 +336,7 @@ class IotUser(User):
         return self.access in ("engineer", "admin")
 
 
-class IotRuleset(PermissionRuleset):
+class IotRuleset(PermissionRuleset):  # type: ignore[misc]  # asyncua is untyped
     """Every session may use the ordinary services; none may change the address space."""
 
     def __init__(self) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from asyncua import ua
 from asyncua.common.utils import ServiceError
@@ -34,6 +34,8 @@ from iotserver.opcua.monitoring import IotSubscriptionService
 from iotserver.opcua.security import can_write, role_of
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from iotserver.opcua.addrspace import TagSpace
     from iotserver.opcua.history import HistoryReader, Series
     from iotserver.tags.store import TagStore
@@ -55,7 +57,7 @@ class Services:
         self.writes_refused = 0
 
 
-class IotInternalServer(InternalServer):
+class IotInternalServer(InternalServer):  # type: ignore[misc]  # asyncua is untyped
     """InternalServer with our subscription service and session class."""
 
     def __init__(self, user_manager: Any, *, max_items: int, min_interval_ms: float) -> None:
@@ -93,7 +95,7 @@ def _index_range(text: str) -> tuple[int, int] | None:
         return None
 
 
-class IotSession(InternalSession):
+class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
     """A client session; see the module docstring."""
 
     iserver: IotInternalServer
@@ -104,7 +106,7 @@ class IotSession(InternalSession):
 
     async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
         """asyncua's Browse, cut to RequestedMaxReferencesPerNode (Part 4 5.8.2)."""
-        results = await super().browse(params)
+        results: list[ua.BrowseResult] = await super().browse(params)
         self.browse_points.page_results(results, params.RequestedMaxReferencesPerNode)
         return results
 
@@ -143,7 +145,8 @@ class IotSession(InternalSession):
         """Source control methods need the engineer or admin role."""
         methods = self.iserver.source_methods
         if not any(m.MethodId in methods for m in params) or can_write(self.user):
-            return await super().call(params)
+            everything: list[ua.CallMethodResult] = await super().call(params)
+            return everything
         results = []
         for m in params:
             if m.MethodId in methods:
@@ -158,7 +161,8 @@ class IotSession(InternalSession):
     async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
         svc = self.iserver.services
         if svc is None:
-            return await super().read(params)
+            values: list[ua.DataValue] = await super().read(params)
+            return values
         space = svc.space
         results: list[ua.DataValue | None] = [None] * len(params.NodesToRead)
         rest = []
@@ -184,7 +188,7 @@ class IotSession(InternalSession):
             sub.NodesToRead = [params.NodesToRead[i] for i in rest]
             for i, dv in zip(rest, await super().read(sub), strict=True):
                 results[i] = dv
-        return results  # type: ignore[return-value]
+        return results
 
     @staticmethod
     def _read_channel(svc: Services, node_id: ua.NodeId) -> ua.DataValue:
@@ -220,8 +224,8 @@ class IotSession(InternalSession):
         variant = (ua.Variant(None, ua.VariantType.Null) if quality & 0x80000000 or value is None
                    else to_variant(tag, value))
         space = svc.space
-        src = space.times.source(tv.source_ns)
-        srv = space.times.server(tv.server_ns)
+        src: datetime | None = space.times.source(tv.source_ns)
+        srv: datetime | None = space.times.server(tv.server_ns)
         if timestamps == ua.TimestampsToReturn.Source:
             srv = None
         elif timestamps == ua.TimestampsToReturn.Server:
@@ -234,7 +238,8 @@ class IotSession(InternalSession):
     async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
         svc = self.iserver.services
         if svc is None:
-            return await super().write(params)
+            codes: list[ua.StatusCode] = await super().write(params)
+            return codes
         items = params.NodesToWrite
         results: list[ua.StatusCode | None] = [None] * len(items)
         pending: list[tuple[int, Any]] = []
@@ -283,23 +288,24 @@ class IotSession(InternalSession):
                          principal, ua.StatusCode(code).name)
         svc.writes += len(items)
         svc.writes_refused += sum(1 for r in results if r is not None and r.is_bad())
-        return results  # type: ignore[return-value]
+        return results
 
     def _check_write(self, tag: Any, wv: ua.WriteValue) -> int:
         """Checks before the store sees the value (Part 4 5.11.4.4 operation results)."""
         if wv.AttributeId != A.Value:
-            return ua.StatusCodes.BadNotWritable  # WriteMask is 0 for every attribute
+            return cast(int, ua.StatusCodes.BadNotWritable)  # WriteMask is 0 for every attribute
         if not tag.writable:
-            return ua.StatusCodes.BadNotWritable
+            return cast(int, ua.StatusCodes.BadNotWritable)
         if not can_write(self.user):
-            return ua.StatusCodes.BadUserAccessDenied
+            return cast(int, ua.StatusCodes.BadUserAccessDenied)
         if wv.IndexRange:
-            return ua.StatusCodes.BadWriteNotSupported
+            return cast(int, ua.StatusCodes.BadWriteNotSupported)
         dv = wv.Value
         if dv is None:
-            return ua.StatusCodes.BadTypeMismatch
+            return cast(int, ua.StatusCodes.BadTypeMismatch)
         if dv.StatusCode is not None and dv.StatusCode.value != 0:
-            return ua.StatusCodes.BadWriteNotSupported  # we do not take status from clients
+            # we do not take status from clients
+            return cast(int, ua.StatusCodes.BadWriteNotSupported)
         # Source/server timestamps in the written DataValue are ignored rather than refused:
         # many clients (asyncua's among them) always send one, and the tag's timestamp is the
         # owner's (the PLC's) anyway.
@@ -309,7 +315,8 @@ class IotSession(InternalSession):
     async def history_read(self, params: ua.HistoryReadParameters) -> list[ua.HistoryReadResult]:
         svc = self.iserver.services
         if svc is None:
-            return await super().history_read(params)
+            history: list[ua.HistoryReadResult] = await super().history_read(params)
+            return history
         details = params.HistoryReadDetails
         results: list[ua.HistoryReadResult | None] = [None] * len(params.NodesToRead)
         rest = []
@@ -339,7 +346,7 @@ class IotSession(InternalSession):
             sub.NodesToRead = [params.NodesToRead[i] for i in rest]
             for i, res in zip(rest, await super().history_read(sub), strict=True):
                 results[i] = res
-        return results  # type: ignore[return-value]
+        return results
 
 
 class _SliceTag:

@@ -63,23 +63,23 @@ def _with_browse_next(processor: UaProcessor) -> Any:
     return process_message
 
 
-class IotProtocol(OPCUAProtocol):
+class IotProtocol(OPCUAProtocol):  # type: ignore[misc]  # asyncua is untyped
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         processor = self.processor
         if processor is not None:
-            processor.forward_publish_response = (  # type: ignore[method-assign]
+            processor.forward_publish_response = (
                 _forward_publish_response.__get__(processor))
-            processor._process_message = _with_browse_next(processor)  # type: ignore[method-assign]
+            processor._process_message = _with_browse_next(processor)
 
 
-class IotBinaryServer(BinaryServer):
+class IotBinaryServer(BinaryServer):  # type: ignore[misc]  # asyncua is untyped
     def _make_protocol(self) -> OPCUAProtocol:
         return IotProtocol(iserver=self.iserver, policies=self._policies, clients=self.clients,
                            closing_tasks=self.closing_tasks, limits=self.limits)
 
 
-class IotUaServer(Server):
+class IotUaServer(Server):  # type: ignore[misc]  # asyncua is untyped
     """asyncua Server whose listener is :class:`IotBinaryServer`, sending its issuer chain.
 
     Part 6 6.7.2: a certificate issued by a CA travels with its chain (SenderCertificate and the
@@ -108,7 +108,7 @@ class IotUaServer(Server):
         await self.iserver.start()
         try:
             host, port = self._get_bind_socket_info()
-            self.bserver = IotBinaryServer(self.iserver, host, port, self.limits)  # type: ignore[arg-type]
+            self.bserver = IotBinaryServer(self.iserver, host, port, self.limits)
             self.bserver.set_policies(self._policies)
             await self.bserver.start()
         except Exception:

@@ -115,7 +115,7 @@ class ValuePump:
                                     tv.source_ns, tv.server_ns, times)
                 # every callback is a monitoring._Hook: all subscriptions are ours
                 for handle, hook in attval.datachange_callbacks.items():
-                    hook.sync(handle, dv)  # type: ignore[attr-defined]
+                    hook.sync(handle, dv)
             self.changes += stop - i
             i = stop
             if time.perf_counter() >= deadline:

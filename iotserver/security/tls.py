@@ -196,15 +196,14 @@ def client_context_factory(
     """
     if (cert_path is None) != (key_path is None):
         raise ValueError("give both cert_path and key_path for a client certificate, or neither")
-    # Twisted leaves these helpers unannotated, hence the ignores.
     if ca_path is None:
-        trust = platformTrust()  # type: ignore[no-untyped-call]
+        trust = platformTrust()
     else:
         roots = [
-            Certificate(crypto.X509.from_cryptography(c))  # type: ignore[no-untyped-call]
+            Certificate(crypto.X509.from_cryptography(c))
             for c in load_cert_chain(ca_path)
         ]
-        trust = trustRootFromCertificates(roots)  # type: ignore[no-untyped-call]
+        trust = trustRootFromCertificates(roots)
     extra: dict[str, Any] = {"raiseMinimumTo": MINIMUM_TLS_VERSION}
     if cert_path is not None and key_path is not None:
         chain, key = _load_identity(cert_path, key_path)
@@ -325,7 +324,7 @@ def server_endpoint(
             raise ValueError(
                 f"a context factory only applies to tls: descriptions: {description!r}"
             )
-        endpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(reactor, description)
         return cast(IStreamServerEndpoint, endpoint)
     options = parse_tls_description(description)
     tls_keys = {"cert", "key", "ca", "clientAuth"} & options.keys()
@@ -353,7 +352,7 @@ def server_endpoint(
         )
         if reloadable is not None:
             reloadable.append(factory)
-    endpoint = SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
+    endpoint = SSL4ServerEndpoint(
         reactor,
         int(options["port"]),
         factory,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from iotserver.clock import Clock
 from iotserver.tags.model import (
     Change,
     CoerceError,
@@ -149,7 +150,7 @@ class StoreStats:
 class TagStore:
     """In-memory tags, batched change fan-out, and the write path."""
 
-    def __init__(self, clock: IReactorTime, *, write_timeout: float = 10.0) -> None:
+    def __init__(self, clock: Clock, *, write_timeout: float = 10.0) -> None:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._owners: dict[str, TagOwner] = {}
@@ -459,7 +460,7 @@ class TagStore:
             return self._write_done(result)  # answered at once: no timer, no callback chain
         d: Deferred[Quality] = result
         if not d.called:
-            d.addTimeout(self.write_timeout, self._clock)
+            d.addTimeout(self.write_timeout, cast(IReactorTime, self._clock))  # same object
         d.addErrback(self._write_failed, path)
         d.addCallback(self._write_done)
         return d
