@@ -186,7 +186,8 @@ class CoreService(Service):
             for tag in core.signals.add(sig).derived_tags():
                 self._attach_history(tag)
         log.info(
-            "tag store: {n} tags, {r} memory values restored, history {mb:.1f} MiB of {cap:.0f} MiB",
+            "tag store: {n} tags, {r} memory values restored, "
+            "history {mb:.1f} MiB of {cap:.0f} MiB",
             n=len(store),
             r=restored,
             mb=core.rings.total_bytes / 2**20,

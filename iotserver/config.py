@@ -79,7 +79,8 @@ DEFAULT_CONFIG = _default_config()
 
 
 def default_data_dir() -> Path:
-    """``$IOTSERVER_DATA_DIR``, else ``$XDG_STATE_HOME/iotserver``, else ~/.local/state/iotserver."""
+    """``$IOTSERVER_DATA_DIR``, else ``$XDG_STATE_HOME/iotserver``, else
+    ``~/.local/state/iotserver``."""
     env = os.environ.get("IOTSERVER_DATA_DIR")
     if env:
         return Path(env).expanduser()

@@ -9,6 +9,7 @@ or half-finished start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ def as_deferred(coro: Any) -> Deferred[Any]:
 
 
 class AsyncService(Service):
-    """A service whose start and stop are coroutines (Twisted-style, via ``Deferred.fromCoroutine``).
+    """A service whose start and stop are coroutines (via ``Deferred.fromCoroutine``).
 
     Inside them, await Deferreds directly and asyncio code through ``as_deferred(coro)``
     (facts.md: mixing the two styles raises "await wasn't used with future").
@@ -75,10 +76,8 @@ class AsyncService(Service):
         async def _stop() -> None:
             if not started.called:
                 started.cancel()
-            try:
+            with contextlib.suppress(BaseException):  # reported when it happened
                 await started
-            except BaseException:  # the failure was reported when it happened
-                pass
             await self.stop()
 
         self._stopping = Deferred.fromCoroutine(_stop())

@@ -113,10 +113,7 @@ def encode_publish_with_offset(topic: str, payload: bytes, qos: int = 0, retain:
         props = b""
         tb = _check_topic_name(topic, False)
     size = len(tb) + len(pid) + len(props) + len(payload)
-    if size < 128:
-        header = bytes((b0, size))
-    else:
-        header = bytes((b0,)) + encode_varint(size)
+    header = bytes((b0, size)) if size < 128 else bytes((b0,)) + encode_varint(size)
     offset = len(header) + len(tb) if qos else -1
     return b"".join((header, tb, pid, props, payload)), offset
 

@@ -205,7 +205,8 @@ _T = PacketType
 _ACKS = (_T.PUBACK, _T.PUBREC, _T.PUBREL, _T.PUBCOMP)
 
 
-def _spec(pid: PropertyId, ptype: PropertyType, *allowed: int, boolean: bool = False) -> PropertySpec:
+def _spec(pid: PropertyId, ptype: PropertyType, *allowed: int,
+          boolean: bool = False) -> PropertySpec:
     return PropertySpec(pid, pid.name.lower(), ptype, frozenset(allowed), boolean)
 
 
@@ -332,7 +333,8 @@ class Will:
 
 @dataclass(frozen=True, slots=True)
 class Connect:
-    """CONNECT. ``protocol_level`` 4 is 3.1.1, 5 is 5.0; ``clean_start`` is 3.1.1's Clean Session."""
+    """CONNECT. ``protocol_level`` 4 is 3.1.1, 5 is 5.0; ``clean_start`` is 3.1.1's Clean
+    Session."""
 
     client_id: str = ""
     protocol_level: int = MQTT_3_1_1

@@ -80,7 +80,7 @@ def write_cert_der(cert: x509.Certificate, path: str | Path, *, force: bool = Fa
 
 
 def write_key_pem(key: PrivateKeyTypes, path: str | Path, *, force: bool = False) -> Path:
-    """Write an unencrypted PKCS#8 PEM private key with mode 0600 (the server reads it unattended)."""
+    """Write an unencrypted PKCS#8 PEM private key, mode 0600 (the server reads it unattended)."""
     path = Path(path)
     _write_file(path, _key_bytes(key, serialization.Encoding.PEM), 0o600, force)
     return path
@@ -145,7 +145,7 @@ class TlsMaterial:
 def ensure_server_material(
     directory: Path, *, hostnames: list[str], ip_addresses: list[str]
 ) -> TlsMaterial:
-    """Load ``ca.pem``, ``server.pem`` and ``server.key`` from ``directory``, creating them if absent.
+    """Load ``ca.pem``, ``server.pem`` and ``server.key`` from ``directory``, created if absent.
 
     First start: a local CA (``ca.pem``, ``ca.key``) and a server certificate for ``hostnames``
     and ``ip_addresses``. When only the server pair is missing and the CA key is present, a new

@@ -5,7 +5,7 @@ Format (TOML, one table per user)::
     [users.alice]
     role = "engineer"                       # operator (read-only) | engineer (read-write) | admin
     password = "scrypt$16384$8$1$<salt b64>$<hash b64>"
-    certificates = ["alice", "alice@example.com"]   # TLS/X509 identities (CN or SAN) mapped to alice
+    certificates = ["alice", "alice@example.com"]   # TLS/X509 identities (CN or SAN) of alice
 
 Passwords are never stored in clear: scrypt (RFC 7914) with a random 16-byte salt. Verifying
 costs tens of milliseconds on purpose, so servers call :meth:`UserDB.verify_deferred`, which runs

@@ -77,7 +77,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Quality(enum.IntEnum):
-    """OPC UA StatusCode values used as tag quality (top two bits: 00 Good, 01 Uncertain, 10 Bad)."""
+    """OPC UA StatusCode values as tag quality (top two bits: 00 Good, 01 Uncertain, 10 Bad)."""
 
     GOOD = 0x00000000
     GOOD_LOCAL_OVERRIDE = 0x00960000
@@ -142,7 +142,8 @@ class DeadbandKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Scaling:
-    """Linear scaling raw -> engineering: ``eng = raw * (eng_hi-eng_lo)/(raw_hi-raw_lo) + offset``."""
+    """Linear scaling raw -> engineering:
+    ``eng = raw * (eng_hi-eng_lo)/(raw_hi-raw_lo) + offset``."""
 
     raw_low: float
     raw_high: float
@@ -232,9 +233,9 @@ def coerce(tag: TagDef, value: Any) -> Any:
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
         raise CoerceError(Quality.BAD_TYPE_MISMATCH, f"{tag.path}: expected a number")
     if dt.is_integer:
-        if isinstance(value, float | np.floating):
-            if not math.isfinite(value) or value != int(value):
-                raise CoerceError(Quality.BAD_TYPE_MISMATCH, f"{tag.path}: expected an integer")
+        if isinstance(value, float | np.floating) and (
+                not math.isfinite(value) or value != int(value)):
+            raise CoerceError(Quality.BAD_TYPE_MISMATCH, f"{tag.path}: expected an integer")
         result: int | float = int(value)
         lo, hi = _INT_LIMITS[dt]
         if not lo <= result <= hi:

@@ -196,7 +196,8 @@ class TagStore:
             listener(entry.tag, False)
 
     def on_define(self, listener: Callable[[TagDef, bool], None]) -> Callable[[], None]:
-        """Call ``listener(tag, added)`` when tags are defined or removed; returns an unsubscriber."""
+        """Call ``listener(tag, added)`` when tags are defined or removed; returns the
+        unsubscribe function."""
         self._define_listeners.append(listener)
         return lambda: self._define_listeners.remove(listener)
 
