@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from asyncua import ua
 
-from iotserver.opcua.browse import ContinuationPoints
+from iotserver.opcua.browse import ContinuationPoints, apply_result_masks
 
 
 def refs(n: int, tag: str = "r") -> list[ua.ReferenceDescription]:
@@ -95,3 +95,56 @@ def test_bad_results_are_left_alone() -> None:
     res.StatusCode = ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)
     cps.page_results([res], 1)
     assert len(res.References) == 3 and not res.ContinuationPoint
+
+
+def full_ref(name: str) -> ua.ReferenceDescription:
+    ref = ua.ReferenceDescription()
+    ref.ReferenceTypeId = ua.NodeId(ua.ObjectIds.Organizes)
+    ref.IsForward = True
+    ref.NodeId = ua.ExpandedNodeId(name, 2)
+    ref.BrowseName = ua.QualifiedName(name, 2)
+    ref.DisplayName = ua.LocalizedText(name)
+    ref.NodeClass = ua.NodeClass.Variable
+    ref.TypeDefinition = ua.ExpandedNodeId(ua.ObjectIds.BaseDataVariableType)
+    return ref
+
+
+def masked(mask: int) -> ua.ReferenceDescription:
+    desc = ua.BrowseDescription()
+    desc.ResultMask = mask
+    params = ua.BrowseParameters()
+    params.NodesToBrowse = [desc]
+    res = ua.BrowseResult()
+    original = full_ref("T")
+    res.References = [original]
+    apply_result_masks(params, [res])
+    assert original == full_ref("T")  # the address space's reference is not touched
+    return res.References[0]
+
+
+def test_result_mask_all_keeps_the_same_objects() -> None:
+    desc = ua.BrowseDescription()
+    desc.ResultMask = ua.BrowseResultMask.All
+    params = ua.BrowseParameters()
+    params.NodesToBrowse = [desc]
+    res = ua.BrowseResult()
+    ref = full_ref("T")
+    res.References = [ref]
+    apply_result_masks(params, [res])
+    assert res.References[0] is ref
+
+
+def test_result_mask_fields() -> None:
+    empty = ua.ReferenceDescription()
+    only_name = masked(0x08)  # BrowseName
+    assert only_name.BrowseName == ua.QualifiedName("T", 2)
+    assert only_name.NodeId == ua.ExpandedNodeId("T", 2)  # always returned
+    assert only_name.DisplayName == empty.DisplayName and only_name.NodeClass == 0
+    assert only_name.ReferenceTypeId == empty.ReferenceTypeId and only_name.IsForward is False
+    assert only_name.TypeDefinition == empty.TypeDefinition
+    some = masked(0x01 | 0x02 | 0x04 | 0x20)
+    assert some.ReferenceTypeId == ua.NodeId(ua.ObjectIds.Organizes) and some.IsForward
+    assert some.NodeClass == ua.NodeClass.Variable
+    assert some.TypeDefinition == ua.ExpandedNodeId(ua.ObjectIds.BaseDataVariableType)
+    assert some.BrowseName == empty.BrowseName and some.DisplayName == empty.DisplayName
+    assert masked(0x10).DisplayName == ua.LocalizedText("T")

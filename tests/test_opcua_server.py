@@ -579,4 +579,13 @@ async def test_browse_is_paged_with_browse_next(srv: Running) -> None:
             assert gone.StatusCode.value == ua.StatusCodes.BadContinuationPointInvalid
             caps = c.get_node(ua.ObjectIds.Server_ServerCapabilities_MaxBrowseContinuationPoints)
             assert await caps.read_value() == 10
+            # ResultMask: only the browse names asked for (Part 4 5.8.2.2)
+            params = _browse_params(line1, 0)
+            params.NodesToBrowse[0].ResultMask = ua.BrowseResultMask.BrowseName
+            names_only = (await c.uaclient.browse(params))[0]
+            assert [r.BrowseName.Name for r in names_only.References] == names
+            assert all(r.DisplayName.Text is None and r.NodeClass == ua.NodeClass.Unspecified
+                       for r in names_only.References)
+            full_again = (await c.uaclient.browse(_browse_params(line1, 0)))[0]
+            assert all(r.DisplayName.Text for r in full_again.References)  # not altered
     await aio(body())

@@ -1,4 +1,5 @@
-"""Browse paging: RequestedMaxReferencesPerNode and BrowseNext (OPC UA Part 4 5.8.2, 5.8.3).
+"""Browse paging and result masks: RequestedMaxReferencesPerNode, BrowseNext and ResultMask
+(OPC UA Part 4 5.8.2, 5.8.3).
 
 asyncua answers Browse with every reference of a node, whatever limit the client asked for,
 and has no BrowseNext at all (its processor answers Bad_ServiceUnsupported). Clients that page
@@ -19,6 +20,37 @@ from __future__ import annotations
 
 import itertools
 from asyncua import ua
+
+_ALL_FIELDS = 0x3F  # BrowseResultMask.All: every optional field of a ReferenceDescription
+
+
+def apply_result_masks(params: ua.BrowseParameters, results: list[ua.BrowseResult]) -> None:
+    """Leave out the ReferenceDescription fields a BrowseDescription's ResultMask did not ask
+    for (Part 4 5.8.2.2: bit 0 ReferenceTypeId, 1 IsForward, 2 NodeClass, 3 BrowseName,
+    4 DisplayName, 5 TypeDefinition; the target NodeId always comes). asyncua fills in every
+    field whatever the mask. The address space's own references are shared, so masked ones
+    are copies; the usual request (all fields) costs nothing."""
+    for desc, res in zip(params.NodesToBrowse, results, strict=True):
+        mask = desc.ResultMask & _ALL_FIELDS
+        if mask != _ALL_FIELDS and res.References:
+            res.References = [_masked(ref, mask) for ref in res.References]
+
+
+def _masked(ref: ua.ReferenceDescription, mask: int) -> ua.ReferenceDescription:
+    out = ua.ReferenceDescription()
+    out.NodeId = ref.NodeId
+    out.IsForward = bool(mask & 0x02) and ref.IsForward
+    if mask & 0x01:
+        out.ReferenceTypeId = ref.ReferenceTypeId
+    if mask & 0x04:
+        out.NodeClass = ref.NodeClass
+    if mask & 0x08:
+        out.BrowseName = ref.BrowseName
+    if mask & 0x10:
+        out.DisplayName = ref.DisplayName
+    if mask & 0x20:
+        out.TypeDefinition = ref.TypeDefinition
+    return out
 
 
 class ContinuationPoints:

@@ -28,7 +28,7 @@ from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 
 from iotserver.opcua.addrspace import CURRENT_WRITE, access_level
-from iotserver.opcua.browse import ContinuationPoints
+from iotserver.opcua.browse import ContinuationPoints, apply_result_masks
 from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_variant
 from iotserver.opcua.monitoring import IotSubscriptionService
 from iotserver.opcua.security import can_write, role_of
@@ -105,8 +105,10 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
         self.browse_points = ContinuationPoints(self.iserver.max_browse_continuation_points)
 
     async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
-        """asyncua's Browse, cut to RequestedMaxReferencesPerNode (Part 4 5.8.2)."""
+        """asyncua's Browse with the ResultMask applied, cut to RequestedMaxReferencesPerNode
+        (Part 4 5.8.2)."""
         results: list[ua.BrowseResult] = await super().browse(params)
+        apply_result_masks(params, results)
         self.browse_points.page_results(results, params.RequestedMaxReferencesPerNode)
         return results
 
