@@ -167,3 +167,119 @@ def test_sampling_mode_reports_on_switch_to_reporting() -> None:
     with contextlib.suppress(StopIteration):
         coro.send(None)
     assert [v for v, _ in queued(sub)] == [1.0, 2.0]  # the coroutine never had to wait
+
+
+# -- sampling interval (Part 4 5.12.1.2) ------------------------------------------------
+
+
+class FakeLoop:
+    """time() and call_at() of an asyncio loop, driven by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[list[Any]] = []  # [when, fn, args, cancelled]
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, fn: Any, *args: Any) -> Any:
+        entry = [when, fn, args, False]
+        self.calls.append(entry)
+        return SimpleNamespace(cancel=lambda: entry.__setitem__(3, True))
+
+    def advance(self, to: float) -> None:
+        self.now = to
+        due = [c for c in self.calls if c[0] <= to and not c[3]]
+        self.calls = [c for c in self.calls if c not in due]
+        for _, fn, args, _ in due:
+            fn(*args)
+
+
+def aio_run(coro: Any) -> None:
+    """Run a coroutine that never waits (the monitored item service's)."""
+    with contextlib.suppress(StopIteration):
+        coro.send(None)
+
+
+def sampled_item(interval_ms: float, queue_size: int = 10
+                 ) -> tuple[IotMonitoredItemService, FakeSub, int, FakeLoop, Any]:
+    space = bare_space()
+    space.build([(TagDef("X", DataType.FLOAT64), tv(0.0))])
+    sub = FakeSub()
+    svc = IotMonitoredItemService(sub, space.aspace, Limits(100))  # type: ignore[arg-type]
+    loop = FakeLoop()
+    svc.loop = loop
+    req = ua.MonitoredItemCreateRequest()
+    req.ItemToMonitor.NodeId = ua.NodeId("X", 2)
+    req.ItemToMonitor.AttributeId = ua.AttributeIds.Value
+    req.MonitoringMode = ua.MonitoringMode.Reporting
+    req.RequestedParameters.QueueSize = queue_size
+    req.RequestedParameters.SamplingInterval = interval_ms
+    res = svc._create_item(req, ua.TimestampsToReturn.Both)
+    res.StatusCode.check()
+    assert queued(sub) == [(0.0, 0)]  # the first sample right after creation (5.13.1.2)
+    sub._triggered_datachanges.clear()
+    return svc, sub, next(iter(svc._by_handle)), loop, res
+
+
+def test_sampling_interval_reports_the_newest_value_once_per_interval() -> None:
+    svc, sub, h, loop, res = sampled_item(500)
+    assert res.RevisedSamplingInterval == 500
+    loop.now = 0.1
+    push(svc, h, 1.0)
+    loop.now = 0.2
+    push(svc, h, 2.0)
+    assert queued(sub) == []  # within the interval of the first sample
+    loop.advance(0.5)
+    assert queued(sub) == [(2.0, 0)]  # the newest value, at the end of the interval
+    loop.now = 0.7
+    push(svc, h, 3.0)
+    loop.advance(1.0)
+    assert queued(sub) == [(2.0, 0), (3.0, 0)]
+    loop.now = 5.0
+    push(svc, h, 4.0)  # after a quiet interval: sampled at once
+    assert queued(sub) == [(2.0, 0), (3.0, 0), (4.0, 0)]
+    assert loop.calls == []
+
+
+def test_sampling_zero_reports_every_change_and_minus_one_uses_publishing_interval() -> None:
+    svc, sub, h, loop, res = sampled_item(0)
+    assert res.RevisedSamplingInterval == 0
+    for v in (1.0, 2.0, 3.0):
+        push(svc, h, v)
+    assert [v for v, _ in queued(sub)] == [1.0, 2.0, 3.0] and loop.calls == []
+    _svc, _sub, _h, _loop, res = sampled_item(-1)
+    assert res.RevisedSamplingInterval == 100.0  # FakeSub's publishing interval
+    _svc, _sub, _h, _loop, res = sampled_item(1e12)
+    assert res.RevisedSamplingInterval == 3_600_000.0
+
+
+def test_deleting_or_disabling_a_sampled_item_drops_its_waiting_sample() -> None:
+    svc, sub, h, loop, _ = sampled_item(500)
+    loop.now = 0.1
+    push(svc, h, 1.0)
+    mid = next(iter(svc._items))
+    aio_run(svc.set_monitoring_mode(ua.MonitoringMode.Disabled, [mid]))
+    loop.advance(1.0)
+    assert queued(sub) == []
+    svc2, sub2, h2, loop2, _ = sampled_item(500)
+    loop2.now = 0.1
+    push(svc2, h2, 1.0)
+    svc2._delete_monitored_items(next(iter(svc2._items)))
+    loop2.advance(1.0)
+    assert queued(sub2) == []
+
+
+def test_modifying_the_interval_sends_the_waiting_sample() -> None:
+    svc, sub, h, loop, _ = sampled_item(500)
+    loop.now = 0.1
+    push(svc, h, 1.0)
+    req = ua.MonitoredItemModifyRequest()
+    req.MonitoredItemId = next(iter(svc._items))
+    req.RequestedParameters.QueueSize = 10
+    req.RequestedParameters.SamplingInterval = 0
+    res = svc._modify_monitored_item(req)
+    assert res.RevisedSamplingInterval == 0 and queued(sub) == [(1.0, 0)]
+    push(svc, h, 2.0)
+    assert queued(sub) == [(1.0, 0), (2.0, 0)]
+    assert all(c[3] for c in loop.calls)  # the old timer was cancelled

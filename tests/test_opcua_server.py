@@ -301,7 +301,8 @@ async def test_queue_size_and_trigger(srv: Running) -> None:
             await sub.subscribe_data_change(node, queuesize=0)  # revised to 1: newest wins
             handler3 = Collector()
             sub3 = await c.create_subscription(400, handler3)
-            await sub3.subscribe_data_change(node, queuesize=3)
+            # sampling interval 0: every change is a sample (asyncua's default is 50 ms)
+            await sub3.subscribe_data_change(node, queuesize=3, sampling_interval=0)
             status_only = Collector()
             sub_s = await c.create_subscription(100, status_only)
             await watch(sub_s, node, ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.Status))

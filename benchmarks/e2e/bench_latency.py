@@ -304,7 +304,7 @@ async def measure(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, An
             waiter.arrived("opcua", val, time.monotonic_ns())
 
     sub = await ua_client.create_subscription(10, Handler())
-    await sub.subscribe_data_change(seq_node, queuesize=10)
+    await sub.subscribe_data_change(seq_node, queuesize=10, sampling_interval=0)
 
     mq = await MqttClient.connect(env["mqtt_port"], "latency", common.USER, common.PASSWORD)
 
@@ -478,7 +478,7 @@ async def plain_asyncua(env: dict[str, Any], n: int) -> dict[str, Any]:
                 waiter.arrived("opcua", val, time.monotonic_ns())
 
         sub = await client.create_subscription(10, Handler())
-        await sub.subscribe_data_change(node, queuesize=10)
+        await sub.subscribe_data_change(node, queuesize=10, sampling_interval=0)
         await asyncio.sleep(0.3)
         rtt, note = [], []
         for i in range(n):

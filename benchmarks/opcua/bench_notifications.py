@@ -114,7 +114,8 @@ async def _client_main(url: str, ns_uri: str, tags: int, clients: int, seconds: 
         sub = await c.create_subscription(PUBLISH_MS, Handler())
         nodes = [c.get_node(ua.NodeId(tag_path(i), ns)) for i in range(tags)]
         for j in range(0, tags, 1000):
-            await sub.subscribe_data_change(nodes[j:j + 1000], queuesize=QUEUE)
+            await sub.subscribe_data_change(nodes[j:j + 1000], queuesize=QUEUE,
+                                            sampling_interval=0)  # every change
         conns.append((c, sub))
     for k, (c, sub) in enumerate(conns):
         c.uaclient._subscription_callbacks[sub.subscription_id] = counter(k)

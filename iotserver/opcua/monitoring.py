@@ -15,6 +15,9 @@ the inherited code) with :class:`IotMonitoredItemService`, installed through
 * queue handling per Part 4 5.13.1.5 (QueueSize 0/1 -> 1 and "newest wins"; discardOldest;
   Overflow info bit);
 * TimestampsToReturn per item (Part 4 5.13.2.2);
+* the sampling interval (Part 4 5.12.1.2): 0 reports every change (the tag store is
+  event-driven), a positive interval at most one sample per interval (the newest value at the
+  end of it), -1 the subscription's publishing interval;
 * DataValues are shared, never copied: every DataValue this package stores is treated as
   immutable (a new one is made for each change).
 
@@ -24,6 +27,7 @@ of a changed node; writes through asyncua's own API still arrive via the async h
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +47,7 @@ OVERFLOW_BITS = 0x0480  # InfoType DataValue (bit 10) + Overflow (bit 7), Part 4
 MAX_QUEUE_SIZE = 10_000
 # Server-side cap on notifications per NotificationMessage: about 40 ms to encode, ~350 kB.
 MAX_NOTIFICATIONS = 10_000
+MAX_SAMPLING_MS = 3_600_000.0  # revised down to one hour
 _NUMERIC = {ua.VariantType(i) for i in range(2, 12)}  # SByte .. Double (Part 6 5.1.2)
 _VALUE = ua.AttributeIds.Value
 _HAS_PROPERTY = ua.NodeId(ua.ObjectIds.HasProperty)
@@ -72,7 +77,7 @@ class Item:
 
     __slots__ = ("mid", "handle", "client_handle", "node_id", "attr", "mode", "queue_size",
                  "discard_oldest", "trigger", "deadband", "last", "timestamps", "sampled",
-                 "filter")
+                 "filter", "sampling", "next_due", "pending", "timer")
 
     def __init__(self) -> None:
         self.mid = 0
@@ -89,6 +94,10 @@ class Item:
         self.timestamps = ua.TimestampsToReturn.Both
         self.sampled: list[ua.DataValue] = []  # queue while in Sampling mode
         self.filter: Any = None
+        self.sampling = 0.0  # seconds between samples; 0: every change
+        self.next_due = 0.0  # loop time from which the next change may be sampled at once
+        self.pending: ua.DataValue | None = None  # newest change waiting for its sample
+        self.timer: Any = None  # the loop's handle for that sample
 
 
 def _exceeds(old: Any, new: Any, limit: float) -> bool:
@@ -206,6 +215,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         self._by_handle: dict[int, Item] = {}
         self._limits = limits
         self.hook = _Hook(self.on_change)
+        self.loop: Any = None  # the asyncio loop (time, call_at), found on first use
 
     # -- creation / modification ---------------------------------------------------------
     async def create_monitored_items(
@@ -218,6 +228,13 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
             else:
                 results.append(self._create_item(req, params.TimestampsToReturn))
         return results
+
+    def _revise_sampling(self, requested: float) -> float:
+        """Revised sampling interval in ms (Part 4 5.12.1.2): negative means the publishing
+        interval; 0 stays 0 (every change is a sample: values arrive as events)."""
+        if requested < 0 or not math.isfinite(requested):
+            return float(self.isub.data.RevisedPublishingInterval)
+        return min(float(requested), MAX_SAMPLING_MS)
 
     def _revise_queue(self, requested: int) -> int:
         # Part 4 5.13.1.5: a queue of 0 or 1 is a one-value buffer that always holds the newest
@@ -292,14 +309,14 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
             item.trigger = ua.DataChangeTrigger(rp.Filter.Trigger)
         item.deadband = limit
         item.timestamps = ua.TimestampsToReturn(timestamps)
+        revised = self._revise_sampling(rp.SamplingInterval)
+        item.sampling = revised / 1000.0
         self._items[item.mid] = item
         self._by_handle[handle] = item
         self._limits.count += 1
         result.MonitoredItemId = item.mid
         result.RevisedQueueSize = item.queue_size
-        interval = rp.SamplingInterval
-        result.RevisedSamplingInterval = (
-            self.isub.data.RevisedPublishingInterval if interval < 0 else interval)
+        result.RevisedSamplingInterval = revised
         result.FilterResult = None
         if item.mode != ua.MonitoringMode.Disabled:
             # Part 4 5.13.1.2: the first sample is reported right after creation
@@ -329,9 +346,11 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         if queue and len(queue) > item.queue_size:
             del queue[: len(queue) - item.queue_size]
         result.RevisedQueueSize = item.queue_size
-        result.RevisedSamplingInterval = (
-            self.isub.data.RevisedPublishingInterval if rp.SamplingInterval < 0
-            else rp.SamplingInterval)
+        revised = self._revise_sampling(rp.SamplingInterval)
+        if revised / 1000.0 != item.sampling:
+            item.sampling = revised / 1000.0
+            self._flush_sample(item)  # a waiting sample goes out now, under the new interval
+        result.RevisedSamplingInterval = revised
         return result
 
     async def set_monitoring_mode(self, mode: ua.MonitoringMode, ids: list[int]
@@ -343,6 +362,8 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
                 results.extend(await super().set_monitoring_mode(mode, [mid]))
                 continue
             previous, item.mode = item.mode, ua.MonitoringMode(mode)
+            if item.mode is _DISABLED:
+                self._cancel_sample(item)
             if mode == ua.MonitoringMode.Reporting and previous == ua.MonitoringMode.Sampling:
                 for dv in item.sampled:  # Part 4 5.13.1.3: queued samples are now reported
                     self._queue(item, dv)
@@ -359,6 +380,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         if item is None:
             return super()._delete_monitored_items(mid)
         self._by_handle.pop(item.handle, None)
+        self._cancel_sample(item)
         self.aspace.delete_datachange_callback(item.handle)
         self.isub._triggered_datachanges.pop(mid, None)
         self._limits.count -= 1
@@ -373,10 +395,17 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         await self.hook(handle, value, error)
 
     def on_change(self, handle: int, dv: ua.DataValue) -> None:
-        """A new value of a monitored node: filter it and queue it (no copy, no await)."""
+        """A new value of a monitored node: sample, filter and queue it (no copy, no await)."""
         item = self._by_handle.get(handle)
         if item is None or item.mode is _DISABLED:
             return
+        if item.sampling:
+            self._sample(item, dv)
+            return
+        self._report(item, dv)
+
+    def _report(self, item: Item, dv: ua.DataValue) -> None:
+        """A sample: through the filter into the queue (or the Sampling mode buffer)."""
         if not passes(item, dv):
             return
         item.last = dv
@@ -386,6 +415,47 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
                 del item.sampled[0]
             return
         self._queue(item, dv)
+
+    # -- sampling interval (Part 4 5.12.1.2) ----------------------------------------------
+    def _sample(self, item: Item, dv: ua.DataValue) -> None:
+        """At most one sample per interval: a change after a quiet interval is sampled at
+        once, later ones wait and only the newest is sampled when the interval ends."""
+        if item.timer is not None:
+            item.pending = dv  # newest wins
+            return
+        loop = self.loop or self._find_loop()
+        now = loop.time()
+        if now >= item.next_due:
+            item.next_due = now + item.sampling
+            self._report(item, dv)
+        else:
+            item.pending = dv
+            item.timer = loop.call_at(item.next_due, self._sample_due, item)
+
+    def _sample_due(self, item: Item) -> None:
+        item.timer = None
+        dv, item.pending = item.pending, None
+        if dv is None or self._items.get(item.mid) is not item or item.mode is _DISABLED:
+            return
+        item.next_due = (self.loop or self._find_loop()).time() + item.sampling
+        self._report(item, dv)
+
+    def _flush_sample(self, item: Item) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+            self._sample_due(item)
+        item.next_due = 0.0
+
+    @staticmethod
+    def _cancel_sample(item: Item) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+            item.timer = None
+        item.pending = None
+
+    def _find_loop(self) -> Any:
+        self.loop = asyncio.get_event_loop()
+        return self.loop
 
     def _queue(self, item: Item, dv: ua.DataValue) -> None:
         """Queue per Part 4 5.13.1.5 (size, discard policy, Overflow bit)."""
