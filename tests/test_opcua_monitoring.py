@@ -72,23 +72,28 @@ class FakeSub:
 
 
 def service_with_item(queue_size: int = 1, discard_oldest: bool = True,
-                      flt: Any = None, low: float | None = 0, high: float | None = 200
+                      flt: Any = None, low: float | None = 0, high: float | None = 200,
+                      sampling_ms: float = 0.0, loop: Any = None
                       ) -> tuple[IotMonitoredItemService, FakeSub, int]:
     space = bare_space()
     space.build([(TagDef("X", DataType.FLOAT64, low=low, high=high), tv(0.0))])
     sub = FakeSub()
     svc = IotMonitoredItemService(sub, space.aspace, Limits(100))  # type: ignore[arg-type]
+    svc.loop = loop
     req = ua.MonitoredItemCreateRequest()
     req.ItemToMonitor.NodeId = ua.NodeId("X", 2)
     req.ItemToMonitor.AttributeId = ua.AttributeIds.Value
     req.MonitoringMode = ua.MonitoringMode.Reporting
     req.RequestedParameters.QueueSize = queue_size
     req.RequestedParameters.DiscardOldest = discard_oldest
+    req.RequestedParameters.SamplingInterval = sampling_ms
     if flt is not None:
         req.RequestedParameters.Filter = flt
     res = svc._create_item(req, ua.TimestampsToReturn.Both)
     res.StatusCode.check()
-    sub._triggered_datachanges.clear()  # drop the initial value
+    assert queued(sub) == [(0.0, 0)]  # the first sample right after creation (5.13.1.2)
+    sub._triggered_datachanges.clear()
+    svc.created = res  # type: ignore[attr-defined]  # for the tests of revised values
     return svc, sub, next(iter(svc._by_handle))
 
 
@@ -203,23 +208,9 @@ def aio_run(coro: Any) -> None:
 
 def sampled_item(interval_ms: float, queue_size: int = 10
                  ) -> tuple[IotMonitoredItemService, FakeSub, int, FakeLoop, Any]:
-    space = bare_space()
-    space.build([(TagDef("X", DataType.FLOAT64), tv(0.0))])
-    sub = FakeSub()
-    svc = IotMonitoredItemService(sub, space.aspace, Limits(100))  # type: ignore[arg-type]
     loop = FakeLoop()
-    svc.loop = loop
-    req = ua.MonitoredItemCreateRequest()
-    req.ItemToMonitor.NodeId = ua.NodeId("X", 2)
-    req.ItemToMonitor.AttributeId = ua.AttributeIds.Value
-    req.MonitoringMode = ua.MonitoringMode.Reporting
-    req.RequestedParameters.QueueSize = queue_size
-    req.RequestedParameters.SamplingInterval = interval_ms
-    res = svc._create_item(req, ua.TimestampsToReturn.Both)
-    res.StatusCode.check()
-    assert queued(sub) == [(0.0, 0)]  # the first sample right after creation (5.13.1.2)
-    sub._triggered_datachanges.clear()
-    return svc, sub, next(iter(svc._by_handle)), loop, res
+    svc, sub, h = service_with_item(queue_size, sampling_ms=interval_ms, loop=loop)
+    return svc, sub, h, loop, svc.created  # type: ignore[attr-defined]
 
 
 def test_sampling_interval_reports_the_newest_value_once_per_interval() -> None:
