@@ -30,8 +30,15 @@ from iotserver.mqtt.packets import (
     Suback,
     Subscribe,
     SubscriptionOptions,
+    Will,
 )
-from iotserver.mqtt.persistence import BrokerStore, decode_props, encode_props
+from iotserver.mqtt.persistence import (
+    BrokerStore,
+    decode_props,
+    decode_will,
+    encode_props,
+    encode_will,
+)
 from iotserver.mqtt.session import Delivery, Message, Session, Subscription
 
 SERVER_TIMEOUT = 30.0
@@ -328,3 +335,97 @@ async def test_restore_drops_expired_sessions_and_messages(tmp_path: Path) -> No
     snap = await Deferred.fromCoroutine(store.open())
     await Deferred.fromCoroutine(store.close())
     assert [r[0] for r in snap.sessions] == ["kept"] and [r[0] for r in snap.retained] == ["here"]
+
+
+# --------------------------------------------------------------------------- wills
+
+
+def test_will_round_trip() -> None:
+    will = Will("status/x", b"offline", 1, True, props(will_delay_interval=30,
+                                                           content_type="text/plain",
+                                                           user_properties=(("k", "v"),)))
+    assert decode_will(encode_will(will)) == will
+    plain = Will("a", b"", 0, False)
+    assert decode_will(encode_will(plain)) == plain
+
+
+async def _retained(port: int, topic_filter: str, n: int) -> dict[str, bytes]:
+    c = await net_connect(port, "reader", MQTT_3_1_1)
+    c.send(Subscribe(1, ((topic_filter, SubscriptionOptions(0)),)))
+    await c.expect(Suback)
+    got = {}
+    for _ in range(n):
+        p = await c.expect(Publish)
+        assert p.retain
+        got[p.topic] = p.payload
+    await c.close()
+    return got
+
+
+async def _online(port: int, cid: str, version: int, will: Will) -> Any:
+    c = await net_connect(port, cid, version, will=will)
+    c.send(Publish(will.topic, b"online", 1, retain=True, packet_id=1))
+    await c.expect(Puback)
+    return c
+
+
+@pytest_twisted.ensureDeferred
+async def test_wills_survive_kill_9(tmp_path: Path, free_port: int) -> None:
+    """The server dies with clients connected: at the next start their wills are published
+    (MQTT-3.1.2-8), except for a client back within its Will Delay (MQTT-3.1.3-9)."""
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(mqtt_config(tmp_path / "data", free_port))
+    log_path = tmp_path / "server.log"
+    proc = _spawn(cfg, tmp_path / "data", log_path)
+    gone = Will("status/dev", b"offline", 1, True)
+    back = Will("status/back", b"offline", 1, True, props(will_delay_interval=30))
+    try:
+        await _wait_ready(proc, log_path, 1)
+        dev = await _online(free_port, "dev", MQTT_3_1_1, gone)
+        ret = await _online(free_port, "back", MQTT_5, back)
+        await sleep(0.8)  # the will rows are written lazily (LAZY_INTERVAL)
+        _kill(proc)
+        await dev.closed
+        await ret.closed
+    finally:
+        _kill(proc)
+    proc = _spawn(cfg, tmp_path / "data", log_path)
+    try:
+        await _wait_ready(proc, log_path, 2)
+        again = await net_connect(free_port, "back", MQTT_5, will=back)
+        got = await _retained(free_port, "status/#", 2)
+        assert got == {"status/dev": b"offline", "status/back": b"online"}
+        await again.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(SERVER_TIMEOUT)
+    finally:
+        _kill(proc)
+    assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+@pytest_twisted.ensureDeferred
+async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path, free_port: int) -> None:
+    """SIGTERM does not publish wills (clients come back) but keeps them: a client that
+    does not come back gets its will published at the next start. A client that said
+    DISCONNECT has no will left."""
+    text = mqtt_config(tmp_path / "data", free_port)
+    root = await start(text)
+    try:
+        dev = await _online(free_port, "dev", MQTT_3_1_1, Will("status/dev", b"offline", 1, True))
+        polite = await _online(free_port, "polite", MQTT_3_1_1,
+                               Will("status/polite", b"offline", 1, True))
+        polite.send(Disconnect())
+        await polite.closed
+        await sleep(0.3)
+    finally:
+        await root.stopService()
+    await dev.closed
+    root = await start(text)
+    try:
+        await sleep(0.1)
+        got = await _retained(free_port, "status/#", 2)
+        assert got == {"status/dev": b"offline", "status/polite": b"online"}
+        broker = root.core.services["mqtt"].broker
+        assert broker.orphan_wills == {}
+    finally:
+        await root.stopService()

@@ -99,6 +99,13 @@ class Broker:
         self._dirty: list[Any] = []
         self._flush_call: Any = None
         self.shutting_down = False
+        # Wills survive a restart (persistence on): each connection's will is stored while it
+        # is pending. After a crash, the wills of clients that were connected are published
+        # after their Will Delay unless the client connects again first (MQTT-3.1.2-8: the
+        # network connection closed without DISCONNECT). Clean sessions have no Session
+        # object after a restart, so their wills wait here: client id -> (will, user, timer).
+        self.orphan_wills: dict[str, tuple[Will, str | None, Any]] = {}
+        self._stored_wills: set[str] = set()  # client ids with a row in the store
 
     # -- console / service view ------------------------------------------------------------
     @property
@@ -142,6 +149,9 @@ class Broker:
 
         Returns (session, session present) or the CONNACK refusal code.
         """
+        orphan = self.orphan_wills.pop(client_id, None)
+        if orphan is not None and orphan[2] is not None and orphan[2].active():
+            orphan[2].cancel()  # reconnected within the Will Delay: not sent (MQTT-3.1.3-9)
         old = self.sessions.get(client_id)
         if old is not None:
             self._cancel_timers(old)  # a new connection cancels a delayed will (MQTT-3.1.3-9)
@@ -177,7 +187,40 @@ class Broker:
         session.will = will
         session.attach(conn)
         self._persist_session(session)
+        self._store_will(client_id, will, user)
         return session, present
+
+    def _store_will(self, client_id: str, will: Will | None, user: str | None) -> None:
+        """Keep the stored will of ``client_id`` in step (nothing to do without persistence)."""
+        if self.store is None:
+            return
+        if will is not None:
+            self.store.will_set(client_id, will, user)
+            self._stored_wills.add(client_id)
+        elif client_id in self._stored_wills:
+            self._stored_wills.discard(client_id)
+            self.store.will_clear(client_id)
+
+    def restore_will(self, client_id: str, will: Will, user: str | None,
+                     session: Session | None) -> None:
+        """A will stored by the last run (``persistence.restore``): due after its Will Delay
+        from now (or the end of the session, whichever comes first), unless the client
+        connects first."""
+        self._stored_wills.add(client_id)
+        delay = float(_will_delay(will))
+        if session is not None:
+            session.will = will
+            if session.expiry != NEVER:
+                delay = min(delay, float(session.expiry))
+            session.will_timer = self.clock.callLater(delay, self._will_due, session)
+            return
+        timer = self.clock.callLater(delay, self._orphan_will_due, client_id)
+        self.orphan_wills[client_id] = (will, user, timer)
+
+    def _orphan_will_due(self, client_id: str) -> None:
+        entry = self.orphan_wills.pop(client_id, None)
+        if entry is not None:
+            self._publish_will(client_id, entry[1], entry[0])
 
     def _persist_session(self, session: Session) -> None:
         store = self.store
@@ -211,6 +254,10 @@ class Broker:
         session.detach()
         if not publish_will:
             session.will = None
+            if not self.shutting_down:  # DISCONNECT 0x00 deletes it
+                self._store_will(session.client_id, None, None)
+            # a server shutdown keeps the stored will: the next start publishes it after its
+            # Will Delay unless the client is back by then (restore_will)
         if session.expiry == 0 or (self.shutting_down and session.store is None):
             if session.will is not None:
                 self.publish_will(session)
@@ -272,19 +319,21 @@ class Broker:
         """Publish and forget the session's will (after an ACL check; MQTT-3.1.2-8)."""
         will = session.will
         session.will = None
-        if will is None:
-            return
-        if self.acl is not None and not self.acl.can_publish(session.user, session.client_id,
-                                                              will.topic):
+        if will is not None:
+            self._publish_will(session.client_id, session.user, will)
+
+    def _publish_will(self, client_id: str, user: str | None, will: Will) -> None:
+        self._store_will(client_id, None, None)
+        if self.acl is not None and not self.acl.can_publish(user, client_id, will.topic):
             self.ratelog.warn("will_denied", "MQTT: will of {cid!r} on {topic!r} not "
-                              "authorized, dropped", cid=session.client_id, topic=will.topic)
+                              "authorized, dropped", cid=client_id, topic=will.topic)
             self.stats.dropped["not_authorized"] += 1
             return
         props = will.properties
         if props is not NO_PROPERTIES and props.will_delay_interval is not None:
             props = replace(props, will_delay_interval=None)
         self.publish(self.make_message(will.topic, will.payload, will.qos, will.retain, props,
-                                       session.client_id))
+                                       client_id))
 
     # -- subscriptions -------------------------------------------------------------------------
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions,
@@ -608,6 +657,9 @@ class Broker:
             conn.server_disconnect(ReasonCode.SERVER_SHUTTING_DOWN)
         for session in list(self.sessions.values()):
             self._cancel_timers(session)
+        for _will, _user, timer in self.orphan_wills.values():
+            if timer is not None and timer.active():
+                timer.cancel()
         self.flush()
 
 

@@ -40,10 +40,12 @@ from iotserver.mqtt.codec import decode_packet, encode
 from iotserver.mqtt.packets import (
     MQTT_5,
     NO_PROPERTIES,
+    Connect,
     Properties,
     Publish,
     RetainHandling,
     SubscriptionOptions,
+    Will,
 )
 from iotserver.mqtt.session import Delivery, Message, Session, Subscription
 
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, topic TEXT NOT NULL
     payload BLOB NOT NULL, qos INTEGER NOT NULL, props BLOB, expiry REAL);
 CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, props BLOB, expiry REAL);
+CREATE TABLE IF NOT EXISTS wills (client_id TEXT PRIMARY KEY, connect BLOB NOT NULL, user TEXT);
 """
 
 _SQL = {
@@ -76,6 +79,8 @@ _SQL = {
     "m_del": "DELETE FROM messages WHERE id = ?",
     "r_put": "INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?)",
     "r_del": "DELETE FROM retained WHERE topic = ?",
+    "w_put": "INSERT OR REPLACE INTO wills VALUES (?, ?, ?)",
+    "w_del": "DELETE FROM wills WHERE client_id = ?",
 }
 _SESSION_DEL = (
     "DELETE FROM sessions WHERE client_id = ?",
@@ -109,6 +114,17 @@ def decode_props(blob: bytes | None) -> Properties:
     return packet.properties
 
 
+def encode_will(will: Will) -> bytes:
+    """A Will as bytes: a v5 CONNECT carrying it (every will field and property survives)."""
+    return encode(Connect("w", MQTT_5, will=will), MQTT_5)
+
+
+def decode_will(blob: bytes) -> Will:
+    packet = decode_packet(bytes(blob), MQTT_5, role="server")
+    assert isinstance(packet, Connect) and packet.will is not None
+    return packet.will
+
+
 @dataclass
 class Snapshot:
     """Everything loaded at startup (rows as tuples, in table column order)."""
@@ -118,6 +134,7 @@ class Snapshot:
     queue: list[tuple[Any, ...]] = field(default_factory=list)  # ordered by client, seq
     messages: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     retained: list[tuple[Any, ...]] = field(default_factory=list)
+    wills: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 class BrokerStore:
@@ -195,6 +212,7 @@ class BrokerStore:
         snap.queue = db.execute("SELECT * FROM queue ORDER BY client_id, seq").fetchall()
         snap.messages = {row[0]: row for row in db.execute("SELECT * FROM messages")}
         snap.retained = db.execute("SELECT * FROM retained").fetchall()
+        snap.wills = db.execute("SELECT * FROM wills").fetchall()
         self._next_msg_id = max(snap.messages, default=0) + 1
         return snap
 
@@ -299,6 +317,12 @@ class BrokerStore:
 
     def retain_clear(self, topic: str) -> None:
         self._put(("r", topic), "r_del", (topic,))
+
+    def will_set(self, client_id: str, will: Will, user: str | None) -> None:
+        self._put(("w", client_id), "w_put", (client_id, encode_will(will), user))
+
+    def will_clear(self, client_id: str) -> None:
+        self._put(("w", client_id), "w_del", (client_id,))
 
     def _qrow(self, client_id: str, d: Delivery) -> tuple[Any, ...]:
         subids = ",".join(map(str, d.subids)) if d.subids else None
@@ -414,7 +438,9 @@ class BrokerStore:
 
 def restore(broker: Any, snap: Snapshot) -> tuple[int, int, int]:
     """Load a snapshot into an empty broker: sessions (expired ones dropped), their
-    subscriptions and queued messages, and retained messages. Returns the three counts."""
+    subscriptions and queued messages, retained messages, and the wills of the connections
+    the last run ended without a DISCONNECT (``Broker.restore_will``). Returns the counts of
+    sessions, queued and retained messages."""
     from iotserver.mqtt.session import NEVER
     from iotserver.mqtt.topics import TopicError, parse_shared
 
@@ -477,4 +503,13 @@ def restore(broker: Any, snap: Snapshot) -> tuple[int, int, int]:
             continue
         broker.retained.set(Message(topic, bytes(payload), qos, True, decode_props(props), local))
         retained += 1
+    for cid, blob, user in snap.wills:
+        try:
+            will = decode_will(blob)
+        except Exception:  # a row we cannot read back is dropped, not fatal
+            log.warn("MQTT persistence: the stored will of {cid!r} is unreadable, dropped",
+                     cid=cid)
+            store.will_clear(cid)
+            continue
+        broker.restore_will(cid, will, user, sessions.get(cid))
     return len(sessions), queued, retained
