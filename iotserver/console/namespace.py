@@ -261,12 +261,22 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
 
     clock = core.clock if core.clock is not None else reactor
 
-    def history(path: str, start: Any = None, end: Any = None) -> Series:
-        """Samples of ``path`` in [start, end) from its history ring (see help())."""
+    def tag_ring(path: str) -> Any:
         try:
-            ring = core.rings.get(f"tag:{path}")
+            return core.rings.get(f"tag:{path}")
         except KeyError:
             raise NotFound(f"no history for {path!r} (set history = true on the tag)") from None
+
+    def signal_ring(name: str) -> Any:
+        try:
+            return core.rings.get(f"signal:{name}")
+        except KeyError:
+            names = ", ".join(sorted(getattr(core.signals, "channels", {}))) or "none"
+            raise NotFound(f"no signal channel {name!r} (channels: {names})") from None
+
+    def history(path: str, start: Any = None, end: Any = None) -> Series:
+        """Samples of ``path`` in [start, end) from its history ring (see help())."""
+        ring = tag_ring(path)
         now = core.store.now_ns()
         lo, hi = to_ns(start, now), to_ns(end, now)
         ts, values = ring.range(-(2**63) if lo is None else lo, 2**63 - 1 if hi is None else hi)
@@ -274,11 +284,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
 
     def signal(name: str, seconds: float = 1.0) -> Series:
         """The newest ``seconds`` of samples of a signal channel."""
-        try:
-            ring = core.rings.get(f"signal:{name}")
-        except KeyError:
-            names = ", ".join(sorted(getattr(core.signals, "channels", {}))) or "none"
-            raise NotFound(f"no signal channel {name!r} (channels: {names})") from None
+        ring = signal_ring(name)
         latest = ring.latest()
         if latest is None:
             return Series(np.empty(0, np.int64), np.empty(0, ring.dtype))
@@ -288,20 +294,14 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
 
     def envelope(name: str, seconds: float = 60.0, buckets: int = 500) -> Any:
         """Min/max envelope of the newest ``seconds`` of a signal, decimated to ``buckets``."""
-        try:
-            ring = core.rings.get(f"signal:{name}")
-        except KeyError:
-            raise NotFound(f"no signal channel {name!r}") from None
+        ring = signal_ring(name)
         latest = ring.latest()
         end = (latest[0] + 1) if latest is not None else core.store.now_ns()
         return ring.envelope(end - int(seconds * 1_000_000_000), end, buckets)
 
     def aggregate(path: str, start: Any = -3600, end: Any = None, interval: float = 60.0) -> Any:
         """Per-interval aggregates of a tag's history between ``start`` and ``end``."""
-        try:
-            ring = core.rings.get(f"tag:{path}")
-        except KeyError:
-            raise NotFound(f"no history for {path!r} (set history = true on the tag)") from None
+        ring = tag_ring(path)
         now = core.store.now_ns()
         lo, hi = to_ns(start, now), to_ns(end, now)
         return ring.aggregate(lo if lo is not None else now - 3_600_000_000_000,

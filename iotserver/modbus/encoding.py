@@ -131,7 +131,8 @@ _NUMERIC: dict[Kind, tuple[str, int]] = {
     Kind.FLOAT64: ("d", 4),
 }
 
-_INT_LIMITS: dict[Kind, tuple[int, int]] = {
+#: value range of each integer kind (image, poller and encoder checks)
+INT_LIMITS: dict[Kind, tuple[int, int]] = {
     Kind.INT16: (-(2**15), 2**15 - 1),
     Kind.UINT16: (0, 2**16 - 1),
     Kind.INT32: (-(2**31), 2**31 - 1),
@@ -296,7 +297,7 @@ def _check_int(kind: Kind, value: Any) -> int:
     elif not isinstance(value, (int, np.integer)):
         raise TypeError(f"{kind.value} needs an int, got {type(value).__name__}")
     ivalue = int(value)
-    lo, hi = _INT_LIMITS[kind]
+    lo, hi = INT_LIMITS[kind]
     if not lo <= ivalue <= hi:
         raise ValueError(f"{ivalue} out of range for {kind.value} ({lo}..{hi})")
     return ivalue
@@ -311,7 +312,7 @@ def encode_value(dtype: ModbusType, order: Order, value: Any) -> npt.NDArray[np.
     kind = dtype.kind
     if kind in _NUMERIC:
         code = _NUMERIC[kind][0]
-        if kind in _INT_LIMITS:
+        if kind in INT_LIMITS:
             be = struct.pack(">" + code, _check_int(kind, value))
         else:
             try:
@@ -518,8 +519,8 @@ def encode_batch(
 
 def _to_native(kind: Kind, values: Any) -> npt.NDArray[Any]:
     target = np.dtype(_NUMERIC[kind][0])
-    if kind in _INT_LIMITS:
-        lo, hi = _INT_LIMITS[kind]
+    if kind in INT_LIMITS:
+        lo, hi = INT_LIMITS[kind]
         if not isinstance(values, np.ndarray):
             # numpy would guess float64 for mixed large Python ints and lose precision
             seq = values if isinstance(values, Iterable) else [values]

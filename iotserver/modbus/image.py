@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from iotserver.modbus.codec import ExceptionCode, Table
 from iotserver.modbus.config import BIT_TABLES, MapEntry, compatible
 from iotserver.modbus.encoding import (
+    INT_LIMITS,
     Kind,
     Order,
     decode_registers,
@@ -42,16 +43,6 @@ log = Logger(namespace="iotserver.modbus")
 
 SIZE = 0x10000  # MB AP 4.4: addresses 0..65535
 _UNSET = object()
-
-_INT_RANGE = {
-    Kind.INT16: (-(2**15), 2**15 - 1),
-    Kind.UINT16: (0, 2**16 - 1),
-    Kind.INT32: (-(2**31), 2**31 - 1),
-    Kind.UINT32: (0, 2**32 - 1),
-    Kind.INT64: (-(2**63), 2**63 - 1),
-    Kind.UINT64: (0, 2**64 - 1),
-}
-
 
 _STRUCT_CODES = {
     Kind.INT16: "h", Kind.UINT16: "H", Kind.INT32: "i", Kind.UINT32: "I",
@@ -97,7 +88,7 @@ class Binding:
         self.end = entry.end
         self.writable = entry.writable
         self.scaling = entry.scaling
-        self.limits = _INT_RANGE.get(self.kind)
+        self.limits = INT_LIMITS.get(self.kind)
         self.table: TableImage | None = None  # set by the Image
         self.start = 2 * entry.address  # byte offsets into the table's wire bytes
         self.stop = 2 * entry.end
@@ -164,7 +155,7 @@ def to_raw(entry: MapEntry, value: Any) -> Any:
         return bool(value)
     if kind is Kind.STRING:
         return str(value)
-    return _to_raw_number(entry.scaling, _INT_RANGE.get(kind), value)
+    return _to_raw_number(entry.scaling, INT_LIMITS.get(kind), value)
 
 
 def _to_raw_number(scaling: Scaling | None, limits: tuple[int, int] | None, value: Any) -> Any:

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from iotserver.modbus.codec import Table
 from iotserver.modbus.config import DeviceConfig, DeviceTag
-from iotserver.modbus.encoding import Kind, bit_masks, encode_value, set_bit
+from iotserver.modbus.encoding import INT_LIMITS, Kind, bit_masks, encode_value, set_bit
 from iotserver.modbus.planner import Block, bad_updates, plan_blocks
 from iotserver.tags.model import Quality, TagDef
 from iotserver.tags.store import TagStore
@@ -56,11 +56,6 @@ _WRITE_QUALITY = {
     0x06: Quality.BAD_RESOURCE_UNAVAILABLE,
     0x0A: Quality.BAD_COMMUNICATION_ERROR,
     0x0B: Quality.BAD_COMMUNICATION_ERROR,
-}
-_INT_RANGE = {
-    Kind.INT16: (-(2**15), 2**15 - 1), Kind.UINT16: (0, 2**16 - 1),
-    Kind.INT32: (-(2**31), 2**31 - 1), Kind.UINT32: (0, 2**32 - 1),
-    Kind.INT64: (-(2**63), 2**63 - 1), Kind.UINT64: (0, 2**64 - 1),
 }
 
 
@@ -476,7 +471,7 @@ class Device:
         scaling = t.tag.scaling
         if scaling is not None:
             raw = scaling.to_raw(float(value))
-        limits = _INT_RANGE.get(kind)
+        limits = INT_LIMITS.get(kind)
         if limits is not None:
             raw = round(raw)
             if not limits[0] <= raw <= limits[1]:

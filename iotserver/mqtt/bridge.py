@@ -222,6 +222,13 @@ def parse_set_payload(payload: bytes) -> Any:
 # --------------------------------------------------------------------------- bridge
 
 
+def _tag_message(topic: str, payload: bytes, qos: int, retain: bool) -> Message:
+    """A tag value as a broker message: last-value (a paused reader keeps only the newest)."""
+    msg = Message(topic, payload, qos, retain)
+    msg.last_value = True
+    return msg
+
+
 @dataclass
 class BridgeStats:
     published: int = 0
@@ -376,9 +383,7 @@ class TagBridge:
                 self.stats.encode_errors += 1
                 log.warn("tag {path}: value not encodable as JSON: {exc}", path=path, exc=exc)
                 continue
-            msg = Message(topic, payload, qos, retain)
-            msg.last_value = True
-            route(plan, msg)
+            route(plan, _tag_message(topic, payload, qos, retain))
             sent += 1
         self.stats.published += sent
 
@@ -401,10 +406,13 @@ class TagBridge:
         # tag paths under the filter's literal head, then the exact MQTT match
         head = topic_filter[len(prefix):] if topic_filter.startswith(prefix) else ""
         cut = min((i for i in (head.find("+"), head.find("#")) if i >= 0), default=len(head))
+        # one tag's topic (no wildcard): a lookup, not a walk over every tag
+        exact = topic_filter.startswith(prefix) and cut == len(head)
+        paths = ([head] if head in store else []) if exact else store.paths()
         head = head[:cut]
         encode = self._encoder()
         out: list[Message] = []
-        for path in store.paths():
+        for path in paths:
             if not path.startswith(head):
                 continue
             if self._publish_rx is not None and not self._selected(path):
@@ -416,9 +424,7 @@ class TagBridge:
                 payload = encode(store.read(path))
             except (TypeError, ValueError):
                 continue  # counted and logged when it was published
-            msg = Message(topic, payload, self.qos, True)
-            msg.last_value = True
-            out.append(msg)
+            out.append(_tag_message(topic, payload, self.qos, True))
         return out
 
     def retained_count(self) -> int:

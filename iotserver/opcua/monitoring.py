@@ -441,10 +441,12 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         self._report(item, dv)
 
     def _flush_sample(self, item: Item) -> None:
-        if item.timer is not None:
-            item.timer.cancel()
-            self._sample_due(item)
+        """The waiting sample goes out now; the next change is sampled at once."""
+        pending = item.pending
+        self._cancel_sample(item)
         item.next_due = 0.0
+        if pending is not None:
+            self._report(item, pending)
 
     @staticmethod
     def _cancel_sample(item: Item) -> None:

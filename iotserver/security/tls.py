@@ -24,6 +24,7 @@ every connection accepted after the reload.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -164,20 +165,11 @@ def reload_tls(what: str, contexts: list[ReloadableContextFactory]) -> list[str]
     return problems
 
 
-def reloadable_server_context(
-    cert_path: str | Path,
-    key_path: str | Path,
-    *,
-    ca_path: str | Path | None = None,
-    require_client_cert: bool = False,
-    verify_client_cert: bool | None = None,
-) -> ReloadableContextFactory:
-    """``server_context_factory`` with the same arguments, rebuilt by ``reload()``."""
+def reloadable_server_context(cert_path: str | Path, key_path: str | Path,
+                              **options: Any) -> ReloadableContextFactory:
+    """``server_context_factory(cert_path, key_path, **options)``, rebuilt by ``reload()``."""
     return ReloadableContextFactory(
-        lambda: server_context_factory(cert_path, key_path, ca_path=ca_path,
-                                       require_client_cert=require_client_cert,
-                                       verify_client_cert=verify_client_cert),
-        cert_path)
+        partial(server_context_factory, cert_path, key_path, **options), cert_path)
 
 
 def client_context_factory(

@@ -450,7 +450,7 @@ class TagStore:
             if type(owner) is MemoryOwner:
                 if not tag.persist or owner._persistence is None:
                     # MemoryOwner.write_tag without persistence, inlined (the hot path)
-                    self._set_local(entry, value, origin)
+                    self.apply((Update(path, value, Quality.GOOD, 0),), origin=origin)
                     return Quality.GOOD
                 result = owner.write_tag(tag, value, origin=origin)
             else:
@@ -465,33 +465,6 @@ class TagStore:
         d.addErrback(self._write_failed, path)
         d.addCallback(self._write_done)
         return d
-
-    def _set_local(self, entry: _Entry, value: Any, origin: Subscription | None) -> None:
-        """:meth:`apply` of one Good update stamped now, for a value the server itself holds
-        (memory tags): the same effects (value, history, deadband, notification, flush) with
-        one clock read (source and server time are the same instant) and no batch."""
-        now = int(self._clock.seconds() * 1_000_000_000)
-        tv = TagValue(value, Quality.GOOD, now, now)
-        entry.value = tv
-        self.stats.updates_applied += 1
-        if entry.history is not None and value is not None:
-            try:
-                entry.history.append(now, value)
-            except ValueError:  # source clock went backwards: keep the ring time-ordered
-                self.stats.history_dropped += 1
-                log.debug("apply: {n} samples older than their history dropped", n=1)
-        if entry.reported_quality != 0 or (  # 0: Quality.GOOD
-            (value != entry.reported)
-            if entry.plain
-            else entry.tag.deadband_exceeded(entry.reported, value)
-        ):
-            if entry.subs:
-                self._notify(entry, tv, origin)
-                if self._dirty:
-                    self._schedule_flush()
-            else:
-                entry.reported = value
-                entry.reported_quality = Quality.GOOD
 
     def _refused(self, quality: Quality) -> Quality:
         self.stats.writes_failed += 1
@@ -537,9 +510,5 @@ class MemoryOwner:
             self._persistence.save(tag.path, value, Quality.GOOD, ts)
             store.apply((Update(tag.path, value, Quality.GOOD, ts),), origin=origin)
             return Quality.GOOD
-        entry = store._entries.get(tag.path)
-        if entry is None:  # not (or no longer) defined: apply counts it as unknown
-            store.apply((Update(tag.path, value, Quality.GOOD, 0),), origin=origin)
-        else:
-            store._set_local(entry, value, origin)
+        store.apply((Update(tag.path, value, Quality.GOOD, 0),), origin=origin)
         return Quality.GOOD
