@@ -49,6 +49,7 @@ class Core:
     signals: SignalHub
     persistence: MemoryTagPersistence | None = None
     tls: Any = None  # iotserver.security.pki.TlsMaterial once started
+    crl: Any = None  # iotserver.security.pki_crl.CrlKeeper when the local CA is ours
     users: UserDB = field(default_factory=UserDB)
     listeners: list[tuple[str, str]] = field(default_factory=list)  # (what, where) for the summary
     services: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +148,7 @@ class CoreService(Service):
                     hostnames=list(cfg.server.hostnames),
                     ip_addresses=list(cfg.server.ip_addresses),
                 )
+                self._keep_crl(cfg.server.data_dir / "tls")
         except (OSError, ValueError) as exc:
             raise StartupError(f"TLS material: {exc}") from None
         for path in material.created:
@@ -159,6 +161,15 @@ class CoreService(Service):
             if warning:
                 log.warn("{warning}", warning=warning)
         self.core.tls = material
+
+    def _keep_crl(self, tls_dir: Any) -> None:
+        """The local CA's CRL (strict OPC UA clients need one): current now, checked daily."""
+        from iotserver.security.pki_crl import CrlKeeper
+
+        keeper = CrlKeeper(tls_dir, self.core.clock,
+                           warn=lambda text: log.warn("{text}", text=text))
+        keeper.start()
+        self.core.crl = keeper
 
     def _define_tags(self) -> None:
         core = self.core
@@ -201,6 +212,8 @@ class CoreService(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        if self.core.crl is not None:
+            self.core.crl.stop()
         self.core.store.unregister_owner("memory")
         if self.core.persistence is not None:
             self.core.persistence.close()

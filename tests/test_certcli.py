@@ -158,3 +158,30 @@ def test_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert cli.main(["certs", "show", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("iotserver certs: configuration error:") and "bogus" in err
+
+
+def test_init_and_crl_write_the_local_ca_crl(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from iotserver.security import pki_crl
+
+    assert cli.main(["certs", "crl"]) == 1  # no CA yet: one line, no traceback
+    assert "certs init" in capsys.readouterr().err
+    assert cli.main(["certs", "init"]) == 0
+    tls = data_dir / "tls"
+    ca = pki.load_cert(tls / "ca.pem")
+    crl = pki_crl.load_crl(tls / "ca.crl")
+    assert crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    copy = data_dir / "opcua/pki/issuers/crl/iotserver-ca.crl"
+    assert x509.load_der_x509_crl(copy.read_bytes()) == crl
+    assert "import " + str(tls / "ca.crl") in capsys.readouterr().out
+
+    assert cli.main(["certs", "crl", "--days", "10"]) == 0
+    out = capsys.readouterr().out
+    renewed = pki_crl.load_crl(tls / "ca.crl")
+    assert pki_crl.crl_number(renewed) == pki_crl.crl_number(crl) + 1
+    assert x509.load_der_x509_crl(copy.read_bytes()) == renewed
+    assert f"wrote {copy}" in out and "CRL number 2" in out
+    assert cli.main(["certs", "show", "--warn-days", "30"]) == 0
+    out = capsys.readouterr().out
+    assert str(tls / "ca.crl") in out and "WARNING: next update within 30 days" in out

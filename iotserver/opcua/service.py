@@ -105,6 +105,12 @@ class OpcUaService(AsyncService):
             raise StartupError(f"OPC UA application certificate in {pki_dir}: {exc}") from None
         if app.created:
             log.info("OPC UA: created application certificate %s", app.cert_path)
+        crl = getattr(core, "crl", None)
+        if crl is not None:  # strict clients need the issuer's CRL beside the issuer
+            try:
+                crl.add_folder(pki_dir / "issuers" / "crl")
+            except OSError as exc:
+                raise StartupError(f"OPC UA PKI {pki_dir}: {exc}") from None
         self.trust = TrustList(pki_dir, [ca_cert] if ca_cert is not None else [])
         users = IotUserManager(lambda: self.core.users, self.trust,
                                allow_anonymous=cfg.allow_anonymous)

@@ -7,6 +7,8 @@ Files (the names the server looks for, so ``certs init`` output is used without 
     <data_dir>/opcua/pki/own/certs/iotserver.der, own/private/iotserver.pem
                                             OPC UA application instance certificate
     <data_dir>/tls/clients/NAME.pem, NAME.key   client certificates
+    <data_dir>/tls/ca.crl, <pki>/issuers/crl/iotserver-ca.crl
+                                            the local CA's CRL (``certs crl`` renews it)
 
 Keys are written with mode 0600 and nothing is overwritten without ``--force``.
 """
@@ -158,15 +160,53 @@ def _cmd_init(args: argparse.Namespace) -> int:
     issuers = places.opcua_pki / "issuers" / "certs"
     _mkdir_private(issuers)
     written.append(pki.write_cert_der(ca_cert, issuers / "iotserver-ca.der", force=True))
+    written += _write_crl(tls, places.opcua_pki, force=False)
     for path in written:
         print(f"wrote {path}")
     print(f"server certificate for {', '.join([*hostnames, *ips])}; "
           f"OPC UA ApplicationUri {app_uri}")
     if not args.renew:
-        print(f"clients must trust {ca_pem}; keep {ca_key_path} private (it signs certificates)")
+        print(f"clients must trust {ca_pem} and import {tls / 'ca.crl'} with it; keep "
+              f"{ca_key_path} private (it signs certificates)")
         if force:
             print("a new CA was created: certificates issued by the old one are no longer valid")
     print("restart the server to use the new certificates")
+    return 0
+
+
+def _write_crl(tls: Path, opcua_pki: Path, *, force: bool, days: int | None = None
+               ) -> list[Path]:
+    """Issue or renew the CA's CRL when needed (always with ``force``), and put a copy into
+    the OPC UA issuers folder; returns the files written."""
+    from iotserver.security import pki_crl
+
+    try:
+        state = pki_crl.ensure_crl(tls, force=force, days=days or pki_crl.CRL_DAYS)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if state.problem:
+        raise CliError(state.problem)
+    assert state.crl is not None
+    folder = opcua_pki / "issuers" / "crl"
+    _mkdir_private(folder.parent)
+    before = (folder / pki_crl.OPCUA_CRL_NAME).read_bytes() if \
+        (folder / pki_crl.OPCUA_CRL_NAME).exists() else None
+    copy = pki_crl.publish_crl(state.crl, folder)
+    written = [state.path] if state.renewed else []
+    return written + ([copy] if copy.read_bytes() != before else [])
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    places = _places(args)
+    _load_ca(places.tls_dir)  # a clear message when there is no CA (key) here
+    for path in _write_crl(places.tls_dir, places.opcua_pki, force=True, days=args.days):
+        print(f"wrote {path}")
+    from iotserver.security import pki_crl
+
+    crl = pki_crl.load_crl(places.tls_dir / pki_crl.CRL_NAME)
+    print(f"CRL number {pki_crl.crl_number(crl)}, {len(list(crl))} revoked, next update "
+          f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC; clients that imported ca.crl need this one "
+          "before then")
     return 0
 
 
@@ -229,7 +269,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
               "'iotserver certs init' creates them (the server does on first start)")
         return 0
     now = _dt.datetime.now(_dt.UTC)
-    expired = 0
+    expired = _show_crls(places, now, args.warn_days)
     for path in files:
         try:
             info = pki.cert_info(path, now=now)
@@ -260,6 +300,40 @@ def _cmd_show(args: argparse.Namespace) -> int:
             print(f"  WARNING: expires within {args.warn_days} days")
         print()
     return 1 if expired else 0
+
+
+def _show_crls(places: Places, now: _dt.datetime, warn_days: int) -> int:
+    """Print the CRLs of the TLS and OPC UA issuers folders; returns how many have expired."""
+    from iotserver.security import pki_crl
+
+    paths = [places.tls_dir / pki_crl.CRL_NAME]
+    crl_dir = places.opcua_pki / "issuers" / "crl"
+    if crl_dir.is_dir():
+        paths += sorted(p for p in crl_dir.iterdir() if p.suffix.lower() in (".crl", ".der"))
+    expired = 0
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            crl = pki_crl.load_crl(path)
+        except (ValueError, OSError) as exc:
+            print(f"{path}\n  cannot read: {exc}\n")
+            continue
+        print(path)
+        print(f"  CRL of    {crl.issuer.rfc4514_string()}, number {pki_crl.crl_number(crl)}, "
+              f"{len(list(crl))} revoked")
+        nxt = crl.next_update_utc
+        if nxt is None:
+            print("  next update: none given")
+        else:
+            print(f"  next update {nxt:%Y-%m-%d %H:%M} UTC")
+            if nxt <= now:
+                print("  EXPIRED: renew it with 'iotserver certs crl' (the server does at start)")
+                expired += 1
+            elif nxt - now < _dt.timedelta(days=warn_days):
+                print(f"  WARNING: next update within {warn_days} days")
+        print()
+    return expired
 
 
 # --------------------------------------------------------------------------- argparse
@@ -310,6 +384,14 @@ def setup(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     p.add_argument("--days", type=_days, default=825, help="validity (825)")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(certs_handler=_cmd_client)
+
+    p = sub.add_parser("crl", help="renew the local CA's CRL now (ca.crl and the OPC UA "
+                                   "issuers copy)")
+    _common(p)
+    p.add_argument("--opcua-pki", metavar="DIR", help="OPC UA PKI folder")
+    p.add_argument("--days", type=_days, default=None,
+                   help="days until the CRL's next update (365)")
+    p.set_defaults(certs_handler=_cmd_crl)
 
     p = sub.add_parser("show", help="list certificates with names and expiry")
     _common(p)
