@@ -224,7 +224,21 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         results = []
         for req in params.ItemsToCreate:
             if req.ItemToMonitor.AttributeId == ua.AttributeIds.EventNotifier:
-                results.append(self._create_events_monitored_item(req))
+                node = self.aspace.get(req.ItemToMonitor.NodeId)
+                if node is None or ua.AttributeIds.EventNotifier not in node.attributes:
+                    # unknown, or a node without EventNotifier (a Variable): Part 4 5.12.2.4
+                    result = ua.MonitoredItemCreateResult()
+                    result.StatusCode = status(ua.StatusCodes.BadNodeIdUnknown if node is None
+                                               else ua.StatusCodes.BadAttributeIdInvalid)
+                    results.append(result)
+                elif not isinstance(req.RequestedParameters.Filter, ua.EventFilter):
+                    # an event item needs an EventFilter (Part 4 7.22.3); asyncua faulted the
+                    # whole request (Bad_InternalError) without one
+                    result = ua.MonitoredItemCreateResult()
+                    result.StatusCode = status(ua.StatusCodes.BadMonitoredItemFilterInvalid)
+                    results.append(result)
+                else:
+                    results.append(self._create_events_monitored_item(req))
             else:
                 results.append(self._create_item(req, params.TimestampsToReturn))
         return results
@@ -553,6 +567,19 @@ class IotSubscriptionService(SubscriptionService):  # type: ignore[misc]  # asyn
         super().__init__(aspace, iserver)
         self.limits = Limits(max_items)
         self.min_interval_ms = min_interval_ms
+
+    def monitored_item_handles(self, subscription_id: int, session_id: ua.NodeId
+                               ) -> tuple[list[int], list[int]] | None:
+        """(server handles, client handles) of a subscription of ``session_id``, for
+        GetMonitoredItems (Part 5 9.1); None when it does not exist or is another's."""
+        sub = self.subscriptions.get(subscription_id)
+        if sub is None or sub.session_id != session_id:
+            return None
+        srv = sub.monitored_item_srv
+        items = [(i.mid, i.client_handle) for i in getattr(srv, "_items", {}).values()]
+        items += [(mid, m.client_handle) for mid, m in srv._monitored_items.items()]
+        items.sort()
+        return [mid for mid, _ in items], [ch for _, ch in items]
 
     async def create_subscription(
         self,

@@ -30,6 +30,7 @@ from iotserver.opcua.addrspace import TagSpace
 from iotserver.opcua.config import POLICIES, OpcUaConfig
 from iotserver.opcua.convert import VARIANT_TYPES
 from iotserver.opcua.history import HistoryReader, Series, stepped
+from iotserver.opcua.methods import MethodCalls
 from iotserver.opcua.security import (
     ClientCertificateValidator,
     IotRuleset,
@@ -152,6 +153,9 @@ class OpcUaService(AsyncService):
                  cfg.namespace, loop.time() - t0)
         history = HistoryReader(core.rings, cfg.max_history_values)
         iserver.services = Services(store, space, history, self._series)
+        iserver.method_calls = MethodCalls(iserver.aspace, iserver.method_service.call,
+                                           lambda: iserver.source_methods,
+                                           iserver.subscription_service)
         info = ServerInfo(server, iserver, cfg, self)
         await info.fill()
         await info.add_source_methods(self._source_names(), self.reconnect_source)

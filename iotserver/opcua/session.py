@@ -30,6 +30,7 @@ from asyncua.server.internal_session import InternalSession
 from iotserver.opcua.addrspace import CURRENT_WRITE, access_level
 from iotserver.opcua.browse import ContinuationPoints, apply_result_masks
 from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_variant
+from iotserver.opcua.methods import MethodCalls
 from iotserver.opcua.monitoring import IotSubscriptionService
 from iotserver.opcua.security import can_write, role_of
 
@@ -67,6 +68,7 @@ class IotInternalServer(InternalServer):  # type: ignore[misc]  # asyncua is unt
         self.isession.subscription_service = self.subscription_service
         self.services: Services | None = None
         self.source_methods: dict[ua.NodeId, str] = {}
+        self.method_calls: MethodCalls | None = None  # set by the service (methods.py)
         self.max_sessions = 100
         self.max_browse_continuation_points = 10  # per session (Part 4 5.8.2.1)
         # True only when no secure policy is offered: then the user token policy itself says
@@ -144,20 +146,12 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
         await super().close_session(delete_subs)
 
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
-        """Source control methods need the engineer or admin role."""
-        methods = self.iserver.source_methods
-        if not any(m.MethodId in methods for m in params) or can_write(self.user):
+        """Checked by :mod:`.methods` (arguments, object, role) before anything runs."""
+        calls = self.iserver.method_calls
+        if calls is None:
             everything: list[ua.CallMethodResult] = await super().call(params)
             return everything
-        results = []
-        for m in params:
-            if m.MethodId in methods:
-                res = ua.CallMethodResult()
-                res.StatusCode = status(ua.StatusCodes.BadUserAccessDenied)
-                results.append(res)
-            else:
-                results.extend(await super().call([m]))
-        return results
+        return await calls.call(params, self.user, self.session_id)
 
     # -- Read ----------------------------------------------------------------------------
     async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
@@ -190,6 +184,9 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
             sub.NodesToRead = [params.NodesToRead[i] for i in rest]
             for i, dv in zip(rest, await super().read(sub), strict=True):
                 results[i] = dv
+            if self.iserver.method_calls is not None:
+                self.iserver.method_calls.fix_user_executable(params.NodesToRead, results,
+                                                              self.user)
         return results
 
     @staticmethod
