@@ -109,6 +109,7 @@ class OpcUaConfig:
     max_subscriptions: int = 200
     max_monitored_items: int = 200_000
     max_browse_continuation_points: int = 10  # per session (Part 4 5.8.2.1)
+    max_queue_size: int = 10_000  # per monitored item (Part 4 5.13.1.5)
     publish_yield_ms: float = 5.0
     min_publishing_interval_ms: float = 10.0
     max_history_values: int = 10_000
@@ -325,6 +326,7 @@ def parse(r: Reader) -> OpcUaConfig:
         max_monitored_items=r.int("max_monitored_items", 200_000, min=1, max=10_000_000),
         max_browse_continuation_points=r.int("max_browse_continuation_points", 10, min=1,
                                              max=1000),
+        max_queue_size=r.int("max_queue_size", 10_000, min=1, max=1_000_000),
         publish_yield_ms=r.float("publish_yield_ms", 5.0, min=0.1, max=1000),
         min_publishing_interval_ms=r.float("min_publishing_interval_ms", 10.0, min=1, max=10_000),
         max_history_values=r.int("max_history_values", 10_000, min=10, max=10_000_000),

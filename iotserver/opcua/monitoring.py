@@ -199,10 +199,12 @@ def _no_filter(flt: Any) -> bool:
 
 
 class Limits:
-    """Server-wide monitored item count (``max_monitored_items``)."""
+    """Server-wide monitored item count (``max_monitored_items``) and the largest queue one
+    item may have (``max_queue_size``)."""
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, max_items: int, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
         self.max_items = max_items
+        self.max_queue_size = max_queue_size
         self.count = 0
 
 
@@ -252,7 +254,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
 
     def _revise_queue(self, requested: int) -> int:
         # Part 4 5.13.1.5: a queue of 0 or 1 is a one-value buffer that always holds the newest
-        return 1 if requested <= 1 else min(int(requested), MAX_QUEUE_SIZE)
+        return 1 if requested <= 1 else min(int(requested), self._limits.max_queue_size)
 
     def _check_filter(self, node_id: ua.NodeId, attr: int, flt: Any) -> tuple[int, float]:
         """(status, absolute deadband) for a requested filter (Part 4 7.22.2, Part 8 7.2)."""

@@ -121,6 +121,7 @@ class OpcUaService(AsyncService):
         iserver.max_subscriptions = cfg.max_subscriptions
         iserver.max_sessions = cfg.max_sessions
         iserver.max_browse_continuation_points = cfg.max_browse_continuation_points
+        iserver.subscription_service.limits.max_queue_size = cfg.max_queue_size
         iserver.clear_text_passwords = cfg.security_policies == ("None",)
         iserver.certificate_validator = ClientCertificateValidator(self.trust)
         self.server = server = IotUaServer(iserver=iserver)

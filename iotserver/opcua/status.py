@@ -1,7 +1,8 @@
 """Server object contents: BuildInfo, ServerCapabilities, HistoryServerCapabilities, methods.
 
-Part 5 6.3.2 (ServerCapabilitiesType) and Part 11 5.4.2 (HistoryServerCapabilitiesType): the
-limits a client can discover before it runs into them, and the aggregate functions we serve.
+Part 5 6.3.2 (ServerCapabilitiesType, values from :mod:`.capabilities`) and Part 11 5.4.2
+(HistoryServerCapabilitiesType): the limits a client can discover before it runs into them,
+and the aggregate functions we serve.
 Reconnect methods (one per source folder) let an operator with the engineer or admin role
 force a dead PLC connection to be retried now.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from asyncua import Server, ua
 
 from iotserver.opcua import aggregates
+from iotserver.opcua.capabilities import capabilities
 
 if TYPE_CHECKING:
     from iotserver.opcua.config import OpcUaConfig
@@ -45,25 +47,11 @@ class ServerInfo:
         await self.server.set_build_info(
             "urn:iotserver", "iotserver", "iotserver", PRODUCT_VERSION, PRODUCT_VERSION,
             _dt.datetime(2026, 1, 1, tzinfo=_dt.UTC))
-        u32, u16, dbl = ua.VariantType.UInt32, ua.VariantType.UInt16, ua.VariantType.Double
-        await self._write(oid.Server_ServerCapabilities_MaxSessions, cfg.max_sessions, u32)
-        await self._write(oid.Server_ServerCapabilities_MaxSubscriptions,
-                          cfg.max_subscriptions, u32)
-        await self._write(oid.Server_ServerCapabilities_MaxMonitoredItems,
-                          cfg.max_monitored_items, u32)
-        # history continuation points are stateless (0: no limit); browse ones per session
-        await self._write(oid.Server_ServerCapabilities_MaxHistoryContinuationPoints, 0, u16)
-        await self._write(oid.Server_ServerCapabilities_MaxBrowseContinuationPoints,
-                          cfg.max_browse_continuation_points, u16)
-        await self._write(oid.Server_ServerCapabilities_MinSupportedSampleRate, 0.0, dbl)
-        await self._write(oid.Server_ServerCapabilities_LocaleIdArray, ["en"],
-                          ua.VariantType.String)
-        await self._write(oid.Server_ServerCapabilities_MaxArrayLength, 65535, u32)
-        await self._write(oid.Server_ServerCapabilities_MaxStringLength, 65535, u32)
-        await self._write(oid.Server_ServerCapabilities_ServerProfileArray, [],
-                          ua.VariantType.String)
-        await self._write(oid.Server_ServerCapabilities_OperationLimits_MaxNodesPerHistoryReadData,
-                          1000, u32)
+        u32 = ua.VariantType.UInt32
+        limits = getattr(self.server, "limits", None)
+        max_message = getattr(limits, "max_message_size", 0) or 0
+        for node_id, (value, vtype) in capabilities(cfg, max_message).items():
+            await self._write(node_id, value, vtype)
         hist = {
             oid.HistoryServerCapabilities_AccessHistoryDataCapability: True,
             oid.HistoryServerCapabilities_AccessHistoryEventsCapability: False,
