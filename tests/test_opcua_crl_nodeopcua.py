@@ -64,7 +64,25 @@ const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
 """
 
 
-async def _run(script: Path, args: list[str]) -> dict[str, Any]:
+def node_client_pki(tmp_path: Path, tls: Path, *, with_crl: bool) -> list[str]:
+    """A node-opcua PKI that trusts our ca.pem (and ca.crl), and a client certificate from
+    our CA, which the server trusts: [pki folder, certificate file, key file]."""
+    ca_cert, ca_key = pki.load_cert(tls / "ca.pem"), pki.load_key(tls / "ca.key")
+    cert, key = pki.issue_opcua_app_cert(ca_cert, ca_key, "urn:test:nodeopcua",  # type: ignore[arg-type]
+                                         common_name="nodeopcua-test", dns_names=["localhost"],
+                                         ip_addresses=[])
+    pki.write_cert_pem(cert, tmp_path / "client.pem", force=True)
+    pki.write_key_pem(key, tmp_path / "client.key", force=True)
+    node_pki = tmp_path / "node-pki"
+    (node_pki / "trusted" / "certs").mkdir(parents=True, exist_ok=True)
+    (node_pki / "trusted" / "crl").mkdir(parents=True, exist_ok=True)
+    shutil.copy(tls / "ca.pem", node_pki / "trusted" / "certs" / "ca.pem")  # as docs/opcua.md
+    if with_crl:
+        shutil.copy(tls / "ca.crl", node_pki / "trusted" / "crl" / "ca.crl")
+    return [str(node_pki), str(tmp_path / "client.pem"), str(tmp_path / "client.key")]
+
+
+async def run_node(script: Path, args: list[str]) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         "node", "--security-revert=CVE-2023-46809", str(script), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
@@ -109,24 +127,12 @@ async def test_strict_node_opcua_client_needs_and_accepts_our_crl(tmp_path: Path
     script.write_text(STRICT_CLIENT)
     # the client's own certificate comes from our CA, which the server trusts: the test is
     # about the client's view of the server certificate only
-    ca_cert, ca_key = pki.load_cert(tls / "ca.pem"), pki.load_key(tls / "ca.key")
-    cert, key = pki.issue_opcua_app_cert(ca_cert, ca_key, "urn:test:nodeopcua",  # type: ignore[arg-type]
-                                         common_name="nodeopcua-crl", dns_names=["localhost"],
-                                         ip_addresses=[])
-    pki.write_cert_pem(cert, tmp_path / "client.pem")
-    pki.write_key_pem(key, tmp_path / "client.key")
-    node_pki = tmp_path / "node-pki"
-    (node_pki / "trusted" / "certs").mkdir(parents=True)
-    (node_pki / "trusted" / "crl").mkdir(parents=True)
-    shutil.copy(tls / "ca.pem", node_pki / "trusted" / "certs" / "ca.pem")  # as docs/opcua.md
-    args = [running.url, "alice", "alice-secret", running.namespace, str(node_pki),
-            str(tmp_path / "client.pem"), str(tmp_path / "client.key")]
+    base = [running.url, "alice", "alice-secret", running.namespace]
 
     async def body() -> None:
-        without = await _run(script, args)
+        without = await run_node(script, base + node_client_pki(tmp_path, tls, with_crl=False))
         assert "BadCertificateRevocationUnknown" in without.get("error", ""), without
-        shutil.copy(tls / "ca.crl", node_pki / "trusted" / "crl" / "ca.crl")
-        with_crl = await _run(script, args)
+        with_crl = await run_node(script, base + node_client_pki(tmp_path, tls, with_crl=True))
         assert with_crl == {"read": 10}, with_crl
 
     try:

@@ -108,6 +108,9 @@ class MethodCalls:
                 res = await self._execute(req, session_id)
             elif res.StatusCode.is_bad():
                 self.refused += 1
+                log.info("OPC UA call of %s on %s by %s refused: %s", req.MethodId.to_string(),
+                         req.ObjectId.to_string(), getattr(user, "name", None) or "anonymous",
+                         res.StatusCode.name)
             results.append(res)
         return results
 
