@@ -8,7 +8,8 @@ before anything runs, in this order:
 1. ``objectId`` unknown -> Bad_NodeIdUnknown;
 2. ``methodId`` not a Method, or not a component of the object (HasComponent from the object,
    or from its type definition or a supertype of it, Part 3 4.7) -> Bad_MethodInvalid;
-3. the session's role may not run it -> Bad_UserAccessDenied (source control methods need
+3. its Executable attribute is false -> Bad_NotExecutable; the session's role may not run
+   it -> Bad_UserAccessDenied (source control methods need
    engineer or admin, see :mod:`.security`);
 4. the arguments against the method's InputArguments property: too many ->
    Bad_TooManyArguments, too few -> Bad_ArgumentsMissing, a wrong type or array rank ->
@@ -104,9 +105,11 @@ class MethodCalls:
         results = []
         for req in requests:
             res = self._check(req, user)
+            if res is None and not self._implemented(req.MethodId):
+                res = _result(ua.StatusCodes.BadNotImplemented)
             if res is None:
                 res = await self._execute(req, session_id)
-            elif res.StatusCode.is_bad():
+            else:
                 self.refused += 1
                 log.info("OPC UA call of %s on %s by %s refused: %s", req.MethodId.to_string(),
                          req.ObjectId.to_string(), getattr(user, "name", None) or "anonymous",
@@ -221,13 +224,15 @@ class MethodCalls:
         return frozenset()
 
     # -- running -------------------------------------------------------------------------
+    def _implemented(self, method_id: ua.NodeId) -> bool:
+        """GetMonitoredItems is ours; others need a callback (asyncua's NodeData.call)."""
+        node = self.aspace.get(method_id)
+        return method_id == GET_MONITORED_ITEMS or getattr(node, "call", None) is not None
+
     async def _execute(self, req: ua.CallMethodRequest, session_id: ua.NodeId
                        ) -> ua.CallMethodResult:
         if req.MethodId == GET_MONITORED_ITEMS:
             return self._get_monitored_items(req, session_id)
-        node = self.aspace.get(req.MethodId)
-        if getattr(node, "call", None) is None:
-            return _result(ua.StatusCodes.BadNotImplemented)
         results = await self._run([req])
         return results[0]
 
@@ -247,11 +252,7 @@ class MethodCalls:
     # -- UserExecutable ------------------------------------------------------------------
     def user_executable(self, method_id: ua.NodeId, user: Any) -> bool:
         """False for a role that Call would refuse, and for a method nothing implements."""
-        node = self.aspace.get(method_id)
-        if node is None:
-            return False
-        implemented = method_id == GET_MONITORED_ITEMS or getattr(node, "call", None) is not None
-        return implemented and may_execute(method_id, user, self._restricted())
+        return self._implemented(method_id) and may_execute(method_id, user, self._restricted())
 
     def fix_user_executable(self, reads: Sequence[ua.ReadValueId],
                             results: list[ua.DataValue | None], user: Any) -> None:
