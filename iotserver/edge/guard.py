@@ -301,8 +301,8 @@ class Guard(Protocol):
                   "frame": "did not complete a frame it began",
                   "idle": "sent nothing"}[what]
         f.ratelog.warn(f"{what}:{f.name}", "{name}: {peer} {reason} within {t} s "
-                       "({key}_timeout), closing", name=f.name, peer=self.host or "?",
-                       reason=reason, t=seconds, key=what)
+                       "({what}_timeout), closing", name=f.name, peer=self.host or "?",
+                       reason=reason, t=seconds, what=what)
         self.close()
 
     # -- closing ---------------------------------------------------------------------------

@@ -71,13 +71,14 @@ class Listener:
 class Listeners:
     """The listeners of one service (see module docstring)."""
 
-    def __init__(self, service: str, clock: Clock, reactor: Any = None) -> None:
-        self.service = service
+    def __init__(self, service: str, clock: Clock, reactor: Any = None, *,
+                 namespace: str = "iotserver.edge") -> None:
+        self.service = service  #: the service's name in the log ("MQTT", "Modbus")
         self.clock = clock
         self._reactor = reactor
         self.listeners: list[Listener] = []
         self.tls_contexts: list[Any] = []  # ReloadableContextFactory, reloaded on SIGHUP
-        self.ratelog = RateLimitedLog(clock, logger=Logger(namespace=f"iotserver.{service}"))
+        self.ratelog = RateLimitedLog(clock, logger=Logger(namespace=namespace))
 
     def reactor(self) -> Any:
         if self._reactor is None:
@@ -113,9 +114,10 @@ class Listeners:
         try:
             port = await _server_endpoint(self.reactor(), ep).listen(guarded)
         except CannotListenError as exc:
-            raise StartupError(f"{name}: cannot listen: {exc.socketError or exc}") from None
+            raise StartupError(f"{label} cannot listen on {ep.text}: "
+                               f"{exc.socketError or exc}") from None
         except Exception as exc:
-            raise StartupError(f"{name}: cannot listen: {exc}") from None
+            raise StartupError(f"{label} cannot listen on {ep.text}: {exc}") from None
         if context is not None:
             self.tls_contexts.append(context)
         listener = Listener(name, ep, guarded, port)
