@@ -353,6 +353,8 @@ class ConsoleService(AsyncService):
                 session.disconnect()
         if self.factory is not None and self.factory.connections:
             await self.factory.disconnect_all(self.context.clock if self.context else None)
+        if self.listeners is not None:
+            await self.listeners.drain()
 
 
 def make_service(core: Any, cfg: ConsoleConfig) -> ConsoleService:

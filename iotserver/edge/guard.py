@@ -117,7 +117,8 @@ class GuardedFactory(Factory):
         self.probe = probe
         self.stats = EdgeStats()
         self.ratelog = ratelog or RateLimitedLog(clock)
-        self.guards: set[Guard] = set()
+        self.guards: set[Guard] = set()  # holding a slot
+        self.live: set[Guard] = set()  # connected (a closed guard stays until its loss)
         self._per_peer: dict[str, int] = {}
         self._tls: Any = None
         if tls_context is not None:
@@ -162,6 +163,7 @@ class GuardedFactory(Factory):
             return None
         guard = Guard(self, inner, host)
         self.guards.add(guard)
+        self.live.add(guard)
         stats.open += 1
         stats.accepted += 1
         stats.open_maximum = max(stats.open_maximum, stats.open)
@@ -258,6 +260,7 @@ class Guard(Protocol):
         self._closed = True
         self._stop_timers()
         self.gfactory.release(self)
+        self.gfactory.live.discard(self)
         self.inner.connectionLost(reason)
 
     # -- timers ----------------------------------------------------------------------------

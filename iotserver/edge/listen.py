@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from iotserver.clock import Clock
@@ -77,6 +78,7 @@ class Listeners:
         self.clock = clock
         self._reactor = reactor
         self.listeners: list[Listener] = []
+        self._stopped: list[Listener] = []  # stopped, their connections not yet drained
         self.tls_contexts: list[Any] = []  # ReloadableContextFactory, reloaded on SIGHUP
         self.ratelog = RateLimitedLog(clock, logger=Logger(namespace=namespace))
 
@@ -151,20 +153,28 @@ class Listeners:
     def totals(self) -> dict[str, int]:
         return EdgeStats.total([lst.stats for lst in self.listeners])
 
-    def close_connections(self) -> None:
-        """Abort every connection of every listener (after the protocols had their say)."""
-        for lst in self.listeners:
-            for guard in list(lst.factory.guards):
-                guard.close()
-
     async def stop(self) -> None:
-        """Stop listening on every port; one that fails is logged and the rest still stop."""
+        """Stop listening on every port; one that fails is logged and the rest still stop.
+        Open connections stay: the service says goodbye in its protocol, then :meth:`drain`."""
         listeners, self.listeners = self.listeners, []
+        self._stopped.extend(listeners)
         for lst in listeners:
             try:
                 await lst.port.stopListening()
             except Exception:
                 log.failure("{name}: stopping the listener failed", name=lst.name)
+
+    async def drain(self) -> None:
+        """Abort every connection still open (of stopped listeners) and wait until the
+        reactor has processed their loss, so no socket outlives the service's stop."""
+        live = [g for lst in self._stopped for g in lst.factory.live]
+        self._stopped = []
+        for guard in live:
+            guard.close()
+        for _ in range(20):  # an abort is processed on a later reactor turn
+            if not any(g in g.gfactory.live for g in live):
+                return
+            await deferLater(self.clock, 0, lambda: None)
 
 
 def _server_endpoint(reactor: Any, ep: Endpoint) -> Any:

@@ -112,6 +112,8 @@ class ModbusService(AsyncService):
         if self.server is not None:
             self.server.disconnect_all()
             self.server.stop()
+        if self.listeners is not None:
+            await self.listeners.drain()
         devices = list(self.devices.values())
         for device in devices:
             await as_deferred(device.stop())

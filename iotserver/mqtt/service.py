@@ -274,6 +274,8 @@ class MqttService(AsyncService):
                 await deferLater(self.core.clock, 0, lambda: None)
             for session in broker.sessions.values():
                 session.conn = None
+        if self.listeners is not None:
+            await self.listeners.drain()  # sockets the broker never saw (mid-handshake)
         if self.store is not None:
             store, self.store = self.store, None
             await Deferred.fromCoroutine(store.close())
