@@ -108,7 +108,7 @@ def test_guard_hands_the_protocol_the_real_transport() -> None:
 
 def test_login_timeout_until_first_complete_frame() -> None:
     f, clock = guarded()
-    silent, silent_t = connect(f, "10.0.0.1")
+    _silent, silent_t = connect(f, "10.0.0.1")
     talker, talker_t = connect(f, "10.0.0.2")
     clock.advance(9)
     talker.dataReceived(b"hi\n")

@@ -18,6 +18,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from iotserver import app, config
+import contextlib
 
 TIMEOUT = 10.0
 
@@ -135,10 +136,8 @@ def idle_sockets(port: int, n: int) -> list[socket.socket]:
     for _ in range(n):
         s = socket.socket()
         s.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         out.append(s)
     return out
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -47,7 +47,7 @@ from zope.interface import implementer
 from iotserver.clock import Clock
 from iotserver.edge.limits import EdgeStats, Limits
 
-__all__ = ["Guard", "GuardedFactory", "Probe", "RateLimitedLog"]
+__all__ = ["DEFAULT_PROBE", "Guard", "GuardedFactory", "Probe", "RateLimitedLog"]
 
 log = Logger(namespace="iotserver.edge")
 
@@ -67,6 +67,9 @@ class Probe:
 
     partial: Callable[[Any], bool] = _never
     greeted: Callable[[Any], bool] | None = None
+
+
+DEFAULT_PROBE = Probe()
 
 
 class RateLimitedLog:
@@ -108,7 +111,7 @@ class GuardedFactory(Factory):
     noisy = False
 
     def __init__(self, name: str, wrapped: Any, limits: Limits, clock: Clock, *,
-                 probe: Probe = Probe(), tls_context: Any = None,
+                 probe: Probe = DEFAULT_PROBE, tls_context: Any = None,
                  ratelog: RateLimitedLog | None = None) -> None:
         self.name = name
         self.wrapped = wrapped
@@ -124,7 +127,7 @@ class GuardedFactory(Factory):
         if tls_context is not None:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            self._tls = TLSMemoryBIOFactory(tls_context, False, self)
+            self._tls = TLSMemoryBIOFactory(tls_context, False, cast(Any, self))
 
     def __repr__(self) -> str:
         return f"<GuardedFactory {self.name}>"

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from iotserver.clock import Clock
 from iotserver.edge.endpoint import Endpoint, EndpointError, parse_endpoint
-from iotserver.edge.guard import GuardedFactory, Probe, RateLimitedLog
+from iotserver.edge.guard import DEFAULT_PROBE, GuardedFactory, Probe, RateLimitedLog
 from iotserver.edge.limits import EdgeStats, Limits
 from iotserver.lifecycle import StartupError
 
@@ -90,7 +90,7 @@ class Listeners:
         return self._reactor
 
     async def listen(self, label: str, endpoint: Endpoint | str, factory: Any, limits: Limits,
-                     *, probe: Probe = Probe(),
+                     *, probe: Probe = DEFAULT_PROBE,
                      default_tls: Callable[[], Any] | None = None) -> Listener:
         """Listen on ``endpoint`` with ``factory`` behind the limits; one-line StartupError.
 
@@ -174,7 +174,7 @@ class Listeners:
         for _ in range(20):  # an abort is processed on a later reactor turn
             if not any(g in g.gfactory.live for g in live):
                 return
-            await deferLater(self.clock, 0, lambda: None)
+            await deferLater(cast(Any, self.clock), 0, lambda: None)
 
 
 def _server_endpoint(reactor: Any, ep: Endpoint) -> Any:
