@@ -551,12 +551,13 @@ async def test_connection_limit_and_idle_timeout(tmp_path: Path, free_port: int)
     conns = [await raw(free_port) for _ in range(5)]
     try:
         await conns[4].lost.addTimeout(TIMEOUT, reactor)  # the fifth is refused
-        assert srv.service.server.stats.refused == 1
+        stats = srv.service.listeners.listeners[0].stats
+        assert stats.refused_listener_full == 1
         conns[0].send(read_hr(1, 0, 2))
         assert len(await conns[0].read(13)) == 13
         for c in conns[:4]:
             await c.lost.addTimeout(TIMEOUT, reactor)  # idle for 0.3 s: closed
-        assert srv.service.server.stats.idle_closed == 4
+        assert stats.idle_timeouts == 4
     finally:
         for c in conns:
             if c.transport is not None and c.transport.connected:  # type: ignore[attr-defined]

@@ -141,12 +141,23 @@ def test_unsupported_protocol_level_gets_v311_code_1() -> None:
 
 
 def test_connect_timeout_closes_silent_connection() -> None:
+    # the listener's login_timeout (the edge guard in front of the protocol) is the CONNECT
+    # timeout; [mqtt.limits] connect_timeout is its default
+    from dataclasses import replace as _replace
+
+    from iotserver.edge.guard import GuardedFactory
+    from iotserver.edge.limits import MQTT as MQTT_LIMITS
+    from iotserver.mqtt.service import PROBE
+
     h = Harness(connect_timeout=5)
+    h.factory = GuardedFactory("MQTT tcp:0", h.factory,  # type: ignore[assignment]
+                               _replace(MQTT_LIMITS, login_timeout=5), h.clock, probe=PROBE)
     c = h.open()
     h.advance(4.9)
     assert not c.closed
     h.advance(0.2)
     assert c.closed
+    assert h.factory.stats.login_timeouts == 1  # type: ignore[attr-defined]
 
 
 def test_packets_after_connect_wait_for_authentication() -> None:

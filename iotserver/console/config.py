@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from iotserver.confparse import Reader, is_loopback_endpoint
+from iotserver.confparse import Reader
+from iotserver.edge import limits as edge_limits
+from iotserver.edge.endpoint import Endpoint, parse_endpoint
 
 DEFAULT_ENDPOINT = "tcp:2222:interface=127.0.0.1"
 
@@ -33,6 +35,12 @@ class ConsoleConfig:
     authorized_keys: Path | None = None
     password_login: bool = False
     host_key: Path | None = None
+    #: connection limits and timeouts; ``login_timeout`` is the SSH login grace time
+    limits: edge_limits.Limits = edge_limits.CONSOLE
+
+    @property
+    def ep(self) -> Endpoint:
+        return parse_endpoint(self.endpoint)
 
     def authorized_keys_path(self, data_dir: Path) -> Path:
         return self.authorized_keys or data_dir / "console" / "authorized_keys"
@@ -41,7 +49,7 @@ class ConsoleConfig:
         return self.host_key or data_dir / "console" / "ssh_host_ed25519_key"
 
     def summary(self) -> list[str]:
-        where = "loopback only" if is_loopback_endpoint(self.endpoint) else "REACHABLE OFF-HOST"
+        where = self.ep.where()
         keys = str(self.authorized_keys or "<data_dir>/console/authorized_keys")
         lines = [f"SSH console on {self.endpoint} ({where})", f"authorized keys: {keys}"]
         lines.append(
@@ -53,20 +61,14 @@ class ConsoleConfig:
 
 def parse(r: Reader) -> ConsoleConfig:
     """Read ``[console]``; unknown keys and unusable endpoints are errors naming the key."""
-    endpoint = r.endpoint("endpoint", DEFAULT_ENDPOINT)
-    kind = endpoint.partition(":")[0]
-    if kind not in _CONSOLE_ENDPOINT_KINDS:
-        raise r.error(
-            "endpoint",
-            f"SSH encrypts the connection itself; expected one of "
-            f"{', '.join(k + ':' for k in _CONSOLE_ENDPOINT_KINDS)} (e.g. {DEFAULT_ENDPOINT!r}), "
-            f"got {endpoint!r}",
-        )
+    endpoint = r.endpoint("endpoint", DEFAULT_ENDPOINT, kinds=_CONSOLE_ENDPOINT_KINDS,
+                          why=f"SSH encrypts the connection itself (e.g. {DEFAULT_ENDPOINT!r})")
     cfg = ConsoleConfig(
         endpoint=endpoint,
         authorized_keys=r.path("authorized_keys", None),
         password_login=r.bool("password_login", False),
         host_key=r.path("host_key", None),
+        limits=edge_limits.read_limits(r, edge_limits.CONSOLE),
     )
     r.done()
     return cfg

@@ -33,8 +33,9 @@ with warnings.catch_warnings():  # conch.checkers imports spwd, deprecated since
         readAuthorizedKeyFile,
     )
 
-from iotserver.confparse import endpoint_interface, endpoint_port, is_loopback_endpoint
 from iotserver.console.config import ConsoleConfig
+from iotserver.edge.guard import Probe, RateLimitedLog
+from iotserver.edge.listen import Listeners
 from iotserver.console.session import ConsoleContext, ConsoleRealm
 from iotserver.lifecycle import AsyncService, StartupError
 from iotserver.security.users import Role
@@ -44,7 +45,23 @@ log = Logger(namespace="iotserver.console")
 # Roles allowed to log in with a password (see module docstring).
 CONSOLE_ROLES = frozenset({Role.ADMIN})
 
-DISCONNECT_BY_APPLICATION = 11  # RFC 4253 section 11.1
+DISCONNECT_PROTOCOL_ERROR = 2  # RFC 4253 section 11.1
+DISCONNECT_BY_APPLICATION = 11
+
+
+def _partial(proto: Any) -> bool:
+    # conch keeps what it has not parsed in ``buf`` (and a decrypted first block in ``first``)
+    return bool(proto.buf) or hasattr(proto, "first")
+
+
+def _greeted(proto: Any) -> bool:
+    # after a successful login conch switches the transport's service to ssh-connection
+    return getattr(getattr(proto, "service", None), "name", None) == b"ssh-connection"
+
+
+#: The guard's view of an SSH connection: a packet (or the version line) is under way while
+#: conch holds unparsed bytes; the login grace time ends when a user has authenticated.
+PROBE = Probe(partial=_partial, greeted=_greeted)
 
 
 def load_or_create_host_key(path: Path) -> tuple[keys.Key, bool]:
@@ -163,12 +180,35 @@ class UserPasswordChecker:
         return d.addCallback(check)
 
 
+def _peer(transport: Any) -> str:
+    try:
+        peer = transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+
+
 def _factory_class() -> type:
     """The SSH factory (conch's factory module imports the reactor: built on first use)."""
     from twisted.conch.ssh.factory import SSHFactory
     from twisted.conch.ssh.transport import SSHServerTransport
 
     class ConsoleTransport(SSHServerTransport):
+        def dataReceived(self, data: bytes) -> None:
+            """conch lets a malformed packet raise out of here (a critical traceback in the
+            log per packet); such a peer is closed with one rate-limited line instead."""
+            try:
+                super().dataReceived(data)
+            except Exception as exc:
+                factory: Any = self.factory
+                factory.malformed += 1
+                factory.ratelog.warn("malformed", "console: closing {peer}: malformed SSH "
+                                     "packet ({exc})", peer=_peer(self.transport),
+                                     exc=type(exc).__name__)
+                self.buf = b""
+                transport: Any = self.transport
+                transport.abortConnection()
+
         def receiveError(self, reason_code: int, description: bytes) -> None:
             # conch logs every client's goodbye as an error; only unusual reasons are news.
             if reason_code == DISCONNECT_BY_APPLICATION:
@@ -184,8 +224,10 @@ def _factory_class() -> type:
         protocol = ConsoleTransport
         noisy = False  # the listener is logged once by core.listening
 
-        def __init__(self, portal: Any, host_key: keys.Key) -> None:
+        def __init__(self, portal: Any, host_key: keys.Key, clock: Any) -> None:
             self.portal = portal
+            self.malformed = 0  # connections closed for a malformed SSH packet
+            self.ratelog = RateLimitedLog(clock, logger=log)
             key_type = host_key.sshType()
             self.publicKeys = {key_type: host_key.public()}
             self.privateKeys = {key_type: host_key}
@@ -236,6 +278,7 @@ class ConsoleService(AsyncService):
         self.cfg = cfg
         self.factory: Any = None
         self.port: Any = None
+        self.listeners: Listeners | None = None
         self.context: ConsoleContext | None = None
         self.host_key_fingerprint = ""
 
@@ -246,8 +289,6 @@ class ConsoleService(AsyncService):
     async def start(self) -> None:
         from twisted.cred.portal import Portal
         from twisted.internet import reactor
-        from twisted.internet.endpoints import serverFromString
-        from twisted.internet.error import CannotListenError
 
         data_dir = self.core.config.server.data_dir
         host_key_path = self.cfg.host_key_path(data_dir)
@@ -266,19 +307,25 @@ class ConsoleService(AsyncService):
         clock = self.core.clock if hasattr(self.core.clock, "callLater") else reactor
         self.context = ConsoleContext(self.core, clock)
         portal = Portal(ConsoleRealm(self.context), checkers)  # type: ignore[arg-type]
-        self.factory = _factory_class()(portal, host_key)
-
-        endpoint = serverFromString(reactor, self.cfg.endpoint)
-        try:
-            self.port = await endpoint.listen(self.factory)
-        except CannotListenError as exc:
-            raise StartupError(f"SSH console cannot listen on {self.cfg.endpoint}: "
-                               f"{exc.socketError or exc}") from None
-        self.core.listening("SSH console", self.cfg.endpoint)
+        self.factory = _factory_class()(portal, host_key, clock)
+        self.listeners = Listeners("console", clock, reactor, namespace="iotserver.console")
+        listener = await self.listeners.listen("SSH console", self.cfg.ep, self.factory,
+                                               self.cfg.limits, probe=PROBE)
+        self.port = listener.port
+        self.core.listening("SSH console", listener.address)
         self._warn_about_access(authorized)
 
+    def edge_stats(self) -> dict[str, dict[str, int]]:
+        """The listener's counters, plus connections closed for malformed SSH packets."""
+        if self.listeners is None:
+            return {}
+        stats = self.listeners.stats()
+        for counters in stats.values():
+            counters["malformed_packets"] = self.factory.malformed if self.factory else 0
+        return stats
+
     def _warn_about_access(self, authorized: AuthorizedKeysFile) -> None:
-        if not is_loopback_endpoint(self.cfg.endpoint):
+        if not self.cfg.ep.loopback:
             log.warn("the SSH console listens on {ep}, reachable from other hosts; it runs "
                      "Python as the server: keep it on loopback unless you need it",
                      ep=self.cfg.endpoint)
@@ -287,9 +334,9 @@ class ConsoleService(AsyncService):
         admins = [u.name for u in self.core.users.users() if u.role in CONSOLE_ROLES]
         if self.cfg.password_login and admins:
             return
-        port = endpoint_port(self.cfg.endpoint) or "PORT"
-        host = endpoint_interface(self.cfg.endpoint)
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        ep = self.cfg.ep
+        port = ep.port or "PORT"
+        host = "127.0.0.1" if ep.host in ("0.0.0.0", "::") else ep.host
         users = ("\nor add an admin user: iotserver users add NAME --role admin"
                  if self.cfg.password_login else "")
         log.warn("console: nobody can log in yet. Add a public key with\n"
@@ -298,14 +345,16 @@ class ConsoleService(AsyncService):
                  path=str(authorized.path), port=port, host=host, users=users)
 
     async def stop(self) -> None:
-        port, self.port = self.port, None
-        if port is not None:
-            await port.stopListening()
+        self.port = None
+        if self.listeners is not None:
+            await self.listeners.stop()
         if self.context is not None:
             for session in list(self.context.sessions):
                 session.disconnect()
         if self.factory is not None and self.factory.connections:
             await self.factory.disconnect_all(self.context.clock if self.context else None)
+        if self.listeners is not None:
+            await self.listeners.drain()
 
 
 def make_service(core: Any, cfg: ConsoleConfig) -> ConsoleService:

@@ -10,11 +10,13 @@ the poller reads (``[[modbus.devices.tags]]`` define the tags it feeds, owned by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
-from iotserver.confparse import Reader, check_endpoint, is_loopback_endpoint
+from iotserver.confparse import Reader
+from iotserver.edge import limits as edge_limits
+from iotserver.edge.endpoint import EndpointError, parse_endpoint
 from iotserver.modbus.codec import Table
 from iotserver.modbus.default_map import DEFAULT_ENDPOINT, DEFAULT_TOML
 from iotserver.modbus.encoding import Kind, ModbusType, Order
@@ -120,8 +122,14 @@ class ServerConfig:
     endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
     unit_ids: frozenset[int] | None = None  # None: every unit id is served
     unknown_unit: str = "exception"  # "exception" (0B) | "ignore" (no answer)
-    max_connections: int = 64
-    idle_timeout: float = 300.0  # 0 = never
+    # Each listener's own connection limits and timeouts (iotserver.edge.limits): every
+    # endpoint gets these values for itself, never shared with another endpoint.
+    max_connections: int = edge_limits.MODBUS.max_connections
+    max_connections_per_peer: int = edge_limits.MODBUS.max_connections_per_peer
+    handshake_timeout: float = edge_limits.MODBUS.handshake_timeout
+    login_timeout: float = edge_limits.MODBUS.login_timeout
+    frame_timeout: float = edge_limits.MODBUS.frame_timeout
+    idle_timeout: float = edge_limits.MODBUS.idle_timeout  # 0 = never
     max_requests_in_flight: int = 16
     bad_quality: str = "last"  # "last" | "exception" (04)
     unmapped_reads: str = "exception"  # "exception" (02) | "zero"
@@ -130,6 +138,11 @@ class ServerConfig:
     no_role: str = "none"  # access of a TLS client whose certificate carries no known role
     identity: Identity = field(default_factory=Identity)
     map: tuple[MapEntry, ...] = ()
+
+    @property
+    def limits(self) -> edge_limits.Limits:
+        return edge_limits.Limits(**{f.name: getattr(self, f.name)
+                                     for f in fields(edge_limits.Limits)})
 
 
 @dataclass(frozen=True)
@@ -205,11 +218,11 @@ class ModbusConfig:
         lines = []
         s = self.server
         if s is not None and s.enabled:
-            for ep in s.endpoints:
-                secure = ep.startswith("tls:")
-                where = "loopback only" if is_loopback_endpoint(ep) else "REACHABLE OFF-HOST"
-                kind = "Modbus/TCP Security, client certificates" if secure else "plain text"
-                lines.append(f"server on {ep} ({kind}, {where})")
+            for text in s.endpoints:
+                ep = parse_endpoint(text)
+                kind = "Modbus/TCP Security, client certificates" if ep.is_tls else "plain text"
+                lines.append(f"server on {text} ({kind}, {ep.where()}, at most "
+                             f"{s.limits.max_connections} connections)")
             counts = {t: 0 for t in Table}
             for e in s.map:
                 counts[e.table] += 1
@@ -361,34 +374,24 @@ def _identity(r: Reader) -> Identity:
     return ident
 
 
-def _check_server_endpoint(r: Reader, index: int, ep: str) -> None:
-    key = f"endpoints[{index}]"
-    problem = check_endpoint(ep)
-    if problem:
-        raise r.error(key, problem)
-    kind = ep.partition(":")[0]
-    if kind == "ssl":
-        raise r.error(key, "Modbus/TCP Security needs client certificates, which ssl: cannot "
-                      "require: use tls:PORT (e.g. 'tls:8802:interface=127.0.0.1')")
-    if kind == "tls":
-        from iotserver.security.tls import parse_tls_description
+SERVER_KINDS = ("tcp", "tcp6", "tls", "unix", "systemd")
 
-        try:
-            opts = parse_tls_description(ep)
-        except ValueError as exc:
-            raise r.error(key, str(exc)) from None
-        if opts.get("clientAuth", "required") != "required":
+
+def _check_server_endpoint(r: Reader, index: int, text: str) -> None:
+    key = f"endpoints[{index}]"
+    try:
+        ep = parse_endpoint(text, SERVER_KINDS, "Modbus/TCP Security needs client certificates, "
+                            "which ssl: cannot require: use tls:PORT (e.g. "
+                            "'tls:8802:interface=127.0.0.1')")
+    except EndpointError as exc:
+        raise r.error(key, str(exc)) from None
+    if ep.kind == "tls":
+        if ep.client_auth not in (None, "required"):
             raise r.error(key, "Modbus/TCP Security requires client certificates: leave out "
                           "clientAuth or set clientAuth=required")
-        if ("cert" in opts) != ("key" in opts):
-            raise r.error(key, "give cert= and key= together, or neither (the server's own "
-                          "certificate is used)")
-        if "cert" in opts and "ca" not in opts:
+        if ep.cert is not None and ep.ca is None:
             raise r.error(key, "with cert= and key=, give ca= (the CA client certificates "
                           "must chain to)")
-        if "cert" not in opts and "ca" in opts:
-            raise r.error(key, "ca= needs cert= and key=; without them the server's own "
-                          "certificate and CA are used")
 
 
 def _server(r: Reader) -> ServerConfig:
@@ -423,8 +426,7 @@ def _server(r: Reader) -> ServerConfig:
         endpoints=tuple(endpoints),
         unit_ids=unit_ids,
         unknown_unit=r.str("unknown_unit", d.unknown_unit, choices=("exception", "ignore")),
-        max_connections=r.int("max_connections", d.max_connections, min=1, max=100_000),
-        idle_timeout=r.float("idle_timeout", d.idle_timeout, min=0, max=86_400 * 7),
+        **asdict(edge_limits.read_limits(r, d.limits)),
         max_requests_in_flight=r.int("max_requests_in_flight", d.max_requests_in_flight,
                                      min=1, max=10_000),
         bad_quality=r.str("bad_quality", d.bad_quality, choices=("last", "exception")),

@@ -26,7 +26,6 @@ from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -97,10 +96,8 @@ class ServerStats:
     requests: Counter[int] = field(default_factory=Counter)  # by function code
     exceptions: Counter[tuple[int, int]] = field(default_factory=Counter)  # (fc, code)
     connections_total: int = 0
-    refused: int = 0  # over max_connections
     denied: int = 0  # TLS client without an allowed role
     framing_errors: int = 0
-    idle_closed: int = 0
     ignored: int = 0  # requests for unknown unit ids, unanswered
 
 
@@ -156,8 +153,9 @@ _FC06_REQ = struct.Struct(">HHHBBHH")  # MBAP + function 06, address, value
 
 
 @implementer(IHandshakeListener)
-class ModbusServerProtocol(Protocol, TimeoutMixin):
-    """One client connection."""
+class ModbusServerProtocol(Protocol):
+    """One client connection. Connection limits and timeouts are the listener's
+    (``iotserver.edge``): the guard in front of this protocol enforces them."""
 
     def __init__(self, server: ModbusServer, secure: bool) -> None:
         self.server = server
@@ -175,6 +173,7 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         self._counted = False
         self._eager = False
         self._recv: Any = None  # the socket's recv, once _read_directly has hooked it
+        self._deliver = self.dataReceived  # the transport's protocol (the edge guard, if any)
         self._reactor: Any = None
 
     # -- connection -----------------------------------------------------------------------
@@ -185,13 +184,6 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         peer = transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.principal = f"modbus:{getattr(peer, 'host', '?')}"
-        if len(srv.connections) >= srv.cfg.max_connections:
-            srv.stats.refused += 1
-            log.warn("modbus: refusing {peer}: max_connections ({n}) reached", peer=self.peer,
-                     n=srv.cfg.max_connections)
-            self._closing = True
-            transport.abortConnection()
-            return
         srv.connections.add(self)
         self._counted = True
         from twisted.internet.tcp import Connection
@@ -206,10 +198,6 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         srv.stats.connections_total += 1
         if self._eager:
             self._read_directly()
-        # TimeoutMixin on the injected clock
-        self.callLater = srv.clock.callLater  # type: ignore[method-assign,assignment]
-        if srv.cfg.idle_timeout:
-            self.setTimeout(srv.cfg.idle_timeout)
 
     def _read_directly(self) -> None:
         """Have the asyncio loop call :meth:`_readable` itself when the socket is readable.
@@ -239,6 +227,8 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             return
         self._reactor = reactor
         self._recv = t.socket.recv
+        # data goes to whatever the transport delivers to: the edge guard sees it first
+        self._deliver = getattr(t.protocol, "dataReceived", self.dataReceived)
         loop.add_reader(fd, self._readable)
 
     def _readable(self) -> None:
@@ -260,7 +250,7 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         else:
             if data:
                 try:
-                    self.dataReceived(data)
+                    self._deliver(data)
                     return
                 except Exception as exc:  # as the reactor would: log, then drop the connection
                     log.failure("modbus: handling data from {peer} failed", peer=self.peer)
@@ -302,16 +292,9 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
         log.info("modbus: {who} ({peer}) connected with role {role!r}: {access}", who=who,
                  peer=self.peer, role=role, access=access)
 
-    def timeoutConnection(self) -> None:
-        self.server.stats.idle_closed += 1
-        log.info("modbus: closing idle connection from {peer}", peer=self.peer)
-        assert self.transport is not None
-        self.transport.abortConnection()
-
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._backlog.clear()
-        self.setTimeout(None)
         if self._counted:
             self.server.connections.discard(self)
             self._counted = False
@@ -324,7 +307,6 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             assert self.transport is not None
             self.transport.abortConnection()
             return
-        self.resetTimeout()
         if len(data) == 12 and data[7] == 6 and self.can_write and not self._busy \
                 and not self.decoder._buf:
             # One whole FC06 request and nothing buffered: the most common write, short way

@@ -11,12 +11,23 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from iotserver.confparse import is_loopback_endpoint
+from iotserver.edge.endpoint import parse_endpoint
+from iotserver.edge.guard import Probe
+from iotserver.edge.listen import Listeners, exposure_warnings
 from iotserver.lifecycle import AsyncService, StartupError, as_deferred
 from iotserver.modbus.config import ModbusConfig
 from iotserver.modbus.server import ModbusServer
 
 log = Logger(namespace="iotserver.modbus")
+
+
+def _partial(proto: Any) -> bool:
+    return bool(proto.decoder.buffered)
+
+
+#: The guard's view of a Modbus connection: a frame is under way while the MBAP decoder holds
+#: bytes; the first complete request is the "login" (there is none in Modbus TCP).
+PROBE = Probe(partial=_partial)
 
 
 class ModbusService(AsyncService):
@@ -31,7 +42,7 @@ class ModbusService(AsyncService):
         self.server: ModbusServer | None = None
         self.ports: list[Any] = []
         self.devices: dict[str, Any] = {}
-        self.tls_contexts: list[Any] = []  # reloadable TLS contexts of the listeners (SIGHUP)
+        self.listeners: Listeners | None = None  # ports, limits, TLS contexts (SIGHUP)
 
     def _reactor(self) -> Any:
         from twisted.internet import reactor
@@ -45,17 +56,11 @@ class ModbusService(AsyncService):
         material = self.core.tls
         if material is None:
             raise StartupError("Modbus/TCP Security listener: no TLS material loaded")
-        context = reloadable_server_context(material.cert_path, material.key_path,
-                                            ca_path=material.ca_cert_path,
-                                            require_client_cert=True)
-        self.tls_contexts.append(context)
-        return context
+        return reloadable_server_context(material.cert_path, material.key_path,
+                                         ca_path=material.ca_cert_path,
+                                         require_client_cert=True)
 
     async def start(self) -> None:
-        from twisted.internet.error import CannotListenError
-
-        from iotserver.security.tls import parse_tls_description, server_endpoint
-
         await self._start_devices()
         scfg = self.cfg.server
         if scfg is None or not scfg.enabled:
@@ -63,30 +68,24 @@ class ModbusService(AsyncService):
         self.server = ModbusServer(scfg, self.core.store, self.core.clock)
         self.server.start()
         self.core.reload_hooks.append(self.reload)
-        reactor = self._reactor()
+        self.listeners = Listeners("Modbus", self.core.clock, namespace="iotserver.modbus")
         for description in scfg.endpoints:
-            secure = description.startswith("tls:")
-            endpoint: Any
-            try:
-                if secure and "cert" not in parse_tls_description(description):
-                    endpoint = server_endpoint(reactor, description, self._context_factory())
-                else:
-                    endpoint = server_endpoint(reactor, description,
-                                               reloadable=self.tls_contexts)
-            except (ValueError, OSError) as exc:
-                raise StartupError(f"modbus server endpoint {description!r}: {exc}") from None
-            try:
-                port = await endpoint.listen(self.server.factory(secure))
-            except CannotListenError as exc:
-                raise StartupError(f"Modbus server cannot listen on {description}: "
-                                   f"{exc.socketError or exc}") from None
-            self.ports.append(port)
+            ep = parse_endpoint(description)
+            secure = ep.is_tls
             what = "Modbus/TCP Security" if secure else "Modbus TCP"
-            self.core.listening(what, description)
-            if not secure and not is_loopback_endpoint(description):
-                log.warn("the Modbus TCP listener {ep} is plain text and reachable from other "
-                         "hosts: anyone on the network can read and write the mapped tags; "
-                         "prefer tls: (Modbus/TCP Security) off loopback", ep=description)
+            listener = await self.listeners.listen(
+                what, ep, self.server.factory(secure), scfg.limits, probe=PROBE,
+                default_tls=self._context_factory)
+            self.ports.append(listener.port)
+            self.core.listening(what, listener.address)
+            for warning in exposure_warnings(
+                    "Modbus TCP", ep, consequence="anyone on the network can read and write "
+                    "the mapped tags; prefer tls: (Modbus/TCP Security) off loopback"):
+                log.warn("{warning}", warning=warning)
+
+    def edge_stats(self) -> dict[str, dict[str, int]]:
+        """Per listener: connections accepted, open, refused, closed by each timeout."""
+        return self.listeners.stats() if self.listeners is not None else {}
 
     async def _start_devices(self) -> None:
         if not self.cfg.devices:
@@ -100,21 +99,21 @@ class ModbusService(AsyncService):
 
     def reload(self) -> None:
         """SIGHUP / console: re-read the TLS listeners' certificates (Modbus/TCP Security)."""
-        from iotserver.security.tls import reload_tls
-
-        problems = reload_tls("Modbus", self.tls_contexts)
+        problems = self.listeners.reload() if self.listeners is not None else []
         if problems:
             raise ValueError("; ".join(problems))
 
     async def stop(self) -> None:
         if self.reload in self.core.reload_hooks:
             self.core.reload_hooks.remove(self.reload)
-        ports, self.ports = self.ports, []
-        for port in ports:
-            await port.stopListening()
+        self.ports = []
+        if self.listeners is not None:
+            await self.listeners.stop()
         if self.server is not None:
             self.server.disconnect_all()
             self.server.stop()
+        if self.listeners is not None:
+            await self.listeners.drain()
         devices = list(self.devices.values())
         for device in devices:
             await as_deferred(device.stop())

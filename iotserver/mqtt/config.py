@@ -34,11 +34,14 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from iotserver.confparse import Reader, is_loopback_endpoint
+from iotserver.confparse import Reader
+from iotserver.edge import limits as edge_limits
+from iotserver.edge.endpoint import Endpoint, parse_endpoint
+from iotserver.edge.listen import exposure_warnings
 from iotserver.mqtt.topics import TopicError, validate_topic_filter
 
 __all__ = [
@@ -103,19 +106,26 @@ class ListenerConfig:
     ``optional`` (asked, verified against the CA of ``[tls]`` when sent) or ``required``.
     A verified certificate identity (CN, else SAN) is handed to the authenticator.
     ``allow_anonymous`` overrides ``[mqtt.auth] allow_anonymous`` for this listener.
+    ``limits``: this listener's connection limits and timeouts (``iotserver.edge.limits``);
+    its ``login_timeout`` defaults to ``[mqtt.limits] connect_timeout``.
     """
 
     endpoint: str
     client_certs: str = "none"
     allow_anonymous: bool = False
+    limits: edge_limits.Limits = edge_limits.MQTT
+
+    @property
+    def ep(self) -> Endpoint:
+        return parse_endpoint(self.endpoint)
 
     @property
     def is_tls(self) -> bool:
-        return self.endpoint.startswith(("tls:", "ssl:"))
+        return self.ep.is_tls
 
     @property
     def loopback(self) -> bool:
-        return is_loopback_endpoint(self.endpoint)
+        return self.ep.loopback
 
 
 @dataclass(frozen=True)
@@ -242,12 +252,8 @@ class MqttConfig:
         """Security trade-offs worth a line in the log at startup."""
         out = []
         for lst in self.listeners:
-            where = "on loopback" if lst.loopback else "REACHABLE OFF-HOST"
-            if not lst.is_tls and not lst.loopback:
-                out.append(f"MQTT listener {lst.endpoint} is plain text {where}: passwords and "
-                           "data travel unencrypted")
-            if lst.allow_anonymous:
-                out.append(f"MQTT listener {lst.endpoint} accepts anonymous clients {where}")
+            out += exposure_warnings("MQTT", lst.ep, anonymous=lst.allow_anonymous,
+                                     consequence="passwords and data travel unencrypted")
         return out
 
     def summary(self) -> list[str]:
@@ -267,16 +273,20 @@ class MqttConfig:
         return lines
 
 
-def _parse_listener(r: Reader, anonymous_default: bool) -> ListenerConfig:
+def _parse_listener(r: Reader, anonymous_default: bool, connect_timeout: float
+                    ) -> ListenerConfig:
     endpoint = r.endpoint("endpoint")
-    is_tls = endpoint.startswith("tls:")
+    ep = parse_endpoint(endpoint)
+    is_tls = ep.kind == "tls"
     certs = r.str("client_certs", "optional" if is_tls else "none", choices=CLIENT_CERT_MODES)
     if certs != "none" and not is_tls:
         raise r.error("client_certs", "client certificates need a tls: endpoint")
-    if is_tls and any(f":{k}=" in endpoint for k in ("ca", "clientAuth")):
+    if is_tls and (ep.ca is not None or ep.client_auth is not None):
         raise r.error("endpoint", "set client certificate checking with client_certs, "
                                   "not in the endpoint string")
-    lst = ListenerConfig(endpoint, certs, r.bool("allow_anonymous", anonymous_default))
+    defaults = replace(edge_limits.MQTT, login_timeout=connect_timeout)
+    lst = ListenerConfig(endpoint, certs, r.bool("allow_anonymous", anonymous_default),
+                         edge_limits.read_limits(r, defaults))
     r.done()
     return lst
 
@@ -383,12 +393,16 @@ def parse(r: Reader) -> MqttConfig:
     """Read ``[mqtt]``; errors name the key and line, unknown keys are errors."""
     builtin = r.ctx.source == "<default>"
     auth = _parse_auth(r)
+    limits = _parse_limits(r)
     if r.has("listeners"):
-        listeners = tuple(_parse_listener(x, auth.allow_anonymous) for x in r.tables("listeners"))
+        listeners = tuple(_parse_listener(x, auth.allow_anonymous, limits.connect_timeout)
+                          for x in r.tables("listeners"))
         if not listeners:
             raise r.error("listeners", "expected at least one [[mqtt.listeners]] entry")
     else:
-        listeners = (ListenerConfig("tcp:1883:interface=127.0.0.1", "none", auth.allow_anonymous),)
+        listeners = (ListenerConfig("tcp:1883:interface=127.0.0.1", "none", auth.allow_anonymous,
+                                    replace(edge_limits.MQTT,
+                                            login_timeout=limits.connect_timeout)),)
     seen: set[str] = set()
     for i, lst in enumerate(listeners):
         if lst.endpoint in seen:
@@ -400,7 +414,7 @@ def parse(r: Reader) -> MqttConfig:
         auth=auth,
         acl=acl,
         bridge=_parse_bridge(r),
-        limits=_parse_limits(r),
+        limits=limits,
         persistence=_parse_persistence(r),
         sys_interval=r.float("sys_interval", 10.0, min=0.0, max=86400),
         builtin_default=builtin,

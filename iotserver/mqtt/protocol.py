@@ -1,9 +1,11 @@
 """The broker's Twisted protocol: one per TCP/TLS connection, over the sans-I/O codec.
 
 It owns what the codec and the broker do not: the transport (TCP_NODELAY, one write per
-reactor turn, producer/consumer flow control), timers (CONNECT timeout, keepalive), the
+reactor turn, producer/consumer flow control), the keepalive timer, the
 CONNECT flow (checks and grants in ``connect.py``, authentication), per-connection topic
-aliases and packet size limits, and the acknowledgement queue (``acks.py``).
+aliases and packet size limits, and the acknowledgement queue (``acks.py``). The time a
+connection may take to send CONNECT and log in is the listener's ``login_timeout``, enforced
+in front of this protocol by the edge guard (``iotserver.edge.guard``), like every listener's.
 
 A peer that breaks the protocol gets a DISCONNECT with the codec's reason code (v5, or a
 CONNACK while connecting) and is closed; it costs one rate-limited log line, never a
@@ -120,7 +122,6 @@ class MqttServerProtocol(Protocol):
         self._keepalive = 0.0
         self._last_rx = 0.0
         self._ka_call: Any = None
-        self._connect_call: Any = None
         self._abort_call: Any = None
         self._held: list[Any] | None = None
         self._max_qos = self.limits.maximum_qos
@@ -163,8 +164,6 @@ class MqttServerProtocol(Protocol):
         self.transport.registerProducer(self, True)
         _set_write_buffer(self.transport, self.limits.write_buffer_bytes)
         self._last_rx = self.clock.seconds()
-        self._connect_call = self.clock.callLater(self.limits.connect_timeout,
-                                                  self._connect_timeout)
 
     def handshakeCompleted(self) -> None:
         """TLS: the verified client certificate's identity (CN, else SAN), if one was sent."""
@@ -177,7 +176,7 @@ class MqttServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.broker.connections.discard(self)
-        for name in ("_ka_call", "_connect_call", "_abort_call"):
+        for name in ("_ka_call", "_abort_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -207,14 +206,6 @@ class MqttServerProtocol(Protocol):
     def _abort(self) -> None:
         self._abort_call = None
         self.transport.abortConnection()
-
-    def _connect_timeout(self) -> None:
-        self._connect_call = None
-        if self.state in (NEW, AUTHENTICATING):
-            self.broker.ratelog.warn("connect_timeout", "MQTT: {peer} sent no CONNECT within "
-                                     "{t} s, closing", peer=self.peer,
-                                     t=self.limits.connect_timeout)
-            self._close(publish_will=False)
 
     def _keepalive_check(self) -> None:
         self._ka_call = None
@@ -285,9 +276,6 @@ class MqttServerProtocol(Protocol):
 
     # -- CONNECT -----------------------------------------------------------------------------
     def _on_connect(self, p: Connect) -> None:
-        if self._connect_call is not None and self._connect_call.active():
-            self._connect_call.cancel()
-        self._connect_call = None
         self.version = p.protocol_level
         refused = connect.refusal(p, self.limits, self.broker)
         if refused is not None:

@@ -8,23 +8,38 @@ minimal stand-in is used for any of them that cannot be imported, so the broker 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from iotserver.edge.guard import Probe
+from iotserver.edge.listen import Listeners
 from iotserver.lifecycle import AsyncService, StartupError
 from iotserver.mqtt.broker import Broker
-from iotserver.mqtt.config import MqttConfig
+from iotserver.mqtt.config import ListenerConfig, MqttConfig
 from iotserver.mqtt.packets import ReasonCode
-from iotserver.security.tls import reload_tls
-from iotserver.mqtt.protocol import MqttServerFactory
+from iotserver.mqtt.protocol import OPEN, MqttServerFactory
 from iotserver.mqtt.sys_topics import SysPublisher
 
 log = Logger(namespace="iotserver.mqtt")
 
 STOP_GRACE = 1.0  # seconds connections get to close after the DISCONNECT at shutdown
+
+
+def _partial(proto: Any) -> bool:
+    return bool(proto._decoder.buffered)
+
+
+def _greeted(proto: Any) -> bool:
+    return bool(proto.state == OPEN)
+
+
+#: The guard's view of an MQTT connection: a packet is under way while the decoder holds
+#: bytes; the login is done once the session is open (CONNECT accepted, authenticated).
+PROBE = Probe(partial=_partial, greeted=_greeted)
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,7 @@ class MqttService(AsyncService):
         self.broker: Broker | None = None
         self.store: Any = None
         self.ports: list[Any] = []
-        self.tls_contexts: list[Any] = []  # reloadable TLS contexts of the listeners (SIGHUP)
+        self.listeners: Listeners | None = None  # ports, limits, TLS contexts (SIGHUP)
         self.sys: SysPublisher | None = None
         self.bridge: Any = None
         self.acl: Any = None
@@ -149,40 +164,49 @@ class MqttService(AsyncService):
                      s=n_sessions, q=n_queued, r=n_retained)
         self.authenticator = self._make_authenticator()
         core.reload_hooks.append(self.reload)
-        reactor = self._reactor()
-        from iotserver.security.tls import reloadable_server_context, server_endpoint
-
+        self.listeners = Listeners("MQTT", core.clock, self._reactor(),
+                                   namespace="iotserver.mqtt")
         for lst in cfg.listeners:
-            context = None
-            if lst.endpoint.startswith("tls:") and ":cert=" not in lst.endpoint:
-                tls = core.tls
-                if tls is None:
-                    raise StartupError(f"MQTT listener {lst.endpoint}: no TLS material")
-                try:
-                    context = reloadable_server_context(
-                        tls.cert_path, tls.key_path,
-                        ca_path=tls.ca_cert_path if lst.client_certs != "none" else None,
-                        require_client_cert=lst.client_certs == "required")
-                except ValueError as exc:
-                    raise StartupError(f"MQTT listener {lst.endpoint}: {exc}") from None
-                self.tls_contexts.append(context)
-            try:
-                endpoint = server_endpoint(reactor, lst.endpoint, context, self.tls_contexts)
-                factory = MqttServerFactory(broker, lst,
-                                            _ListenerAuth(self.authenticator,
-                                                          lst.allow_anonymous))
-                # Twisted's zope interface declares listen() without self (misc: mypy's note)
-                port = await endpoint.listen(factory)  # type: ignore[call-arg,misc]
-            except Exception as exc:
-                raise StartupError(f"MQTT: cannot listen on {lst.endpoint}: {exc}") from None
-            self.ports.append(port)
-            core.listening("MQTT", _describe(lst.endpoint, port))
-        self.sys = SysPublisher(broker, cfg.sys_interval)
+            factory = MqttServerFactory(broker, lst,
+                                        _ListenerAuth(self.authenticator, lst.allow_anonymous))
+            listener = await self.listeners.listen(
+                "MQTT", lst.ep, factory, lst.limits, probe=PROBE,
+                default_tls=partial(self._context_factory, lst))
+            self.ports.append(listener.port)
+            core.listening("MQTT", listener.address)
+        self.sys = SysPublisher(broker, cfg.sys_interval, extra=self.edge_sys_values)
         self.sys.start()
         if cfg.bridge.enabled:
             self.bridge = self._make_bridge()
             if self.bridge is not None:
                 self.bridge.start()
+
+    def _context_factory(self, lst: ListenerConfig) -> Any:
+        """The server certificate of ``[tls]``, with the listener's client certificate mode."""
+        from iotserver.security.tls import reloadable_server_context
+
+        tls = self.core.tls
+        if tls is None:
+            raise StartupError(f"MQTT listener {lst.endpoint}: no TLS material")
+        return reloadable_server_context(
+            tls.cert_path, tls.key_path,
+            ca_path=tls.ca_cert_path if lst.client_certs != "none" else None,
+            require_client_cert=lst.client_certs == "required")
+
+    def edge_stats(self) -> dict[str, dict[str, int]]:
+        """Per listener: connections accepted, open, refused, closed by each timeout."""
+        return self.listeners.stats() if self.listeners is not None else {}
+
+    def edge_sys_values(self) -> dict[str, str]:
+        """``$SYS/broker/listeners/...``: the edge counters, summed and per listener port."""
+        if self.listeners is None:
+            return {}
+        out = {f"listeners/{name}": str(v) for name, v in self.listeners.totals().items()}
+        for lst in self.listeners.listeners:
+            where = lst.address.replace("/", "_")
+            for name, v in lst.stats.as_dict().items():
+                out[f"listeners/{where}/{name}"] = str(v)
+        return out
 
     def _make_acl(self) -> Any:
         try:
@@ -213,7 +237,7 @@ class MqttService(AsyncService):
     def reload(self) -> None:
         """SIGHUP / console: re-read the ACL file and the TLS listeners' certificates; a broken
         file keeps the previous rules or certificate."""
-        problems = reload_tls("MQTT", self.tls_contexts)
+        problems = self.listeners.reload() if self.listeners is not None else []
         if self.acl is not None and hasattr(self.acl, "reload"):
             self.acl.reload()
             if self.broker is not None:
@@ -234,8 +258,9 @@ class MqttService(AsyncService):
         if self.sys is not None:
             self.sys.stop()
             self.sys = None
-        ports, self.ports = self.ports, []
-        await DeferredList([Deferred.fromCoroutine(_stop_port(p)) for p in ports])
+        self.ports = []
+        if self.listeners is not None:
+            await self.listeners.stop()
         broker = self.broker
         if broker is not None:
             broker.shutdown()
@@ -249,26 +274,8 @@ class MqttService(AsyncService):
                 await deferLater(self.core.clock, 0, lambda: None)
             for session in broker.sessions.values():
                 session.conn = None
+        if self.listeners is not None:
+            await self.listeners.drain()  # sockets the broker never saw (mid-handshake)
         if self.store is not None:
             store, self.store = self.store, None
             await Deferred.fromCoroutine(store.close())
-
-
-async def _stop_port(port: Any) -> None:
-    try:
-        await port.stopListening()
-    except Exception:
-        log.failure("MQTT: stopping a listener failed")
-
-
-def _describe(description: str, port: Any) -> str:
-    """The endpoint as configured, with the real port when 0 was asked for."""
-    try:
-        actual = port.getHost().port
-    except Exception:
-        return description
-    kind, _, rest = description.partition(":")
-    parts = rest.split(":", 1)
-    if parts and parts[0] in ("0", "port=0"):
-        return f"{kind}:{actual}" + (f":{parts[1]}" if len(parts) > 1 else "")
-    return description

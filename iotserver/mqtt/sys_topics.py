@@ -7,6 +7,7 @@ not match ``$`` topics); they are not persisted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.task import LoopingCall
@@ -58,9 +59,11 @@ def sys_values(broker: Any) -> dict[str, str]:
 class SysPublisher:
     """Publishes ``sys_values`` every ``interval`` seconds (only values that changed)."""
 
-    def __init__(self, broker: Any, interval: float) -> None:
+    def __init__(self, broker: Any, interval: float,
+                 extra: Callable[[], dict[str, str]] | None = None) -> None:
         self.broker = broker
         self.interval = interval
+        self.extra = extra  # more topic -> value pairs (the listeners' edge counters)
         self._last: dict[str, str] = {}
         self._loop: LoopingCall | None = None
 
@@ -79,7 +82,10 @@ class SysPublisher:
 
     def publish(self) -> None:
         publish = self.broker.publish_internal
-        for name, value in sys_values(self.broker).items():
+        values = sys_values(self.broker)
+        if self.extra is not None:
+            values.update(self.extra())
+        for name, value in values.items():
             if self._last.get(name) != value:
                 self._last[name] = value
                 publish(f"$SYS/broker/{name}", value.encode(), 0, True)

@@ -16,9 +16,14 @@ Escape ``:`` and ``\\`` in values with a backslash, as in Twisted's strings
 (``interface=\\:\\:1``). A ``tls:`` listener is an ``SSL4ServerEndpoint``, i.e. TLS via
 ``TLSMemoryBIOFactory`` over TCP; it accepts IPv6 interfaces too.
 
-All contexts use TLS 1.2 or newer. A listener's context can be rebuilt from its files while
-the server runs (``ReloadableContextFactory``, on SIGHUP): a renewed certificate is used for
-every connection accepted after the reload.
+All server contexts follow one policy (``SERVER_CIPHERS``): TLS 1.2 or newer, TLS 1.3 preferred
+(OpenSSL picks the highest version both sides have); on TLS 1.2 only ECDHE key exchange with
+AEAD ciphers (AES-GCM, ChaCha20-Poly1305): no static-RSA key exchange (no forward secrecy) and
+no CBC suites. TLS 1.3's own suites are all AEAD with (EC)DHE.
+
+A listener's context can be rebuilt from its files while the server runs
+(``ReloadableContextFactory``, on SIGHUP): a renewed certificate is used for every connection
+accepted after the reload.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     TLSVersion,
@@ -67,8 +73,8 @@ __all__ = [
 ]
 
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
-_CLIENT_AUTH_MODES = ("none", "optional", "required")
-_TLS_KEYS = frozenset({"port", "interface", "backlog", "cert", "key", "ca", "clientAuth"})
+#: OpenSSL cipher string of the TLS 1.2 suites our servers accept (see module docstring).
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def _load_identity(
@@ -114,6 +120,7 @@ def server_context_factory(
         caCerts=[crypto.X509.from_cryptography(c) for c in ca_certs] or None,
         requireCertificate=require_client_cert,
         raiseMinimumTo=MINIMUM_TLS_VERSION,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
     )
     if verify:
         # Announce the accepted CAs in the CertificateRequest: clients with several
@@ -243,59 +250,18 @@ def cert_identity(cert: x509.Certificate) -> str:
     )
 
 
-def _split_description(text: str) -> list[str]:
-    """Split on unescaped ``:``; a backslash escapes the next character."""
-    parts, current, chars = [], [], iter(text)
-    for ch in chars:
-        if ch == "\\":
-            escaped = next(chars, None)
-            if escaped is None:
-                raise ValueError(f"endpoint description ends with a lone backslash: {text!r}")
-            current.append(escaped)
-        elif ch == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
-
-
 def parse_tls_description(description: str) -> dict[str, str]:
-    """The options of a ``tls:`` description as a dict (``port`` always present).
+    """The options of a ``tls:`` description as given (``port`` always present), checked by
+    the one endpoint parser (``iotserver.edge.endpoint``); errors say what was expected."""
+    from iotserver.edge.endpoint import parse_endpoint, split_description
 
-    Errors name the offending part and what was expected.
-    """
-    prefix, _, rest = description.partition(":")
-    if prefix != "tls":
+    if not description.startswith("tls:"):
         raise ValueError(f"not a tls: endpoint description: {description!r}")
+    parse_endpoint(description)
     options: dict[str, str] = {}
-    positional = 0
-    for part in _split_description(rest):
+    for part in split_description(description.partition(":")[2]):
         key, sep, value = part.partition("=")
-        if not sep:
-            positional += 1
-            if positional > 1:
-                raise ValueError(f"{description!r}: unexpected positional argument {part!r}")
-            key, value = "port", part
-        if key not in _TLS_KEYS:
-            raise ValueError(
-                f"{description!r}: unknown option {key!r}; expected one of "
-                f"{', '.join(sorted(_TLS_KEYS))}"
-            )
-        if key in options:
-            raise ValueError(f"{description!r}: option {key!r} given twice")
-        options[key] = value
-    if "port" not in options:
-        raise ValueError(f"{description!r}: missing port (tls:PORT:...)")
-    for key in ("port", "backlog"):
-        if key in options and not options[key].isdigit():
-            raise ValueError(f"{description!r}: {key} must be a number, got {options[key]!r}")
-    if "clientAuth" in options and options["clientAuth"] not in _CLIENT_AUTH_MODES:
-        raise ValueError(
-            f"{description!r}: clientAuth must be one of {', '.join(_CLIENT_AUTH_MODES)}, "
-            f"got {options['clientAuth']!r}"
-        )
+        options[key if sep else "port"] = value if sep else part
     return options
 
 
@@ -306,6 +272,9 @@ def server_endpoint(
     reloadable: list[ReloadableContextFactory] | None = None,
 ) -> IStreamServerEndpoint:
     """A listening endpoint: ``tls:`` (ours, see module docstring) or any Twisted description.
+
+    The services listen through ``iotserver.edge.listen`` (limits, timeouts); this is the
+    bare endpoint, for tools and tests.
 
     ``context_factory`` is used for ``tls:`` descriptions that carry no certificate options,
     and must not be given for other descriptions. The context built from a description's own
@@ -318,23 +287,24 @@ def server_endpoint(
             )
         endpoint = serverFromString(reactor, description)
         return cast(IStreamServerEndpoint, endpoint)
+    from iotserver.edge.endpoint import split_description
+
+    given = {part.partition("=")[0] for part in split_description(description)}
+    tls_keys = {"cert", "key", "ca", "clientAuth"} & given
+    if context_factory is not None and tls_keys:
+        raise ValueError(
+            f"{description!r}: {', '.join(sorted(tls_keys))} conflict with the context "
+            "factory given by the caller"
+        )
+    missing = [k for k in ("cert", "key") if k not in given]
+    if context_factory is None and missing:
+        raise ValueError(f"{description!r}: missing {' and '.join(missing)}=PATH")
     options = parse_tls_description(description)
-    tls_keys = {"cert", "key", "ca", "clientAuth"} & options.keys()
     if context_factory is not None:
-        if tls_keys:
-            raise ValueError(
-                f"{description!r}: {', '.join(sorted(tls_keys))} conflict with the context "
-                "factory given by the caller"
-            )
         factory = context_factory
     else:
-        missing = [k for k in ("cert", "key") if k not in options]
-        if missing:
-            raise ValueError(f"{description!r}: missing {' and '.join(missing)}=PATH")
         ca = options.get("ca")
         mode = options.get("clientAuth", "optional" if ca else "none")
-        if mode != "none" and ca is None:
-            raise ValueError(f"{description!r}: clientAuth={mode} needs ca=PATH")
         factory = reloadable_server_context(
             options["cert"],
             options["key"],

@@ -1,0 +1,301 @@
+"""Listeners over real sockets: limits never shared between the plain and the Modbus/TCP
+Security port (pymodbus as the client, plain and over TLS), the TLS handshake timeout, a
+trickling socket, a churn of short connections, one-line startup errors and a safe stop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+
+from iotserver import app, config
+import contextlib
+
+TIMEOUT = 10.0
+
+CONFIG = """
+[server]
+data_dir = "{data}"
+
+[[tags]]
+path = "T/Count"
+type = "int32"
+access = "readwrite"
+initial = 7
+
+[modbus.server]
+endpoints = ["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]
+max_connections = {max_connections}
+max_connections_per_peer = {max_connections}
+{extra}
+
+[[modbus.server.map]]
+path = "T/Count"
+table = "holding"
+address = 0
+type = "int32"
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _listener_reservation() -> None:
+    """Twisted keeps one /dev/null fd reserved once any port listens: not a test's leak."""
+    from twisted.internet.tcp import _reservedFD
+
+    _reservedFD.reserve()
+
+
+def aw(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
+    return Deferred.fromFuture(asyncio.ensure_future(coro))
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Wait (bounded) until ``condition()`` holds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(0.02)
+
+
+class Modbus:
+    def __init__(self, root: Any, core: Any, data: Path) -> None:
+        self.root, self.core, self.data = root, core, data
+        self.service = core.services["modbus"]
+        plain, secure = self.service.listeners.listeners
+        self.plain, self.secure = plain, secure
+        self.plain_port = plain.port.getHost().port
+        self.tls_port = secure.port.getHost().port
+
+
+async def start(tmp_path: Path, max_connections: int = 64, extra: str = "") -> Modbus:
+    text = CONFIG.format(data=tmp_path / "data", max_connections=max_connections, extra=extra)
+    root, core = app.build(config.parse(text, source="test.toml"), reactor)
+    root.startService()
+    await core.services["modbus"].started
+    return Modbus(root, core, tmp_path / "data")
+
+
+def client_tls(tmp_path: Path, m: Modbus) -> ssl.SSLContext:
+    """A client certificate with the Engineer role, issued by the server's local CA."""
+    from iotserver.security import pki
+
+    tls_dir = m.data / "tls"
+    ca_cert, ca_key = pki.load_cert(tls_dir / "ca.pem"), pki.load_key(tls_dir / "ca.key")
+    cert, key = pki.issue_client_cert(ca_cert, ca_key, "eng", role="Engineer")  # type: ignore[arg-type]
+    pki.write_cert_pem(cert, tmp_path / "eng.pem")
+    pki.write_key_pem(key, tmp_path / "eng.key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(tls_dir / "ca.pem")
+    ctx.check_hostname = False  # the server certificate is checked against the CA
+    ctx.load_cert_chain(tmp_path / "eng.pem", tmp_path / "eng.key")
+    return ctx
+
+
+async def pymodbus_read(port: int, sslctx: ssl.SSLContext | None = None) -> list[int]:
+    """Read holding registers 0-1 with pymodbus (over TLS when sslctx: its TLS framer keeps
+    the MBAP header, as Modbus/TCP Security does)."""
+    from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
+
+    client: Any
+    if sslctx is None:
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
+    else:
+        client = AsyncModbusTlsClient("127.0.0.1", port=port, sslctx=sslctx, timeout=3,
+                                      retries=0)
+    sock: Any = None
+    try:
+        assert await client.connect(), "pymodbus could not connect"
+        sock = client.ctx.transport.get_extra_info("socket")
+        rr = await client.read_holding_registers(0, count=2, device_id=1)
+        assert not rr.isError(), rr
+        return list(rr.registers)
+    finally:
+        client.close()
+        # asyncio closes the socket once the TLS close_notify exchange is over: wait for it
+        deadline = time.monotonic() + TIMEOUT
+        while sock is not None and sock.fileno() != -1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
+def idle_sockets(port: int, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        out.append(s)
+    return out
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def stop(m: Modbus, sockets: list[socket.socket]) -> None:
+    for s in sockets:
+        s.close()
+    await m.root.stopService()
+
+
+
+@pytest.mark.interop
+@pytest_twisted.ensureDeferred
+async def test_idle_plain_sockets_leave_tls_clients_served(tmp_path: Path) -> None:
+    m = await start(tmp_path)
+    ctx = client_tls(tmp_path, m)
+    hogs = idle_sockets(m.plain_port, 70)
+    try:
+        await wait_for(lambda: m.plain.stats.accepted + m.plain.stats.refused_listener_full == 70,
+                       "the plain listener to take or refuse all 70")
+        assert m.plain.stats.open == 64 and m.plain.stats.refused_listener_full == 6
+        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+        assert m.secure.stats.refused_listener_full == 0
+    finally:
+        await stop(m, hogs)
+
+
+@pytest.mark.interop
+@pytest_twisted.ensureDeferred
+async def test_silent_tls_sockets_leave_plain_clients_served(tmp_path: Path) -> None:
+    m = await start(tmp_path, extra="handshake_timeout = 3.0")
+    ctx = client_tls(tmp_path, m)
+    hogs = idle_sockets(m.tls_port, 70)  # TCP only: no ClientHello ever
+    try:
+        await wait_for(lambda: m.secure.stats.accepted + m.secure.stats.refused_listener_full
+                       >= 70, "the TLS listener to take or refuse all 70")
+        assert m.secure.stats.refused_listener_full == 6
+        assert await aw(pymodbus_read(m.plain_port)) == [0, 7]
+        # the TLS handshake timeout frees the TLS slots: the TLS client gets in again
+        await wait_for(lambda: m.secure.stats.handshake_timeouts == 64, "handshake timeouts")
+        assert m.secure.stats.open == 0
+        await wait_for(lambda: sum(closed_by_server(s) for s in hogs) == 70, "all closed")
+        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+    finally:
+        await stop(m, hogs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_trickling_socket_is_closed_when_its_frame_is_late(tmp_path: Path) -> None:
+    m = await start(tmp_path, extra="frame_timeout = 1.0\nidle_timeout = 60")
+    s = idle_sockets(m.plain_port, 1)[0]
+    frame = bytes.fromhex("000100000006010300000002")  # read holding 0..1, complete
+    try:
+        await wait_for(lambda: m.plain.stats.open == 1, "the connection")
+        s.send(frame)  # a complete first request is answered
+        await wait_for(lambda: _readable(s), "the answer")
+        assert len(s.recv(100)) == 13
+        sent = 0
+        while not closed_by_server(s) and sent < 100:  # one byte every 0.2 s, never done
+            s.send(frame[sent % 11:sent % 11 + 1])
+            sent += 1
+            await sleep(0.2)
+        assert closed_by_server(s), "a trickling socket was never closed"
+        assert m.plain.stats.frame_timeouts == 1 and m.plain.stats.idle_timeouts == 0
+        assert sent < 50  # closed after about frame_timeout, not after the idle timeout
+    finally:
+        await stop(m, [s])
+
+
+def _readable(s: socket.socket) -> bool:
+    try:
+        return bool(s.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_churn_of_short_connections_is_never_refused_below_the_limit(
+        tmp_path: Path) -> None:
+    m = await start(tmp_path, max_connections=16)
+    request = bytes.fromhex("000100000006010300000002")
+    done = {"ok": 0, "failed": 0}
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            reader, writer = await asyncio.open_connection("127.0.0.1", m.plain_port)
+            writer.write(request)
+            try:
+                answer = await asyncio.wait_for(reader.readexactly(13), 5)
+                done["ok" if answer[7] == 3 else "failed"] += 1
+            except (asyncio.IncompleteReadError, ConnectionError):
+                done["failed"] += 1
+            finally:
+                writer.close()
+
+    try:
+        # 12 clients at a time (below the limit of 16), 600 connections in all
+        await aw(asyncio.gather(*(worker(50) for _ in range(12))))
+        assert done == {"ok": 600, "failed": 0}
+        assert m.plain.stats.refused_listener_full == 0
+    finally:
+        await stop(m, [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_in_use_and_bad_certificate_are_one_line_errors(tmp_path: Path) -> None:
+    from iotserver.lifecycle import StartupError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    cases = [
+        (f'["tcp:{port}:interface=127.0.0.1"]', f"Modbus TCP cannot listen on tcp:{port}"),
+        (f'["tls:0:interface=127.0.0.1:cert={bad}:key={bad}:ca={bad}"]',
+         "Modbus/TCP Security tls:0"),
+    ]
+    try:
+        for endpoints, words in cases:
+            text = CONFIG.format(data=tmp_path / "data", max_connections=4, extra="").replace(
+                '["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]', endpoints)
+            root, core = app.build(config.parse(text, source="t.toml"), reactor)
+            service = core.services["modbus"]
+            root.startService()
+            await service.started
+            await root.stopService()
+            assert service.failure is not None and service.failure.check(StartupError)
+            message = str(service.failure.value)
+            assert words in message and "\n" not in message and "Traceback" not in message
+    finally:
+        taken.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_stops_every_port_even_when_one_fails(tmp_path: Path) -> None:
+    m = await start(tmp_path)
+    plain_port = m.plain_port
+    real: Callable[[], Awaitable[Any]] = m.plain.port.stopListening
+
+    def broken() -> Any:
+        raise RuntimeError("this port will not stop")
+
+    m.plain.port.stopListening = broken
+    try:
+        await m.root.stopService()
+        assert m.secure.port.disconnected  # the second port stopped all the same
+    finally:
+        await real()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", plain_port))  # and the first one is free again
