@@ -167,7 +167,12 @@ write_buffer_bytes = 65536
             assert isinstance(p, Publish)
             got += 1
         session = broker.sessions["stk"]
-        assert session.conn is not None and session.conn.paused  # its transport is full
+        # its transport is full (under load the last writes may still be on their way)
+        for _ in range(500):
+            if session.conn is not None and session.conn.paused:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert session.conn is not None and session.conn.paused
         tcp = session.conn.transport  # type: ignore[attr-defined]
         assert tcp.bufferSize == 65536 and tcp.SEND_LIMIT >= 65536  # [mqtt.limits] applied
         assert len(session.queue) <= 100

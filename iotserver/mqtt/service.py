@@ -147,6 +147,13 @@ class MqttService(AsyncService):
             n_sessions, n_queued, n_retained = restore(broker, snap)
             log.info("MQTT: restored {s} sessions, {q} queued messages, {r} retained messages",
                      s=n_sessions, q=n_queued, r=n_retained)
+        # The bridge's interceptors are in place before anything can be published: a will
+        # restored above is due at the earliest on the next reactor turn, and must meet the
+        # same tag-topic interception as a client's PUBLISH.
+        if cfg.bridge.enabled:
+            self.bridge = self._make_bridge()
+            if self.bridge is not None:
+                self.bridge.start()
         self.authenticator = self._make_authenticator()
         core.reload_hooks.append(self.reload)
         reactor = self._reactor()
@@ -179,10 +186,6 @@ class MqttService(AsyncService):
             core.listening("MQTT", _describe(lst.endpoint, port))
         self.sys = SysPublisher(broker, cfg.sys_interval)
         self.sys.start()
-        if cfg.bridge.enabled:
-            self.bridge = self._make_bridge()
-            if self.bridge is not None:
-                self.bridge.start()
 
     def _make_acl(self) -> Any:
         try:
