@@ -255,6 +255,8 @@ class Broker:
                     if d.qos:
                         d.seq = session._seq()
                         store.queue_add(session.client_id, d)
+                for pid in session.incoming_qos2:
+                    store.inbound_add(session.client_id, pid)
         elif session.store is not None:
             session.store = None
             store.delete_session(session.client_id, session.persisted())
