@@ -205,14 +205,32 @@ def test_refused_substitution_in_deny_rule_fails_closed() -> None:
 # --------------------------------------------------------------------------- subscribe
 
 
-def test_subscribe_filter_must_be_covered() -> None:
+def test_subscribe_filter_must_reach_a_readable_topic() -> None:
     a = acl(AclRule("sensors/#", R))
     assert a.can_subscribe("u", "c", "sensors/+/temp")
     assert a.can_subscribe("u", "c", "sensors/#")
     assert a.can_subscribe("u", "c", "sensors")
-    assert not a.can_subscribe("u", "c", "#")
-    assert not a.can_subscribe("u", "c", "+/temp")
+    # wider filters are granted: the broker delivers only what the rules let them read
+    assert a.can_subscribe("u", "c", "#")
+    assert a.can_subscribe("u", "c", "+/temp")
+    assert not a.can_receive("u", "c", "other/temp")
+    assert not a.can_subscribe("u", "c", "other/#")  # nothing readable there
+    assert a.can_subscribe("u", "c", "+")  # "sensors" itself: "#" matches its parent level
     assert not a.can_subscribe("u", "c", "sensors/#/x")  # invalid filter
+
+
+def test_wildcards_overlapping_a_deny_are_granted() -> None:
+    a = acl(AclRule("test/nosubscribe", D), AclRule("#", RW))
+    for topic_filter in ("#", "+/+", "test/+", "test/#"):
+        assert a.can_subscribe("u", "c", topic_filter), topic_filter
+    assert not a.can_receive("u", "c", "test/nosubscribe")  # filtered at delivery
+    assert a.can_receive("u", "c", "test/other")
+    # a filter that only matches denied topics is still refused
+    assert not a.can_subscribe("u", "c", "test/nosubscribe")
+    b = acl(AclRule("secret/#", D), AclRule("#", R))
+    assert not b.can_subscribe("u", "c", "secret/+/x")
+    assert not b.can_subscribe("u", "c", "secret/#")
+    assert b.can_subscribe("u", "c", "+/+/x")
 
 
 def test_subscribe_write_only_rule_does_not_grant() -> None:
@@ -222,12 +240,15 @@ def test_subscribe_write_only_rule_does_not_grant() -> None:
 def test_subscribe_with_earlier_deny() -> None:
     a = acl(AclRule("plant/secret/#", D), AclRule("plant/#", R))
     assert a.can_subscribe("u", "c", "plant/line1/#")
-    assert not a.can_subscribe("u", "c", "plant/#")  # would include plant/secret/...
-    assert not a.can_subscribe("u", "c", "plant/+/key")
-    # an earlier read rule covering the overlap keeps the filter allowed
+    assert a.can_subscribe("u", "c", "plant/#")  # plant/secret/... is filtered at delivery
+    assert a.can_subscribe("u", "c", "plant/+/key")
+    assert not a.can_subscribe("u", "c", "plant/secret/+")
+    assert not a.can_receive("u", "c", "plant/secret/key")
+    # an earlier read rule inside the denied subtree keeps that part readable
     b = acl(AclRule("plant/secret/public/#", R), AclRule("plant/secret/#", D), AclRule("#", R))
     assert b.can_subscribe("u", "c", "plant/secret/public/+")
-    assert not b.can_subscribe("u", "c", "plant/secret/+")
+    assert b.can_subscribe("u", "c", "plant/secret/+")  # plant/secret/public is readable
+    assert not b.can_subscribe("u", "c", "plant/secret/hidden/+")
 
 
 def test_subscribe_deny_after_grant_is_irrelevant() -> None:
@@ -238,7 +259,8 @@ def test_subscribe_deny_after_grant_is_irrelevant() -> None:
 def test_subscribe_shared() -> None:
     a = acl(AclRule("jobs/#", R))
     assert a.can_subscribe("u", "c", "$share/workers/jobs/+")
-    assert not a.can_subscribe("u", "c", "$share/workers/#")
+    assert a.can_subscribe("u", "c", "$share/workers/#")  # delivers jobs/... only
+    assert not a.can_subscribe("u", "c", "$share/workers/other/#")
 
 
 def test_dollar_topics_need_explicit_rules() -> None:
@@ -275,7 +297,9 @@ def test_role_defaults(users: UserDB) -> None:
     assert not a.can_publish("erik", "c", "iotserver/tags/Line1/Setpoint")
     assert not a.can_publish("erik", "c", "iotserver/tags/set")  # no tag path
     assert a.can_publish("erik", "c", "iotserver/signals/Plant/Vib")
-    assert not a.can_subscribe("erik", "c", "#")
+    assert a.can_subscribe("erik", "c", "#")  # granted; delivers iotserver/... only
+    assert not a.can_receive("erik", "c", "other/topic")
+    assert not a.can_subscribe("erik", "c", "other/#")
     # admin: everything that is not a $ topic
     assert a.can_subscribe("ada", "c", "#")
     assert a.can_publish("ada", "c", "anything/at/all")
@@ -294,7 +318,9 @@ def test_explicit_rules_come_before_role_defaults(users: UserDB) -> None:
             prefix="iotserver")
     assert not a.can_publish("erik", "c", "iotserver/tags/Secret/x/set")
     assert a.can_publish("erik", "c", "iotserver/tags/Open/x/set")
-    assert not a.can_subscribe("erik", "c", "iotserver/tags/#")
+    assert a.can_subscribe("erik", "c", "iotserver/tags/#")  # Secret filtered at delivery
+    assert not a.can_receive("erik", "c", "iotserver/tags/Secret/x")
+    assert not a.can_subscribe("erik", "c", "iotserver/tags/Secret/#")
     assert a.can_subscribe("olga", "c", "iotserver/tags/#")  # the rule is for engineers only
 
 

@@ -43,6 +43,18 @@ class FakeStore:
         self.ops.append(("q_del", client_id, d.seq))
         d.seq = 0
 
+    def inbound_add(self, client_id: str, pid: int) -> None:
+        self.ops.append(("in_add", client_id, pid))
+
+    def inbound_remove(self, client_id: str, pid: int) -> None:
+        self.ops.append(("in_del", client_id, pid))
+
+    def will_set(self, client_id: str, will: Any, user: str | None) -> None:
+        self.ops.append(("w_put", client_id))
+
+    def will_clear(self, client_id: str) -> None:
+        self.ops.append(("w_del", client_id))
+
     def retain_set(self, msg: Message) -> None:
         self.ops.append(("r_put", msg.topic, msg.payload))
 

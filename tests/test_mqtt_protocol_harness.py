@@ -158,6 +158,9 @@ class Harness:
                 password: bytes | None = None, expect: int = 0) -> Client:
         c = self.open(version)
         c.send(Connect(client_id, version, clean, keepalive, username, password, will, props))
+        store = self.broker.store
+        if getattr(store, "waiters", None):  # a persistent session's CONNACK waits for this
+            store.commit()
         got = c.packets()
         ack = got[0]
         assert isinstance(ack, Connack) and ack.reason_code == expect, got

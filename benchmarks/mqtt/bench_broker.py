@@ -429,7 +429,13 @@ def main() -> int:
     venv_amqtt = "/tmp/amqtt-venv/bin/amqtt"
     amqtt = venv_amqtt if Path(venv_amqtt).exists() else shutil.which("amqtt")
     ap.add_argument("--amqtt", dest="amqtt_bin", default=amqtt)
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run: 2 s per scenario, one repeat, ours and mosquitto only")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.repeat = min(args.seconds, 2.0), 1
+        if args.brokers == ap.get_default("brokers"):
+            args.brokers = "ours,mosquitto"
 
     wanted = [b.strip() for b in args.brokers.split(",") if b.strip()]
     scenarios = []

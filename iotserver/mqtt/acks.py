@@ -14,6 +14,7 @@ cannot make us buffer without bound.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -117,7 +118,7 @@ class InboundAcks:
             elif code >= 0x80:
                 self.in_flight -= 1  # a failed PUBREC ends the QoS 2 flow (4.3.3)
                 if conn.session is not None:
-                    conn.session.incoming_qos2.discard(pid)
+                    conn.session.release_incoming(pid)
             if code:
                 conn.write(bytes((a.kind, 3, pid >> 8, pid & 0xFF, code)))
             else:
@@ -128,3 +129,15 @@ class InboundAcks:
             self.reading_paused = False
             if conn.is_open:
                 conn.transport.resumeProducing()
+
+
+def after_commit(conn: Any, fn: Callable[[bool], None]) -> None:
+    """Call ``fn(ok)`` once everything ``conn``'s session has buffered for persistence so far
+    is durable; at once when the session is not persistent. CONNACK, SUBACK and UNSUBACK of
+    a persistent session wait for this: acknowledge only what survives a kill -9."""
+    session = conn.session
+    store = conn.broker.store
+    if store is None or session is None or session.store is None:
+        fn(True)
+        return
+    store.when_committed(store.token(), fn)

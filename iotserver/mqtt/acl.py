@@ -19,11 +19,15 @@ All given subject keys must match; a rule without any applies to every client. A
 whose value is missing, empty, starts with ``$`` or contains ``+``, ``#`` or ``/`` is refused
 (it would widen the filter): an allow rule is then skipped, a deny rule denies everything.
 
-Subscriptions: a topic filter is granted only when every topic it can match is readable. This is
-checked without enumerating topics: a read rule must cover the whole filter (``sensors/#`` covers
-``sensors/+/temp``, not ``#``), and no earlier deny rule may overlap the filter unless an earlier
-read rule covers the overlap. The check is exact for one rule and errs on the side of refusing
-when only a union of several rules would cover the filter.
+Subscriptions: a topic filter is granted when it can match at least one topic the client may
+read, and refused (0x87) when every topic it can match is denied or granted by no rule. What a
+granted filter matches beyond the readable topics is never delivered: every delivery is
+checked per topic (``can_receive``, cached per identity and topic, and the broker's routing plan
+per topic holds the result). So ``#`` next to a deny on ``test/nosubscribe`` is granted and
+delivers everything but that topic. The check works on filters, without enumerating topics: a
+read rule overlapping the filter grants it unless an earlier deny rule covers that overlap
+(when only several deny rules together cover it, the filter is granted and delivers nothing
+from there: delivery is where access is enforced).
 """
 
 from __future__ import annotations
@@ -280,16 +284,20 @@ class _Identity:
         return result
 
     def may_subscribe(self, topic_filter: str) -> bool:
-        readers: list[_Rule] = []
+        """Whether the filter can match some topic this identity may read: the first read
+        rule overlapping the filter whose overlap no earlier deny rule covers grants it.
+        What the filter matches beyond that is filtered per message at delivery."""
+        denies: list[_Rule] = []
         for rule in self.rules:
             if rule.access is Access.DENY:
-                overlap = rule.overlap(topic_filter)
-                if overlap is not None and not any(r.covers(overlap) for r in readers):
-                    return False
-            elif rule.access & Access.READ:
                 if rule.covers(topic_filter):
+                    return False  # every topic the filter can match is denied
+                if rule.overlap(topic_filter) is not None:
+                    denies.append(rule)
+            elif rule.access & Access.READ:
+                overlap = rule.overlap(topic_filter)
+                if overlap is not None and not any(d.covers(overlap) for d in denies):
                     return True
-                readers.append(rule)
         return False
 
 

@@ -409,7 +409,10 @@ class TagBridge:
         # one tag's topic (no wildcard): a lookup, not a walk over every tag
         exact = topic_filter.startswith(prefix) and cut == len(head)
         paths = ([head] if head in store else []) if exact else store.paths()
-        head = head[:cut]
+        # the literal levels before the first wildcard, without the "/" that ends them: "#"
+        # also matches its parent level (MQTT-4.7.1-2), so ".../Pump1/#" includes the tag
+        # "Pump1" itself; matches() below makes the exact decision
+        head = head[:cut].rpartition("/")[0]
         encode = self._encoder()
         out: list[Message] = []
         for path in paths:

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from iotserver.clock import Clock
+from iotserver.mqtt import ownership
 from iotserver.mqtt.config import LimitsConfig, MqttConfig
 from iotserver.mqtt.limits import BrokerStats, ConnectRate, RateLimitedLog
 from iotserver.mqtt.packets import (
@@ -152,7 +153,24 @@ class Broker:
         orphan = self.orphan_wills.pop(client_id, None)
         if orphan is not None and orphan[2] is not None and orphan[2].active():
             orphan[2].cancel()  # reconnected within the Will Delay: not sent (MQTT-3.1.3-9)
+            if orphan[1] != user:  # not its client coming back: that session has ended
+                ownership.log_new_owner(client_id, orphan[1], user, False)
+                self._publish_will(client_id, orphan[1], orphan[0])
         old = self.sessions.get(client_id)
+        if old is not None and old.user != user:
+            # The session belongs to the user who made it: another user never inherits its
+            # messages, subscriptions or will (ownership.py). It ends; the newcomer starts anew.
+            ownership.log_new_owner(client_id, old.user, user, old.conn is not None)
+            self.stats.sessions_reassigned += 1
+            self._cancel_timers(old)
+            prev = old.conn
+            if prev is not None:
+                old.detach()
+                prev.taken_over()  # type: ignore[attr-defined]  # MQTT-3.1.4-3, 0x8E in v5
+            if old.will is not None:
+                self.publish_will(old)  # the session ends: its will goes now (MQTT-3.1.3-9)
+            self.end_session(old)
+            old = None
         if old is not None:
             self._cancel_timers(old)  # a new connection cancels a delayed will (MQTT-3.1.3-9)
             prev = old.conn
@@ -180,12 +198,12 @@ class Broker:
             present = False
         else:
             session, present = old, True
-            if session.user != user:
-                session.user = user
-                self._plans.clear()  # ACL decisions depend on the user
         session.expiry = expiry
         session.will = will
         session.attach(conn)
+        if present and self.acl is not None:
+            # queued under the same user, but the rules may have changed since they were routed
+            ownership.purge_unreadable(session, self._reader(session), self.stats)
         self._persist_session(session)
         self._store_will(client_id, will, user)
         return session, present
@@ -237,6 +255,8 @@ class Broker:
                     if d.qos:
                         d.seq = session._seq()
                         store.queue_add(session.client_id, d)
+                for pid in session.incoming_qos2:
+                    store.inbound_add(session.client_id, pid)
         elif session.store is not None:
             session.store = None
             store.delete_session(session.client_id, session.persisted())
@@ -332,6 +352,17 @@ class Broker:
         props = will.properties
         if props is not NO_PROPERTIES and props.will_delay_interval is not None:
             props = replace(props, will_delay_interval=None)
+        if self.has_interceptors:
+            # exactly what a PUBLISH from the client goes through: a will on a command topic
+            # (<prefix>/tags/<path>/set) is a write under the owner's role, one on a tag's
+            # value topic is consumed, never passed on as a tag value
+            route, pending = self.intercept(client_id, user, Publish(
+                will.topic, will.payload, will.qos, will.retain, properties=props))
+            for d in pending:
+                d.addErrback(lambda f: log.failure("MQTT: will of {cid!r} on {topic!r}", f,
+                                                   cid=client_id, topic=will.topic))
+            if not route:
+                return
         self.publish(self.make_message(will.topic, will.payload, will.qos, will.retain, props,
                                        client_id))
 
@@ -417,9 +448,18 @@ class Broker:
         self._plans.clear()
 
     def acl_changed(self) -> None:
-        """ACL rules were reloaded: cached routing and publish decisions are stale."""
+        """ACL rules were reloaded: cached routing and publish decisions are stale, and what
+        is queued for connected clients is checked again (offline sessions: on resumption)."""
         self._plans.clear()
         self.acl_generation += 1
+        if self.acl is not None:
+            for session in list(self.sessions.values()):
+                if session.conn is not None:
+                    ownership.purge_unreadable(session, self._reader(session), self.stats)
+
+    def _reader(self, session: Session) -> Callable[[str], bool]:
+        acl, user, cid = self.acl, session.user, session.client_id
+        return lambda topic: bool(acl.can_receive(user, cid, topic))
 
     # -- publishing ----------------------------------------------------------------------------
     def make_message(self, topic: str, payload: bytes, qos: int, retain: bool,

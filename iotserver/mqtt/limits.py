@@ -33,6 +33,7 @@ class BrokerStats:
         "protocol_errors",
         "publish_received",
         "publish_sent",
+        "sessions_reassigned",
         "started",
     )
 
@@ -48,6 +49,7 @@ class BrokerStats:
         self.clients_maximum = 0  # most clients connected at once
         self.connections_refused = 0
         self.protocol_errors = 0
+        self.sessions_reassigned = 0  # client ids taken by another user (ownership.py)
         self.dropped: Counter[str] = Counter()  # reason -> messages dropped
         self.conflated = 0  # last-value messages replaced by a newer one for a slow reader
 

@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, topic TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, props BLOB, expiry REAL);
 CREATE TABLE IF NOT EXISTS wills (client_id TEXT PRIMARY KEY, connect BLOB NOT NULL, user TEXT);
+CREATE TABLE IF NOT EXISTS inbound (client_id TEXT NOT NULL, pid INTEGER NOT NULL,
+    PRIMARY KEY (client_id, pid));
 """
 
 _SQL = {
@@ -81,11 +83,14 @@ _SQL = {
     "r_del": "DELETE FROM retained WHERE topic = ?",
     "w_put": "INSERT OR REPLACE INTO wills VALUES (?, ?, ?)",
     "w_del": "DELETE FROM wills WHERE client_id = ?",
+    "in_put": "INSERT OR REPLACE INTO inbound VALUES (?, ?)",
+    "in_del": "DELETE FROM inbound WHERE client_id = ? AND pid = ?",
 }
 _SESSION_DEL = (
     "DELETE FROM sessions WHERE client_id = ?",
     "DELETE FROM subs WHERE client_id = ?",
     "DELETE FROM queue WHERE client_id = ?",
+    "DELETE FROM inbound WHERE client_id = ?",
 )
 
 
@@ -135,6 +140,7 @@ class Snapshot:
     messages: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     retained: list[tuple[Any, ...]] = field(default_factory=list)
     wills: list[tuple[Any, ...]] = field(default_factory=list)
+    inbound: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 class BrokerStore:
@@ -213,6 +219,7 @@ class BrokerStore:
         snap.messages = {row[0]: row for row in db.execute("SELECT * FROM messages")}
         snap.retained = db.execute("SELECT * FROM retained").fetchall()
         snap.wills = db.execute("SELECT * FROM wills").fetchall()
+        snap.inbound = db.execute("SELECT * FROM inbound").fetchall()
         self._next_msg_id = max(snap.messages, default=0) + 1
         return snap
 
@@ -254,7 +261,8 @@ class BrokerStore:
 
     def delete_session(self, client_id: str, deliveries: list[Delivery]) -> None:
         """The session ended: its rows go, its messages lose a reference each."""
-        for key in [k for k in self._ops if k[0] in ("s", "sub", "q") and k[1] == client_id]:
+        for key in [k for k in self._ops
+                    if k[0] in ("s", "sub", "q", "in") and k[1] == client_id]:
             del self._ops[key]
         for d in deliveries:
             if d.seq:
@@ -317,6 +325,18 @@ class BrokerStore:
 
     def retain_clear(self, topic: str) -> None:
         self._put(("r", topic), "r_del", (topic,))
+
+    def inbound_add(self, client_id: str, pid: int) -> None:
+        """An inbound QoS 2 packet id awaiting PUBREL (its PUBREC waits for this commit)."""
+        self._put(("in", client_id, pid), "in_put", (client_id, pid))
+
+    def inbound_remove(self, client_id: str, pid: int) -> None:
+        key = ("in", client_id, pid)
+        old = self._ops.get(key)
+        if old is not None and old[0] == "in_put":
+            del self._ops[key]  # released within one batch: never written
+        else:
+            self._put(key, "in_del", (client_id, pid))
 
     def will_set(self, client_id: str, will: Will, user: str | None) -> None:
         self._put(("w", client_id), "w_put", (client_id, encode_will(will), user))
@@ -491,6 +511,9 @@ def restore(broker: Any, snap: Snapshot) -> tuple[int, int, int]:
         ids = tuple(int(x) for x in subids.split(",")) if subids else ()
         per_session.setdefault(cid, []).append(Delivery(msg, qos, bool(retain), ids, pid, state,
                                                         seq))
+    for cid, pid in snap.inbound:
+        if cid in sessions:
+            sessions[cid].incoming_qos2.add(pid)  # PUBREC sent, PUBREL not yet received
     queued = 0
     for cid, deliveries in per_session.items():
         sessions[cid].restore(deliveries)

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from iotserver.mqtt import connect
-from iotserver.mqtt.acks import PUBACK, PUBCOMP, PUBREC, InboundAcks
+from iotserver.mqtt.acks import PUBACK, PUBCOMP, PUBREC, InboundAcks, after_commit
 from iotserver.mqtt.codec import (
     Decoder,
     MqttProtocolError,
@@ -107,6 +107,8 @@ class MqttServerProtocol(Protocol):
         self.client_id: str | None = None
         self.user: str | None = None
         self.paused = False
+        self._tx_paused = False  # the transport asked us to pause (IPushProducer)
+        self._connack_pending = False
         self.send_window = self.limits.max_inflight
         self.peer = "?"
         self._decoder = Decoder(self.limits.max_packet_size, role="server")
@@ -321,6 +323,20 @@ class MqttServerProtocol(Protocol):
             return self._refuse(opened, "session quota exceeded")
         session, present = opened
         self.session = session
+        # A persistent session (new, resumed, or its expiry changed) is acknowledged once it
+        # is on disk; until then deliveries queue (paused) and later packets stay held.
+        self._connack_pending = True
+        self.paused = True
+        after_commit(self, lambda ok: self._session_stored(ok, session, present, g, assigned))
+
+    def _session_stored(self, ok: bool, session: Session, present: bool, g: Any,
+                        assigned: str | None) -> None:
+        if self.state != AUTHENTICATING or self.session is not session:
+            return  # closed or taken over meanwhile
+        self._connack_pending = False
+        self.paused = self._tx_paused
+        if not ok:
+            return self._refuse(RC.SERVER_UNAVAILABLE, "the session could not be stored")
         self.state = OPEN
         stats = self.stats
         stats.clients_total += 1
@@ -400,9 +416,10 @@ class MqttServerProtocol(Protocol):
             if qos:
                 if self.version != MQTT_5:
                     code = 0  # 3.1.1 cannot say no: acknowledge and drop
+                durable = False
                 if qos == 2 and not code:  # else a PUBREC >= 0x80 ends the flow (4.3.3)
-                    session.incoming_qos2.add(pid)
-                self.acks.add(PUBACK if qos == 1 else PUBREC, pid, code)
+                    durable = session.add_incoming(pid)
+                self.acks.add(PUBACK if qos == 1 else PUBREC, pid, code, None, durable)
             return
         pending = None
         route = True
@@ -419,8 +436,8 @@ class MqttServerProtocol(Protocol):
                                           self.client_id))
         if qos == 0:
             return
-        if qos == 2:
-            session.incoming_qos2.add(pid)
+        if qos == 2 and session.add_incoming(pid):
+            need = True
         if need or pending:
             self.acks.add(PUBACK if qos == 1 else PUBREC, pid, 0, pending, need)
         else:
@@ -459,8 +476,10 @@ class MqttServerProtocol(Protocol):
     def _on_pubrel(self, p: Pubrel) -> None:
         assert self.session is not None
         pid = p.packet_id
-        if pid in self.session.incoming_qos2:
-            self.session.incoming_qos2.discard(pid)
+        durable = self.session.release_incoming(pid)
+        if durable:
+            self.acks.add(PUBCOMP, pid, 0, None, True)
+        elif durable is not None:
             self.acks.send(PUBCOMP, pid)
         else:
             self.acks.in_flight += 1  # not counted, but released like the others
@@ -479,6 +498,19 @@ class MqttServerProtocol(Protocol):
             codes.append(code)
             if sub is not None:
                 retained.append(sub)
+        after_commit(self, lambda ok: self._suback(ok, session, p, codes, retained))
+
+    def _suback(self, ok: bool, session: Session, p: Subscribe, codes: list[int],
+                retained: list[Any]) -> None:
+        """SUBACK once the subscriptions are durable, then their retained messages."""
+        if self.state != OPEN or self.session is not session:
+            return
+        if not ok:  # not stored: not granted either
+            for i, (topic_filter, _options) in enumerate(p.subscriptions):
+                if codes[i] < 0x80:
+                    self.broker.unsubscribe(session, topic_filter)
+                    codes[i] = RC.UNSPECIFIED_ERROR
+            retained = []
         self.write(encode(Suback(p.packet_id, tuple(codes)), self.version))
         for sub in retained:
             self.broker.send_retained(session, sub)
@@ -488,7 +520,12 @@ class MqttServerProtocol(Protocol):
         assert session is not None
         codes = tuple(RC.SUCCESS if self.broker.unsubscribe(session, f)
                       else RC.NO_SUBSCRIPTION_EXISTED for f in p.topic_filters)
-        self.write(encode(Unsuback(p.packet_id, codes), self.version))
+
+        def unsuback(ok: bool) -> None:  # once durable: a restart must not bring them back
+            if self.state == OPEN and self.session is session:
+                self.write(encode(Unsuback(p.packet_id, codes), self.version))
+
+        after_commit(self, unsuback)
 
     def _on_pingreq(self, p: Pingreq) -> None:
         self.write(_PINGRESP)
@@ -608,14 +645,19 @@ class MqttServerProtocol(Protocol):
 
     # -- IPushProducer: the transport tells us when its buffer is full ---------------------------
     def pauseProducing(self) -> None:
+        self._tx_paused = True
         self.paused = True
 
     def resumeProducing(self) -> None:
+        self._tx_paused = False
+        if self._connack_pending:
+            return  # nothing may precede the CONNACK (MQTT-3.2.0-1)
         self.paused = False
         if self.session is not None and self.state == OPEN:
             self.session.fill()
 
     def stopProducing(self) -> None:
+        self._tx_paused = True
         self.paused = True
 
 

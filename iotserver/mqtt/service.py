@@ -162,6 +162,13 @@ class MqttService(AsyncService):
             n_sessions, n_queued, n_retained = restore(broker, snap)
             log.info("MQTT: restored {s} sessions, {q} queued messages, {r} retained messages",
                      s=n_sessions, q=n_queued, r=n_retained)
+        # The bridge's interceptors are in place before anything can be published: a will
+        # restored above is due at the earliest on the next reactor turn, and must meet the
+        # same tag-topic interception as a client's PUBLISH.
+        if cfg.bridge.enabled:
+            self.bridge = self._make_bridge()
+            if self.bridge is not None:
+                self.bridge.start()
         self.authenticator = self._make_authenticator()
         core.reload_hooks.append(self.reload)
         self.listeners = Listeners("MQTT", core.clock, self._reactor(),
@@ -176,10 +183,6 @@ class MqttService(AsyncService):
             core.listening("MQTT", listener.address)
         self.sys = SysPublisher(broker, cfg.sys_interval, extra=self.edge_sys_values)
         self.sys.start()
-        if cfg.bridge.enabled:
-            self.bridge = self._make_bridge()
-            if self.bridge is not None:
-                self.bridge.start()
 
     def _context_factory(self, lst: ListenerConfig) -> Any:
         """The server certificate of ``[tls]``, with the listener's client certificate mode."""

@@ -164,6 +164,9 @@ class Connection(Protocol):
     send_window: int
     version: int
 
+    @property
+    def is_open(self) -> bool: ...
+
     def write_publish(self, msg: Message, qos: int, retain: bool, subids: tuple[int, ...],
                       pid: int, dup: bool) -> bool: ...
 
@@ -187,6 +190,14 @@ class SessionStore(Protocol):
 
     def delete_subscription(self, client_id: str, topic_filter: str) -> None: ...
 
+    def inbound_add(self, client_id: str, pid: int) -> None: ...
+
+    def inbound_remove(self, client_id: str, pid: int) -> None: ...
+
+    def token(self) -> int: ...
+
+    def when_committed(self, token: int, fn: Any) -> None: ...
+
 
 class Session:
     """Per client id state that outlives connections when ``expiry`` > 0 (MQTT 4.1)."""
@@ -209,6 +220,7 @@ class Session:
         self.inflight: dict[int, Delivery] = {}  # packet id -> delivery, in send order
         self.incoming_qos2: set[int] = set()  # inbound QoS 2 ids awaiting PUBREL (4.3.3)
         self.reserved: set[int] = set()  # ids of queued deliveries parked by resend()
+        self.releasing: set[int] = set()  # PUBREC received, PUBREL waits for the commit
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self.conn: Connection | None = None
@@ -366,7 +378,8 @@ class Session:
         parked: list[Delivery] = []
         for n, (pid, d) in enumerate(list(self.inflight.items())):
             if d.state == RELEASED:
-                conn.write_pubrel(pid)
+                if pid not in self.releasing:  # else it goes once durable (_release)
+                    conn.write_pubrel(pid)
             elif n >= window:
                 del self.inflight[pid]
                 self.reserved.add(pid)
@@ -396,13 +409,51 @@ class Session:
             return False
         if failed:
             return self.acked(pid)
+        if pid in self.releasing:
+            return True  # a repeated PUBREC: the PUBREL is on its way
+        store = self.store
         if d.state != RELEASED:
             d.state = RELEASED
-            if self.store is not None:
-                self.store.queue_update(self.client_id, d)
+            if store is not None:
+                # Exactly once across kill -9: once the PUBREL is out, the client may deliver
+                # the message and forget the packet id, so a restart must find RELEASED (and
+                # send PUBREL again), never SENT (which resends the PUBLISH: a duplicate).
+                store.queue_update(self.client_id, d)
+                self.releasing.add(pid)
+                store.when_committed(store.token(), lambda ok: self._release(d))
+                return True
         if self.conn is not None:
             self.conn.write_pubrel(pid)
         return True
+
+    def _release(self, d: Delivery) -> None:
+        """The RELEASED state of ``d`` is durable: its PUBREL may go out."""
+        self.releasing.discard(d.pid)
+        conn = self.conn
+        # a connection still waiting for its CONNACK gets it from resend() after the CONNACK
+        if conn is not None and conn.is_open and self.inflight.get(d.pid) is d:
+            conn.write_pubrel(d.pid)
+
+    def add_incoming(self, pid: int) -> bool:
+        """An inbound QoS 2 PUBLISH is acknowledged with PUBREC: remember its packet id until
+        PUBREL (4.3.3), durably for a persistent session so that a PUBLISH resent after a
+        restart is recognised. True when the PUBREC has to wait for the commit."""
+        self.incoming_qos2.add(pid)
+        if self.store is not None:
+            self.store.inbound_add(self.client_id, pid)
+            return True
+        return False
+
+    def release_incoming(self, pid: int) -> bool | None:
+        """PUBREL for an inbound QoS 2 packet id: None when unknown, else whether the PUBCOMP
+        has to wait for the commit (the id may be reused for a new message after PUBCOMP)."""
+        if pid not in self.incoming_qos2:
+            return None
+        self.incoming_qos2.discard(pid)
+        if self.store is not None:
+            self.store.inbound_remove(self.client_id, pid)
+            return True
+        return False
 
     def _forget(self, pid: int) -> None:
         """A message the connection could not send (too large, expired): treat as delivered."""
@@ -477,4 +528,5 @@ class Session:
         self.latest_bytes = 0
         self.incoming_qos2.clear()
         self.reserved.clear()
+        self.releasing.clear()
         return out

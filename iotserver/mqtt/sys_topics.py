@@ -35,6 +35,7 @@ def sys_values(broker: Any) -> dict[str, str]:
         "clients/accepted": st.clients_total,
         "clients/refused": st.connections_refused,
         "clients/protocol_errors": st.protocol_errors,
+        "clients/sessions_reassigned": st.sessions_reassigned,
         "messages/received": st.messages_received,
         "messages/sent": st.messages_sent,
         "publish/messages/received": st.publish_received,
