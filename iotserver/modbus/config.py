@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from iotserver.security.login import may_write
+from iotserver.security.users import Role
 from iotserver.confparse import Reader, check_endpoint, is_loopback_endpoint
 from iotserver.modbus.codec import Table
 from iotserver.modbus.default_map import DEFAULT_ENDPOINT, DEFAULT_TOML
@@ -58,9 +60,10 @@ TABLE_SHORT = {
 }
 ACCESS_LEVELS = ("none", "read", "readwrite")
 
-# Default role mapping for Modbus/TCP Security: the role names of our user model.
+# Default role mapping for Modbus/TCP Security: the role names of our user model, with the
+# server's one "may write" rule (iotserver.security.login.may_write).
 DEFAULT_ROLES: Mapping[str, str] = MappingProxyType(
-    {"operator": "read", "engineer": "readwrite", "admin": "readwrite"}
+    {r.value: "readwrite" if may_write(r) else "read" for r in Role}
 )
 
 

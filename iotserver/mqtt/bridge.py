@@ -54,7 +54,9 @@ from iotserver.mqtt.packets import Properties, Publish, ReasonCode
 from iotserver.mqtt.session import Message
 from iotserver.mqtt.topics import is_valid_topic_name, matches
 from iotserver.tags.model import Change, Quality, TagDef, TagValue
+from iotserver.security.login import may_write
 from iotserver.tags.store import compile_pattern
+from iotserver.tags.writer import Writer
 
 log = Logger(namespace="iotserver.mqtt.bridge")
 
@@ -200,6 +202,11 @@ class TagJson:
 def _bare_value(tv: TagValue) -> bytes:
     """``payload = "value"``: just the JSON value (quality and timestamp are dropped)."""
     return json_text(tv.value).encode()
+
+
+def _payload_text(payload: bytes, limit: int = 200) -> str:
+    """A refused request's payload for the audit trail (bounded, never raises)."""
+    return payload[:limit].decode("utf-8", "replace")
 
 
 def parse_set_payload(payload: bytes) -> Any:
@@ -455,7 +462,12 @@ class TagBridge:
         if user is None:
             return False
         entry = self.core.users.get(user)
-        return entry is not None and entry.role.can_write
+        return entry is not None and may_write(entry.role)
+
+    def _writer(self, client_id: str, user: str | None) -> Writer:
+        sessions = getattr(self.broker, "sessions", None) or {}
+        conn = getattr(sessions.get(client_id), "conn", None)  # not .clients: that is a copy
+        return Writer(user or "", "mqtt", getattr(conn, "peer", "") or "")
 
     def _on_tag_publish(
         self, client_id: str, user: str | None, publish: Publish
@@ -484,18 +496,25 @@ class TagBridge:
                 "client {cid!r} ({user}): write to {path} refused: role may not write",
                 cid=client_id, user=user or "anonymous", path=path,
             )
+            self.core.store.audit_refusal(self._writer(client_id, user), path,
+                                          _payload_text(publish.payload),
+                                          Quality.BAD_USER_ACCESS_DENIED)
             self._reply(reply_topic, properties, qos, Quality.BAD_USER_ACCESS_DENIED)
             return succeed(ReasonCode.NOT_AUTHORIZED)  # in a v5 PUBACK
         try:
             value = parse_set_payload(publish.payload)
         except (ValueError, UnicodeDecodeError) as exc:
+            self.core.store.audit_refusal(self._writer(client_id, user), path,
+                                          _payload_text(publish.payload),
+                                          Quality.BAD_TYPE_MISMATCH)
             self._reply(reply_topic, properties, qos, Quality.BAD_TYPE_MISMATCH, str(exc))
             return succeed(ReasonCode.PAYLOAD_FORMAT_INVALID)
         if self._pending_writes >= MAX_PENDING_WRITES:
             self._reply(reply_topic, properties, qos, Quality.BAD_RESOURCE_UNAVAILABLE)
             return None
         self._pending_writes += 1
-        d: Deferred[Any] = self.core.store.write(path, value, principal=user)
+        d: Deferred[Any] = self.core.store.write(path, value,
+                                                 writer=self._writer(client_id, user))
 
         def done(quality: Quality) -> None:
             self._pending_writes -= 1

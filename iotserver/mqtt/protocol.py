@@ -57,7 +57,8 @@ from iotserver.mqtt.packets import (
     Unsubscribe,
 )
 from iotserver.mqtt.session import Message, Session
-from iotserver.security.tls import cert_identity, peer_certificate
+from iotserver.security.login import certificate_identities
+from iotserver.security.tls import peer_certificate
 
 log = Logger(namespace="iotserver.mqtt")
 
@@ -127,7 +128,7 @@ class MqttServerProtocol(Protocol):
         self._retain_ok = self.limits.retain_available
         self._pub_ok: dict[str, bool] = {}
         self._acl_generation = 0
-        self._cert_identity: str | None = None
+        self._cert_identity: tuple[str, ...] | None = None
         self._will_on_close = True
         self._dispatch: dict[type, Callable[[Any], None]] = {
             Connect: self._on_connect, Puback: self._on_puback, Pubrec: self._on_pubrec,
@@ -167,13 +168,10 @@ class MqttServerProtocol(Protocol):
                                                   self._connect_timeout)
 
     def handshakeCompleted(self) -> None:
-        """TLS: the verified client certificate's identity (CN, else SAN), if one was sent."""
+        """TLS: the verified client certificate's identities (the login module's rule)."""
         cert = peer_certificate(self.transport)
         if cert is not None:
-            try:
-                self._cert_identity = cert_identity(cert)
-            except ValueError:
-                self._cert_identity = None
+            self._cert_identity = certificate_identities(cert) or None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.broker.connections.discard(self)
