@@ -407,6 +407,8 @@ class IotUserManager:
             if key in self._verdicts:
                 return self._verdicts.pop(key)
             # not prechecked (a dispatch that did not await login()): verified here, blocking
+            if self.logins.throttled(PROTOCOL, None, username, "password"):
+                return None
             self.logins.ratelog.warn("opcua-blocking", "OPC UA: password of {user!r} verified "
                                      "on the event loop (ActivateSession was not prechecked)",
                                      user=username)

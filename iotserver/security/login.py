@@ -300,10 +300,6 @@ class Logins:
         """:meth:`check_password` for asyncio code (the OPC UA server): awaits the Deferred
         as an asyncio future, so the loop keeps running while the thread hashes."""
         d = self.check_password(protocol, peer, name, password)
-        if d.called:  # throttled or busy: answered at once
-            result: list[LoginResult] = []
-            d.addCallback(result.append)
-            return result[0]
         return await d.asFuture(asyncio.get_running_loop())
 
     # -- keys and certificates --------------------------------------------------------------
