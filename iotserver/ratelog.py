@@ -10,13 +10,17 @@ console and the login module all use one of these.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.logger import Logger, LogLevel
 
-from iotserver.clock import Clock
-
 _log = Logger(namespace="iotserver")
+
+class Seconds(Protocol):
+    """The part of a clock this needs (the reactor, ``task.Clock``, a monotonic wrapper)."""
+
+    def seconds(self) -> float: ...
+
 
 MAX_KEYS = 1000  # keys are kinds of events, a few dozen; bound them all the same
 
@@ -27,7 +31,7 @@ class RateLimitedLog:
     ``suppressed`` counts every line not logged, per key, since start (for stats pages).
     """
 
-    def __init__(self, clock: Clock, interval: float = 10.0, logger: Logger = _log) -> None:
+    def __init__(self, clock: Seconds, interval: float = 10.0, logger: Logger = _log) -> None:
         self.clock = clock
         self.interval = interval
         self.log = logger

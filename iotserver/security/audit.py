@@ -167,7 +167,8 @@ class AuditLog:
         self.path = path
         self._pending: list[tuple[Any, ...]] = []
         self._call: Any = None
-        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | threading.Event | None] = \
+            queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._queued = 0  # records handed to the thread, not yet written
         self._lock = threading.Lock()
@@ -198,6 +199,17 @@ class AuditLog:
             return d
         self._queue.put(None)
         return deferToThread(thread.join, 10.0)
+
+    def sync(self) -> Deferred[Any]:
+        """Fires once every record so far is on disk (tests, the console)."""
+        from twisted.internet.threads import deferToThread
+
+        self.flush()
+        if self._thread is None:
+            return deferToThread(lambda: None)
+        done = threading.Event()
+        self._queue.put(done)
+        return deferToThread(done.wait, 30.0)
 
     # -- sinks (event loop) -------------------------------------------------------------------
     def write_done(self, writer: Writer, path: str, value: Any, quality: Quality) -> None:
@@ -264,6 +276,9 @@ class AuditLog:
                 batch = self._queue.get()
                 if batch is None:
                     return
+                if isinstance(batch, threading.Event):
+                    batch.set()
+                    continue
                 try:
                     file.write_lines([_line(r).encode("utf-8") for r in batch])
                     self.written += len(batch)

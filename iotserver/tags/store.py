@@ -447,9 +447,7 @@ class TagStore:
 
     def audit_refusal(self, writer: Writer, path: str, value: Any, quality: Quality) -> None:
         """Record a write that its protocol refused before it reached the store (role, bad
-        payload...), so the audit trail holds every attempt."""
-        self.stats.writes += 1
-        self.stats.writes_failed += 1
+        payload...), so the audit trail holds every attempt (the store's counters do not)."""
         if self.audit is not None:
             self.audit.write_done(writer, path, value, quality)
 
