@@ -300,6 +300,7 @@ class TagBridge:
             # the store holds every tag's current value: it answers for the retained
             # messages of the tag topics (no copy in the broker, nothing to persist)
             self.broker.add_retained_source(self.tags_prefix, self)
+        self.broker.on_publish_denied = self._on_publish_denied
         self._subscription = store.subscribe("**", self._on_changes, name="mqtt-bridge")
         # the tags subtree is always intercepted (consumed), even with writes off: clients
         # must not be able to publish or retain look-alike tag values there
@@ -314,6 +315,7 @@ class TagBridge:
     def stop(self) -> None:
         """Stop publishing and intercepting; idempotent."""
         self._running = False
+        self.broker.on_publish_denied = None
         if self.retain:
             self.broker.remove_retained_source(self.tags_prefix)
         if self._subscription is not None:
@@ -468,6 +470,16 @@ class TagBridge:
         sessions = getattr(self.broker, "sessions", None) or {}
         conn = getattr(sessions.get(client_id), "conn", None)  # not .clients: that is a copy
         return Writer(user or "", "mqtt", getattr(conn, "peer", "") or "")
+
+    def _on_publish_denied(self, client_id: str, user: str | None, topic: str,
+                           payload: bytes, peer: str) -> None:
+        """The ACL refused a PUBLISH: a tag write request among them goes into the audit
+        trail (it never reaches :meth:`_on_tag_publish`)."""
+        if topic.startswith(self.tags_prefix) and topic.endswith("/set"):
+            path = topic[len(self.tags_prefix) : -4]
+            self.core.store.audit_refusal(Writer(user or "", "mqtt", peer), path,
+                                          _payload_text(payload),
+                                          Quality.BAD_USER_ACCESS_DENIED)
 
     def _on_tag_publish(
         self, client_id: str, user: str | None, publish: Publish

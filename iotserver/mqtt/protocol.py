@@ -406,6 +406,9 @@ class MqttServerProtocol(Protocol):
             broker.ratelog.warn("publish_denied", "MQTT: {cid!r} ({user}) may not publish to "
                                 "{topic!r}", cid=self.client_id, user=self.user or "anonymous",
                                 topic=topic)
+            denied = getattr(broker, "on_publish_denied", None)  # the audit trail (bridge)
+            if denied is not None:
+                denied(self.client_id, self.user, topic, p.payload, self.peer)
         if code:
             if qos:
                 if self.version != MQTT_5:
