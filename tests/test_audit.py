@@ -82,7 +82,7 @@ def test_line_format() -> None:
 def test_rotation_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     f = RotatingFile(path, max_bytes=1000, max_files=3)
-    line = b"x" * 99 + b"\n"
+    line = "x" * 99 + "\n"
     for _ in range(20):
         f.write_lines([line] * 10)  # 1000 bytes a batch
     f.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from iotserver import app, config
@@ -140,9 +140,8 @@ async def test_writes_and_failed_logins_of_every_protocol_are_audited(tmp_path: 
         intruder = Client(url, timeout=10)
         intruder.set_user(ENGINEER[0])
         intruder.set_password("wrong")
-        with pytest.raises(Exception, match="BadUserAccessDenied|UserAccessDenied"):
+        with pytest.raises(Exception, match="UserAccessDenied"):
             await aio(intruder.connect())
-        await task.deferLater(reactor, 0.1, lambda: None)
         await core.audit.sync()
     finally:
         await root.stopService()

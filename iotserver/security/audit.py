@@ -80,11 +80,6 @@ def parse(r: Any) -> AuditConfig:
     return cfg
 
 
-def _iso(seconds: float) -> str:
-    t = _dt.datetime.fromtimestamp(seconds, _dt.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _plain(value: Any) -> Any:
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item):
@@ -95,19 +90,71 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def _line(record: tuple[Any, ...]) -> str:
-    if record[0] == "write":
+def _json_value(value: Any) -> str:
+    kind = type(value)
+    if kind is int or kind is bool:
+        return "true" if value is True else "false" if value is False else str(value)
+    if kind is float and value == value and value not in (float("inf"), float("-inf")):
+        return repr(value)
+    return json.dumps(value, default=_plain, ensure_ascii=False)
+
+
+class _Formatter:
+    """JSON lines with the parts that repeat (the second, the writer, the tag, the result)
+    encoded once: a Modbus or MQTT write flood is formatted at a few microseconds a line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+        self._writers: dict[Writer, str] = {}
+        self._paths: dict[str, str] = {}
+        self._results: dict[int, str] = {}
+
+    def time(self, seconds: float) -> str:
+        whole = int(seconds)
+        if whole != self._second:
+            self._second = whole
+            self._prefix = _dt.datetime.fromtimestamp(whole, _dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S")
+        micros = min(int((seconds - whole) * 1_000_000), 999_999)
+        return f"{self._prefix}.{micros:06d}Z"
+
+    def line(self, record: tuple[Any, ...]) -> str:
+        if record[0] != "write":
+            _, t, protocol, peer, user, method, outcome, detail = record
+            return json.dumps({
+                "time": self.time(t), "event": "login", "principal": user or "",
+                "protocol": protocol, "peer": peer, "method": method, "result": outcome,
+                "detail": detail}, ensure_ascii=False) + "\n"
         _, t, writer, path, value, quality = record
-        q = Quality(quality) if not isinstance(quality, Quality) else quality
-        obj: dict[str, Any] = {
-            "time": _iso(t), "event": "write", "principal": writer.principal,
-            "protocol": writer.protocol, "peer": writer.peer, "tag": path, "value": value,
-            "result": q.text, "code": int(q)}
-    else:
-        _, t, protocol, peer, user, method, outcome, detail = record
-        obj = {"time": _iso(t), "event": "login", "principal": user or "", "protocol": protocol,
-               "peer": peer, "method": method, "result": outcome, "detail": detail}
-    return json.dumps(obj, default=_plain, ensure_ascii=False, allow_nan=True) + "\n"
+        who = self._writers.get(writer)
+        if who is None:
+            if len(self._writers) > 10_000:
+                self._writers.clear()
+            who = self._writers[writer] = (
+                f'"principal": {json.dumps(writer.principal, ensure_ascii=False)}, '
+                f'"protocol": {json.dumps(writer.protocol, ensure_ascii=False)}, '
+                f'"peer": {json.dumps(writer.peer, ensure_ascii=False)}')
+        tag = self._paths.get(path)
+        if tag is None:
+            if len(self._paths) > 100_000:
+                self._paths.clear()
+            tag = self._paths[path] = json.dumps(path, ensure_ascii=False)
+        code = int(quality)
+        result = self._results.get(code)
+        if result is None:
+            try:
+                text = Quality(code).text
+            except ValueError:
+                text = f"0x{code:08X}"
+            result = self._results[code] = f'"result": "{text}", "code": {code}'
+        return (f'{{"time": "{self.time(t)}", "event": "write", {who}, "tag": {tag}, '
+                f'"value": {_json_value(value)}, {result}}}\n')
+
+
+def _line(record: tuple[Any, ...]) -> str:
+    """One record as a JSON line (tests; the writer thread keeps its own formatter)."""
+    return _Formatter().line(record)
 
 
 class RotatingFile:
@@ -126,16 +173,30 @@ class RotatingFile:
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._f = os.fdopen(fd, "ab")
-        self.size = self._f.tell()
+        self.size = os.fstat(fd).st_size
 
-    def write_lines(self, lines: list[bytes]) -> None:
-        for data in lines:
-            if self.size and self.size + len(data) > self.max_bytes:
+    def write_lines(self, lines: list[str]) -> None:
+        """Append lines (each ending in a newline), rotating first when one would not fit;
+        one fsync per call."""
+        chunk: list[str] = []
+        size = self.size
+        for line in lines:
+            n = len(line) if line.isascii() else len(line.encode("utf-8"))
+            if size and size + n > self.max_bytes:
+                self._put(chunk)
+                chunk = []
                 self.rotate()
-            self._f.write(data)
-            self.size += len(data)
+                size = 0
+            chunk.append(line)
+            size += n
+        self._put(chunk)
+        self.size = size
         self._f.flush()
         os.fsync(self._f.fileno())
+
+    def _put(self, chunk: list[str]) -> None:
+        if chunk:
+            self._f.write("".join(chunk).encode("utf-8"))
 
     def rotate(self) -> None:
         self._f.flush()
@@ -253,24 +314,22 @@ class AuditLog:
     def _log_writes(self, batch: list[tuple[Any, ...]]) -> None:
         limit = self.cfg.log_limit
         shown = 0
-        rest = 0
-        for record in batch:
+        for i, record in enumerate(batch):
             if record[0] != "write":
                 continue  # the login module logs logins itself
             if shown >= limit:
-                rest += 1
-                continue
+                log.info("audit: {n} more records in this interval (all are in the audit "
+                         "file)", n=len(batch) - i)
+                return
             shown += 1
             _, _, writer, path, value, quality = record
             q = Quality(quality) if not isinstance(quality, Quality) else quality
             log.info("audit: {who} wrote {tag} = {value!r}: {result}", who=str(writer),
                      tag=path, value=value, result=q.text)
-        if rest:
-            log.info("audit: {n} more writes in this interval (all are in the audit file)",
-                     n=rest)
 
     # -- writer thread ------------------------------------------------------------------------
     def _run(self, file: RotatingFile) -> None:
+        fmt = _Formatter()
         try:
             while True:
                 batch = self._queue.get()
@@ -280,7 +339,7 @@ class AuditLog:
                     batch.set()
                     continue
                 try:
-                    file.write_lines([_line(r).encode("utf-8") for r in batch])
+                    file.write_lines([fmt.line(r) for r in batch])
                     self.written += len(batch)
                 except (OSError, ValueError, TypeError):
                     self.errors += 1  # reported by the loop side via stats; keep running
