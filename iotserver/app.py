@@ -54,6 +54,8 @@ class Core:
     listeners: list[tuple[str, str]] = field(default_factory=list)  # (what, where) for the summary
     services: dict[str, Any] = field(default_factory=dict)
     reload_hooks: list[Callable[[], None]] = field(default_factory=list)
+    logins: Any = None  # iotserver.security.login.Logins: every protocol's login path
+    audit: Any = None  # iotserver.security.audit.AuditLog: writes and logins
 
     def listening(self, what: str, where: str) -> None:
         """Record a listener for the startup summary (each service warns about its own exposure)."""
@@ -118,6 +120,7 @@ class CoreService(Service):
                 "'iotserver users add' creates it",
                 path=str(users_file),
             )
+        self._start_audit(data_dir)
         self._ensure_tls()
         if not self._defined:
             self._define_tags()
@@ -125,6 +128,16 @@ class CoreService(Service):
         self.core.store.register_owner(
             "memory", MemoryOwner(self.core.store, self.core.persistence)
         )
+
+    def _start_audit(self, data_dir: Any) -> None:
+        audit = self.core.audit
+        if audit is None or audit.path is None:
+            return
+        try:
+            audit.start()
+        except OSError as exc:
+            raise StartupError(f"audit file {audit.path}: {exc}") from None
+        log.info("audit trail: {path}", path=str(audit.path))
 
     def _ensure_tls(self) -> None:
         """Load the configured certificate, or create a local CA and server certificate."""
@@ -210,14 +223,16 @@ class CoreService(Service):
             ring = self.core.rings.create(f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag))
             self.core.store.set_history(tag.path, ring)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         super().stopService()
         if self.core.crl is not None:
             self.core.crl.stop()
         self.core.store.unregister_owner("memory")
+        d = self.core.audit.stop() if self.core.audit is not None else None
         if self.core.persistence is not None:
             self.core.persistence.close()
             self.core.persistence = None
+        return d
 
 
 class ServerRoot(MultiService):
@@ -315,6 +330,7 @@ def build(
     core = Core(
         config=config, clock=clock, store=store, rings=rings, signals=SignalHub(store, rings)
     )
+    _attach_login_and_audit(core)
     root = ServerRoot()
     root.stop_reactor = stop_reactor
     root.clock = clock
@@ -358,6 +374,20 @@ def build(
         if isinstance(child, AsyncService):
             child.on_start_failure = on_failure
     return root, core
+
+
+def _attach_login_and_audit(core: Core) -> None:
+    """One login path and one audit trail for every protocol (``[login]``, ``[audit]``)."""
+    from iotserver.security.audit import AuditConfig, AuditLog
+    from iotserver.security.login import LoginConfig, Logins
+
+    sections = core.config.sections
+    audit_cfg = sections.get("audit") or AuditConfig()
+    path = audit_cfg.path(core.config.server.data_dir) if audit_cfg.enabled else None
+    core.audit = AuditLog(core.clock, audit_cfg, path)
+    core.store.audit = core.audit
+    core.logins = Logins(lambda: core.users, core.clock,
+                         sections.get("login") or LoginConfig(), audit=core.audit)
 
 
 def summary_lines(config: Config) -> list[str]:

@@ -36,6 +36,8 @@ SECTION_PARSERS: dict[str, str] = {
     "modbus": "iotserver.modbus.config:parse",
     "opcua": "iotserver.opcua.config:parse",
     "console": "iotserver.console.config:parse",
+    "login": "iotserver.security.login:parse",
+    "audit": "iotserver.security.audit:parse",
 }
 
 _DEFAULT_CORE = """\

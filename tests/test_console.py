@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -198,7 +199,46 @@ async def test_wrong_key_is_refused(console: Console, tmp_path: Path) -> None:
     assert "Permission denied" in err
     # no password method offered while password_login is off
     assert "password" not in err
-    assert any("offered for 'mallory' is not authorized" in line for line in seen)
+    assert any("offered for 'mallory' from 127.0.0.1 is not authorized" in line
+               for line in seen)
+
+
+def audit_records(console: Console) -> list[dict[str, Any]]:
+    path = console.data / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_login_and_write_are_audited(console: Console) -> None:
+    """A successful key login is logged and audited as one (never as "not authorized"), and
+    the session's writes carry its user, protocol and address."""
+    from twisted.logger import formatEvent
+
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        _, err, code = await console.ssh("wait(tags.write('Site/Setpoint', 42.5))")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert code == 0, err
+    assert not [line for line in seen if "not authorized" in line]
+    assert any("console: 'admin' logged in from 127.0.0.1 (key, SHA256:" in line
+               for line in seen)
+    await console.core.audit.sync()
+    records = audit_records(console)
+    logins = [r for r in records if r["event"] == "login"]
+    assert [(r["principal"], r["protocol"], r["peer"], r["method"], r["result"])
+            for r in logins] == [("admin", "console", "127.0.0.1", "key", "ok")]
+    writes = [r for r in records if r["event"] == "write"]
+    assert len(writes) == 1
+    w = writes[0]
+    assert (w["principal"], w["protocol"], w["tag"], w["value"], w["result"]) == (
+        "admin", "console", "Site/Setpoint", 42.5, "Good")
+    assert w["peer"].startswith("127.0.0.1:")
 
 
 def drive_pty(port: int, key: Path) -> tuple[bytes, int | None]:
@@ -288,6 +328,11 @@ async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None
         _, err, code = await login("eng", "engpw")  # right password, role not allowed
         assert code == 255 and "Permission denied" in err
         assert c.errors == []
+        await c.core.audit.sync()
+        logins = [(r["principal"], r["method"], r["result"]) for r in audit_records(c)
+                  if r["event"] == "login"]
+        assert logins == [("boss", "password", "ok"), ("boss", "password", "failed"),
+                          ("eng", "password", "denied")]
     finally:
         await stop_console(c)
 

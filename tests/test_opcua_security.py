@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
 from asyncua import ua
 from asyncua.common.utils import ServiceError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from twisted.internet import task
+from twisted.internet.defer import Deferred
 
 from iotserver.opcua.security import (
     ClientCertificateValidator,
@@ -20,6 +25,7 @@ from iotserver.opcua.security import (
     layout,
 )
 from iotserver.security import pki
+from iotserver.security.login import Logins
 from iotserver.security.users import Role, User, UserDB, hash_password
 
 
@@ -106,20 +112,36 @@ def test_validator_rejects_copies_and_checks_uri(tmp_path: Path, ca: tuple) -> N
         ua.StatusCodes.BadCertificateUriInvalid
 
 
-def test_user_manager_roles_throttle_and_certificates(tmp_path: Path, ca: tuple) -> None:
+def aio(coro: Any) -> Any:
+    """Run an asyncio coroutine (as asyncua's dispatch does) from a Twisted test."""
+    return Deferred.fromFuture(asyncio.ensure_future(coro))
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_manager_roles_throttle_and_certificates(tmp_path: Path, ca: tuple) -> None:
+    """The awaitable login (what ActivateSession goes through) with the shared throttle."""
     layout(tmp_path)
     db = UserDB(users={
         "alice": User("alice", Role.ENGINEER, hash_password("pw", n=2**10)),
         "dave": User("dave", Role.OPERATOR, None, ("dave-cert",)),
     })
-    manager = IotUserManager(lambda: db, TrustList(tmp_path, [ca[0]]), allow_anonymous=False)
-    user = manager.get_user(None, username="alice", password="pw")
+    clock = task.Clock()
+    logins = Logins(lambda: db, clock)
+    manager = IotUserManager(lambda: db, TrustList(tmp_path, [ca[0]]), allow_anonymous=False,
+                             logins=logins)
+    user = await aio(manager.login(peer="10.0.0.1", username="alice", password="pw"))
     assert isinstance(user, IotUser) and user.access == "engineer" and user.can_write
-    assert manager.get_user(None, username="admin", password="x") is None
-    assert manager.get_user(None) is None  # anonymous off
-    for _ in range(5):
-        assert manager.get_user(None, username="alice", password="wrong") is None
-    assert manager.get_user(None, username="alice", password="pw") is None  # throttled
+    assert await aio(manager.login(peer="10.0.0.1", username="admin", password="x")) is None
+    assert await aio(manager.login(peer="10.0.0.1")) is None  # anonymous off
+    for _ in range(logins.cfg.free_failures + 1):
+        assert await aio(manager.login(peer="10.0.0.1", username="alice", password="wrong")) is None
+    # throttled from that address (refused without hashing), not from another one
+    assert await aio(manager.login(peer="10.0.0.1", username="alice", password="pw")) is None
+    assert logins.stats["throttled"] == 1
+    assert await aio(manager.login(peer="10.0.0.2", username="alice", password="pw")) is not None
+    # the synchronous asyncua hook picks up a prechecked verdict, else checks the throttle
+    manager.remember("alice", "pw", None)
+    assert manager.get_user(None, username="alice", password="pw") is None
     dave = app_cert(ca, "dave-cert")  # issued by the server's CA: trusted
     der = dave.public_bytes(serialization.Encoding.DER)
     user = manager.get_user(None, certificate=der)

@@ -76,7 +76,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-pinned", action="store_true",
                         help="skip the 1-connection rows with server and client on one CPU")
+    parser.add_argument("--audit", action="store_true",
+                        help="also measure ours with the audit trail attached (ours+audit)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 s per cell, no pinned rows")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.no_pinned = 1.0, True
+    servers = SERVERS + (("ours+audit",) if args.audit else ())
     cells: list[tuple[str, int, int | None]] = []
     for op in ("read100", "write1"):
         cells += [(op, 1, None), (op, 10, None)]
@@ -87,17 +94,22 @@ def main() -> None:
         client, c_server = build(Path(tmp))
         for op, conns, cpu in cells:
             got = {s: measure(client, c_server, s, conns, op, args.seconds, cpu)
-                   for s in SERVERS}
+                   for s in servers}
             rows.append((op, conns, cpu, got))
     print(f"\nModbus TCP server, loopback, C load client, {args.seconds:g} s per cell "
           f"(req/s; server CPU ms per 1000 requests in brackets)")
+    audit_head = f" {'ours+audit':>14} {'audit/ours':>11}" if args.audit else ""
     print(f"{'request':<9} {'conns':<12} {'ours':>14} {'pymodbus':>14} {'libmodbus':>14}"
-          f" {'ours/pymodbus':>14} {'ours/libmodbus':>15}")
+          f" {'ours/pymodbus':>14} {'ours/libmodbus':>15}{audit_head}")
     for op, conns, cpu, got in rows:
         label = f"{conns}" + (" same CPU" if cpu is not None else "")
         cols = " ".join(f"{got[s][0]:>7.0f} ({got[s][1] * 1000:>4.0f})" for s in SERVERS)
         ours, theirs, c = got["ours"][0], got["pymodbus"][0], got["libmodbus"][0]
-        print(f"{op:<9} {label:<12} {cols} {ours / theirs:>13.1f}x {ours / c:>14.2f}x")
+        audit = ""
+        if args.audit:
+            a = got["ours+audit"]
+            audit = f" {a[0]:>7.0f} ({a[1] * 1000:>4.0f}) {a[0] / ours:>10.2f}x"
+        print(f"{op:<9} {label:<12} {cols} {ours / theirs:>13.1f}x {ours / c:>14.2f}x{audit}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 ``python servers.py ours PORT``: our Modbus TCP server (Twisted asyncio reactor) mapping holding
 registers 0..199 to 200 UInt16 memory tags (writes go through the tag store).
+``python servers.py ours+audit PORT``: the same with the audit trail attached (every write
+recorded in a JSON-lines file in a temporary directory, as the server does).
 ``python servers.py pymodbus PORT``: pymodbus' asyncio ModbusTcpServer with 200 registers.
 ``python servers.py simplc PORT REGISTERS``: our simulated PLC (for the poller benchmark).
 Each prints "ready" once listening and runs until SIGTERM.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 
 
-def ours(port: int) -> None:
+def ours(port: int, audit: bool = False) -> None:
     from twisted.internet import asyncioreactor
 
     asyncioreactor.install()
@@ -28,6 +30,15 @@ def ours(port: int) -> None:
 
     store = TagStore(reactor)  # type: ignore[arg-type]
     store.register_owner("memory", MemoryOwner(store))
+    if audit:  # every write goes into the audit trail, as in the server
+        import tempfile
+        from pathlib import Path
+
+        from iotserver.security.audit import AuditLog
+
+        trail = AuditLog(reactor, path=Path(tempfile.mkdtemp()) / "audit.jsonl")  # type: ignore[arg-type]
+        trail.start()
+        store.audit = trail
     entries = []
     for i in range(200):
         path = f"Bench/R{i}"
@@ -90,6 +101,8 @@ if __name__ == "__main__":
     kind, port_text = sys.argv[1], sys.argv[2]
     if kind == "ours":
         ours(int(port_text))
+    elif kind == "ours+audit":
+        ours(int(port_text), audit=True)
     elif kind == "pymodbus":
         pymodbus_server(int(port_text))
     elif kind == "simplc":

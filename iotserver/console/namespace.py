@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from iotserver.tags.model import Quality, TagValue
 from iotserver.tags.store import UnknownTagError
+from iotserver.tags.writer import Writer
 
 HELP = """\
 iotserver console: Python inside the running server (the reactor thread: never block).
@@ -161,8 +162,9 @@ def cancel_if_owned(d: Deferred[Any]) -> None:
 class Tags:
     """Tag helpers bound to the store: ``read``, ``write``, ``find`` and ``show``."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: Any, writer: Writer | None = None) -> None:
         self._core = core
+        self._writer = writer or Writer("", "console", "")
 
     @property
     def _store(self) -> Any:
@@ -180,7 +182,7 @@ class Tags:
 
     def write(self, path: str, value: Any) -> Deferred[WriteResult]:
         """Write through the tag's owner (a PLC, the server's memory...); fires with the result."""
-        d: Deferred[Quality] = self._store.write(path, value, principal="console")
+        d: Deferred[Quality] = self._store.write(path, value, writer=self._writer)
         return d.addCallback(lambda q: WriteResult(path, value, Quality(q)))
 
     def find(self, pattern: str = "**") -> list[str]:
@@ -255,8 +257,11 @@ class Services:
         return "\n".join(self.describe(n) for n in self.names())
 
 
-def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A fresh namespace for one console session (sessions do not share variables)."""
+def make_namespace(core: Any, *, extra: dict[str, Any] | None = None,
+                   writer: Writer | None = None) -> dict[str, Any]:
+    """A fresh namespace for one console session (sessions do not share variables).
+
+    ``writer``: the logged-in user, for the audit trail of ``tags.write``."""
     from twisted.internet import reactor
 
     clock = core.clock if core.clock is not None else reactor
@@ -338,7 +343,7 @@ def make_namespace(core: Any, *, extra: dict[str, Any] | None = None) -> dict[st
         "__doc__": HELP,
         "core": core,
         "store": core.store,
-        "tags": Tags(core),
+        "tags": Tags(core, writer),
         "history": history,
         "signal": signal,
         "envelope": envelope,

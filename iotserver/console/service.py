@@ -2,7 +2,9 @@
 
 Authentication: public keys listed in the authorized_keys file (re-read at every login, so adding
 a key needs no restart; a file writable by others is ignored, as sshd does) and, when
-``password_login`` is on, passwords of ``admin`` users from the user file. The console runs
+``password_login`` is on, passwords of ``admin`` users from the user file. Both go through the
+server's one login module (:mod:`iotserver.security.login`): the same throttle by address and
+user, passwords verified in a thread, every attempt logged and audited. The console runs
 arbitrary Python as the server, which is exactly what an admin can do; engineers and operators
 use the protocols. With neither keys nor passwords nobody can log in: there is no anonymous
 or "none" authentication.
@@ -20,7 +22,7 @@ from twisted.conch.ssh import keys
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -38,6 +40,7 @@ from iotserver.edge.guard import Probe, RateLimitedLog
 from iotserver.edge.listen import Listeners
 from iotserver.console.session import ConsoleContext, ConsoleRealm
 from iotserver.lifecycle import AsyncService, StartupError
+from iotserver.security.login import Outcome, logins_of
 from iotserver.security.users import Role
 
 log = Logger(namespace="iotserver.console")
@@ -62,6 +65,7 @@ def _greeted(proto: Any) -> bool:
 #: The guard's view of an SSH connection: a packet (or the version line) is under way while
 #: conch holds unparsed bytes; the login grace time ends when a user has authenticated.
 PROBE = Probe(partial=_partial, greeted=_greeted)
+PROTOCOL = "console"  # in the login log and the audit trail
 
 
 def load_or_create_host_key(path: Path) -> tuple[keys.Key, bool]:
@@ -127,35 +131,79 @@ class AuthorizedKeysFile:
         return self.authorized()
 
 
+def _fingerprint(blob: bytes) -> str:
+    try:
+        fp: str = keys.Key.fromString(blob).fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+        return "SHA256:" + fp.rstrip("=")
+    except keys.BadKeyError:
+        return "(unreadable key)"
+
+
+def _peer_of(credentials: Any) -> str:
+    return str(getattr(credentials, "peer", "") or "")
+
+
 @implementer(ICredentialsChecker)
-class LoggingKeyChecker:
-    """conch's public key checker, plus an audit line for keys that are not authorized."""
+class KeyChecker:
+    """Public keys of the authorized_keys file, through the shared login throttle and audit.
+
+    A key offered without a signature (the client asks whether it may use it, RFC 4252 7) is
+    answered "yes" only when it is authorized, so clients move on to their next key at once;
+    such probes are logged, not counted as failures (agents offer every key they hold). A
+    signed attempt with an unauthorized key or a bad signature is a failed login.
+    """
 
     credentialInterfaces = (ISSHPrivateKey,)
 
-    def __init__(self, keydb: AuthorizedKeysFile) -> None:
+    def __init__(self, keydb: AuthorizedKeysFile, core: Any) -> None:
+        self._keydb = keydb
+        self._core = core
         self._checker = SSHPublicKeyChecker(keydb)  # type: ignore[arg-type]
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        from twisted.conch.error import ValidPublicKey
+
+        logins = logins_of(self._core)
+        name = credentials.username.decode("utf-8", "replace")
+        peer = _peer_of(credentials)
+        fp = _fingerprint(credentials.blob)
+        if not credentials.signature:
+            try:
+                offered = keys.Key.fromString(credentials.blob)
+            except keys.BadKeyError:
+                return fail(UnauthorizedLogin("unreadable key"))
+            if any(k == offered for k in self._keydb.getAuthorizedKeys(credentials.username)):
+                return fail(ValidPublicKey())  # conch answers USERAUTH_PK_OK
+            logins.ratelog.info("console-key-offered", "console: key {fp} offered for {user!r} "
+                                "from {peer} is not authorized", fp=fp, user=name,
+                                peer=peer or "?")
+            return fail(UnauthorizedLogin("key not authorized"))
+        if logins.throttled(PROTOCOL, peer, name, "key"):
+            return fail(UnauthorizedLogin("too many failed logins"))
         d: Deferred[bytes] = self._checker.requestAvatarId(credentials)
 
+        def accepted(avatar_id: bytes) -> bytes:
+            logins.record(PROTOCOL, peer, name, "key", Outcome.OK, fp)
+            return avatar_id
+
         def refused(failure: Failure) -> Failure:
-            if failure.check(UnauthorizedLogin):
-                try:
-                    fp = keys.Key.fromString(credentials.blob).fingerprint(
-                        keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
-                except keys.BadKeyError:
-                    fp = "(unreadable)"
-                log.info("console: key SHA256:{fp} offered for {user!r} is not authorized",
-                         fp=fp, user=credentials.username.decode("utf-8", "replace"))
+            if failure.check(UnauthorizedLogin) and not failure.check(ValidPublicKey):
+                logins.record(PROTOCOL, peer, name, "key", Outcome.FAILED,
+                              f"{fp}: {failure.getErrorMessage()}")
             return failure
 
-        return d.addErrback(refused)
+        return d.addCallbacks(accepted, refused)
+
+
+def _console_role(user: Any) -> str:
+    if user.role in CONSOLE_ROLES:
+        return ""
+    return f"role {user.role.value}: only admin may use the console"
 
 
 @implementer(ICredentialsChecker)
 class UserPasswordChecker:
-    """Passwords of the user file (scrypt, verified in a thread); only console roles pass."""
+    """Passwords of the user file through the shared login path; only console roles pass."""
 
     credentialInterfaces = (IUsernamePassword,)
 
@@ -164,17 +212,12 @@ class UserPasswordChecker:
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
         name = credentials.username.decode("utf-8", "replace")
-        password = credentials.password.decode("utf-8", "replace")
-        d: Deferred[Any] = self._core.users.verify_deferred(name, password)
+        d = logins_of(self._core).check_password(PROTOCOL, _peer_of(credentials), name,
+                                                 credentials.password, allow=_console_role)
 
-        def check(user: Any) -> bytes:
-            if user is None:
-                log.warn("console: password login failed for {user!r}", user=name)
+        def check(result: Any) -> bytes:
+            if not result.ok:
                 raise UnauthorizedLogin("wrong user name or password")
-            if user.role not in CONSOLE_ROLES:
-                log.warn("console: {user!r} has role {role}; only admin may use the console",
-                         user=name, role=user.role.value)
-                raise UnauthorizedLogin("role not allowed")
             return credentials.username  # type: ignore[no-any-return]
 
         return d.addCallback(check)
@@ -188,10 +231,39 @@ def _peer(transport: Any) -> str:
         return "?"
 
 
+class _PeerPortal:
+    """The factory's portal, for one connection: credentials carry the client's address
+    (``peer``, for the login throttle) and the realm gets ``host:port`` as its mind."""
+
+    def __init__(self, portal: Any, host: str, peer: str) -> None:
+        self._portal = portal
+        self._host = host
+        self._peer = peer
+
+    def listCredentialsInterfaces(self) -> Any:
+        return self._portal.listCredentialsInterfaces()
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
+        credentials.peer = self._host
+        return self._portal.login(credentials, self._peer, *interfaces)
+
+
 def _factory_class() -> type:
     """The SSH factory (conch's factory module imports the reactor: built on first use)."""
+    from twisted.conch.ssh.connection import SSHConnection
     from twisted.conch.ssh.factory import SSHFactory
     from twisted.conch.ssh.transport import SSHServerTransport
+    from twisted.conch.ssh.userauth import SSHUserAuthServer
+
+    class ConsoleUserAuth(SSHUserAuthServer):
+        def serviceStarted(self) -> None:
+            super().serviceStarted()
+            transport: Any = self.transport
+            peer = transport.transport.getPeer()
+            host = str(getattr(peer, "host", "") or "")
+            port = getattr(peer, "port", None)
+            self.portal = _PeerPortal(self.portal, host,
+                                      f"{host}:{port}" if port is not None else host)
 
     class ConsoleTransport(SSHServerTransport):
         def dataReceived(self, data: bytes) -> None:
@@ -222,6 +294,7 @@ def _factory_class() -> type:
 
     class ConsoleFactory(SSHFactory):
         protocol = ConsoleTransport
+        services = {b"ssh-userauth": ConsoleUserAuth, b"ssh-connection": SSHConnection}
         noisy = False  # the listener is logged once by core.listening
 
         def __init__(self, portal: Any, host_key: keys.Key, clock: Any) -> None:
@@ -301,7 +374,7 @@ class ConsoleService(AsyncService):
         log.info("console host key fingerprint {fp}", fp=self.host_key_fingerprint)
 
         authorized = AuthorizedKeysFile(self.cfg.authorized_keys_path(data_dir))
-        checkers: list[Any] = [LoggingKeyChecker(authorized)]
+        checkers: list[Any] = [KeyChecker(authorized, self.core)]
         if self.cfg.password_login:
             checkers.append(UserPasswordChecker(self.core))
         clock = self.core.clock if hasattr(self.core.clock, "callLater") else reactor

@@ -37,6 +37,7 @@ from iotserver.console.namespace import (
     make_namespace,
     with_timeout,
 )
+from iotserver.tags.writer import Writer
 
 log = Logger(namespace="iotserver.console")
 
@@ -61,10 +62,11 @@ class ConsoleContext:
 class ConsoleAvatar(ConchUser):
     """A logged-in console user; each session channel gets its own ConsoleSession."""
 
-    def __init__(self, username: str, context: ConsoleContext) -> None:
+    def __init__(self, username: str, context: ConsoleContext, peer: str = "") -> None:
         super().__init__()
         self.username = username
         self.context = context
+        self.writer = Writer(username, "console", peer)  # tags.write in the audit trail
         self.channelLookup[b"session"] = SSHSession
 
 
@@ -76,9 +78,8 @@ class ConsoleRealm:
     def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> Any:
         if IConchUser not in interfaces:
             raise NotImplementedError("the console only serves SSH users")
-        name = avatar_id.decode("utf-8", "replace")
-        log.info("console: {user} logged in", user=name)
-        avatar = ConsoleAvatar(name, self.context)
+        name = avatar_id.decode("utf-8", "replace")  # the login module logged the login
+        avatar = ConsoleAvatar(name, self.context, mind if isinstance(mind, str) else "")
         return IConchUser, avatar, lambda: log.info("console: {user} logged out", user=name)
 
 
@@ -168,7 +169,7 @@ class ConsoleSession:
         from twisted.conch.insults import insults
 
         self._pp = pp
-        namespace = make_namespace(self.context.core)
+        namespace = make_namespace(self.context.core, writer=self.avatar.writer)
         self._terminal = insults.ServerProtocol(console_manhole_class(), namespace)
         self._terminal.makeConnection(_Output(self))
         pp.makeConnection(_Input(self._terminal.dataReceived, self._terminal_lost))
@@ -254,7 +255,7 @@ class ConsoleSession:
         if self._closed:
             return
         out = io.StringIO()
-        namespace = make_namespace(self.context.core)
+        namespace = make_namespace(self.context.core, writer=self.avatar.writer)
         try:
             with redirect_stdout(out):
                 value = evaluate(source, namespace)

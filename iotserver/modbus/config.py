@@ -17,6 +17,8 @@ from typing import Any
 from iotserver.confparse import Reader
 from iotserver.edge import limits as edge_limits
 from iotserver.edge.endpoint import EndpointError, parse_endpoint
+from iotserver.security.login import may_write
+from iotserver.security.users import Role
 from iotserver.modbus.codec import Table
 from iotserver.modbus.default_map import DEFAULT_ENDPOINT, DEFAULT_TOML
 from iotserver.modbus.encoding import Kind, ModbusType, Order
@@ -60,9 +62,10 @@ TABLE_SHORT = {
 }
 ACCESS_LEVELS = ("none", "read", "readwrite")
 
-# Default role mapping for Modbus/TCP Security: the role names of our user model.
+# Default role mapping for Modbus/TCP Security: the role names of our user model, with the
+# server's one "may write" rule (iotserver.security.login.may_write).
 DEFAULT_ROLES: Mapping[str, str] = MappingProxyType(
-    {"operator": "read", "engineer": "readwrite", "admin": "readwrite"}
+    {r.value: "readwrite" if may_write(r) else "read" for r in Role}
 )
 
 

@@ -60,6 +60,7 @@ from iotserver.modbus.encoding import Kind
 from iotserver.modbus.image import Binding, Image
 from iotserver.tags.model import Quality
 from iotserver.tags.store import TagStore
+from iotserver.tags.writer import Writer
 
 __all__ = ["ModbusServer", "ModbusServerFactory", "ModbusServerProtocol", "ServerStats",
            "quality_exception"]
@@ -164,6 +165,7 @@ class ModbusServerProtocol(Protocol):
         self.authorized = not secure
         self.can_write = not secure
         self.principal = "modbus"
+        self.writer = Writer("", "modbus", "?")  # who the store and the audit trail see
         self.peer = "?"
         self._backlog: deque[Frame] = deque()
         self._busy = False  # a write is waiting for the store
@@ -184,6 +186,7 @@ class ModbusServerProtocol(Protocol):
         peer = transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.principal = f"modbus:{getattr(peer, 'host', '?')}"
+        self.writer = Writer("", "modbus", self.peer)
         srv.connections.add(self)
         self._counted = True
         from twisted.internet.tcp import Connection
@@ -289,6 +292,7 @@ class ModbusServerProtocol(Protocol):
         self.authorized = True
         self.can_write = access == "readwrite"
         self.principal = f"modbus:{who}"
+        self.writer = Writer(who, "modbus", self.peer)
         log.info("modbus: {who} ({peer}) connected with role {role!r}: {access}", who=who,
                  peer=self.peer, role=role, access=access)
 
@@ -489,7 +493,7 @@ class ModbusServerProtocol(Protocol):
             v = value - 0x10000 if value & 0x8000 and b.kind is Kind.INT16 else value
             store = srv.store
             path = b.path
-            result = store.write_now(path, v, principal=self.principal, checked=tag,
+            result = store.write_now(path, v, writer=self.writer, checked=tag,
                                      origin=image._sub)
             if type(result) is not Quality:
                 d: Deferred[Quality] = result  # type: ignore[assignment]
@@ -588,7 +592,7 @@ class ModbusServerProtocol(Protocol):
         if len(plan) == 1:  # the common case (FC05, FC06, one tag of FC10): no containers
             b, value = plan[0]
             path = b.path
-            result = store.write_now(path, value, principal=self.principal, checked=b.tag,
+            result = store.write_now(path, value, writer=self.writer, checked=b.tag,
                                      origin=origin)
             if type(result) is Quality:
                 return self._outcome((path,), (result,))
@@ -602,7 +606,7 @@ class ModbusServerProtocol(Protocol):
             qualities = []
             pending = []
             for path, (b, value) in writes.items():
-                result = store.write_now(path, value, principal=self.principal, checked=b.tag,
+                result = store.write_now(path, value, writer=self.writer, checked=b.tag,
                                          origin=origin)
                 if type(result) is Quality:
                     qualities.append(result)

@@ -54,7 +54,9 @@ from iotserver.mqtt.packets import Properties, Publish, ReasonCode
 from iotserver.mqtt.session import Message
 from iotserver.mqtt.topics import is_valid_topic_name, matches
 from iotserver.tags.model import Change, Quality, TagDef, TagValue
+from iotserver.security.login import may_write
 from iotserver.tags.store import compile_pattern
+from iotserver.tags.writer import Writer
 
 log = Logger(namespace="iotserver.mqtt.bridge")
 
@@ -202,6 +204,11 @@ def _bare_value(tv: TagValue) -> bytes:
     return json_text(tv.value).encode()
 
 
+def _payload_text(payload: bytes, limit: int = 200) -> str:
+    """A refused request's payload for the audit trail (bounded, never raises)."""
+    return payload[:limit].decode("utf-8", "replace")
+
+
 def parse_set_payload(payload: bytes) -> Any:
     """The value of a ``.../set`` message: a JSON value, or ``{"v": value}``. Raises ValueError.
 
@@ -293,6 +300,7 @@ class TagBridge:
             # the store holds every tag's current value: it answers for the retained
             # messages of the tag topics (no copy in the broker, nothing to persist)
             self.broker.add_retained_source(self.tags_prefix, self)
+        self.broker.on_publish_denied = self._on_publish_denied
         self._subscription = store.subscribe("**", self._on_changes, name="mqtt-bridge")
         # the tags subtree is always intercepted (consumed), even with writes off: clients
         # must not be able to publish or retain look-alike tag values there
@@ -307,6 +315,7 @@ class TagBridge:
     def stop(self) -> None:
         """Stop publishing and intercepting; idempotent."""
         self._running = False
+        self.broker.on_publish_denied = None
         if self.retain:
             self.broker.remove_retained_source(self.tags_prefix)
         if self._subscription is not None:
@@ -458,7 +467,22 @@ class TagBridge:
         if user is None:
             return False
         entry = self.core.users.get(user)
-        return entry is not None and entry.role.can_write
+        return entry is not None and may_write(entry.role)
+
+    def _writer(self, client_id: str, user: str | None) -> Writer:
+        sessions = getattr(self.broker, "sessions", None) or {}
+        conn = getattr(sessions.get(client_id), "conn", None)  # not .clients: that is a copy
+        return Writer(user or "", "mqtt", getattr(conn, "peer", "") or "")
+
+    def _on_publish_denied(self, client_id: str, user: str | None, topic: str,
+                           payload: bytes, peer: str) -> None:
+        """The ACL refused a PUBLISH: a tag write request among them goes into the audit
+        trail (it never reaches :meth:`_on_tag_publish`)."""
+        if topic.startswith(self.tags_prefix) and topic.endswith("/set"):
+            path = topic[len(self.tags_prefix) : -4]
+            self.core.store.audit_refusal(Writer(user or "", "mqtt", peer), path,
+                                          _payload_text(payload),
+                                          Quality.BAD_USER_ACCESS_DENIED)
 
     def _on_tag_publish(
         self, client_id: str, user: str | None, publish: Publish
@@ -487,18 +511,25 @@ class TagBridge:
                 "client {cid!r} ({user}): write to {path} refused: role may not write",
                 cid=client_id, user=user or "anonymous", path=path,
             )
+            self.core.store.audit_refusal(self._writer(client_id, user), path,
+                                          _payload_text(publish.payload),
+                                          Quality.BAD_USER_ACCESS_DENIED)
             self._reply(reply_topic, properties, qos, Quality.BAD_USER_ACCESS_DENIED)
             return succeed(ReasonCode.NOT_AUTHORIZED)  # in a v5 PUBACK
         try:
             value = parse_set_payload(publish.payload)
         except (ValueError, UnicodeDecodeError) as exc:
+            self.core.store.audit_refusal(self._writer(client_id, user), path,
+                                          _payload_text(publish.payload),
+                                          Quality.BAD_TYPE_MISMATCH)
             self._reply(reply_topic, properties, qos, Quality.BAD_TYPE_MISMATCH, str(exc))
             return succeed(ReasonCode.PAYLOAD_FORMAT_INVALID)
         if self._pending_writes >= MAX_PENDING_WRITES:
             self._reply(reply_topic, properties, qos, Quality.BAD_RESOURCE_UNAVAILABLE)
             return None
         self._pending_writes += 1
-        d: Deferred[Any] = self.core.store.write(path, value, principal=user)
+        d: Deferred[Any] = self.core.store.write(path, value,
+                                                 writer=self._writer(client_id, user))
 
         def done(quality: Quality) -> None:
             self._pending_writes -= 1

@@ -1,8 +1,9 @@
 """Broker counters and rate-limited logging of what limits refused or dropped.
 
 A broker under abuse (a client flooding a full queue, a connection storm) must neither fill the
-log nor hide it: each kind of event is logged at most once per ``interval`` seconds with the
-count of events suppressed meanwhile, and always counted in ``BrokerStats`` (shown in $SYS).
+log nor hide it: each kind of event is logged through the shared :mod:`iotserver.ratelog`
+(at most once per ``interval`` seconds, with the count of events suppressed meanwhile), and
+always counted in ``BrokerStats`` (shown in $SYS).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from iotserver.clock import Clock
+from iotserver.ratelog import RateLimitedLog as _SharedRateLimitedLog
 
 log = Logger(namespace="iotserver.mqtt")
 
@@ -63,29 +65,11 @@ class BrokerStats:
         return out
 
 
-class RateLimitedLog:
-    """``warn(key, fmt, **kw)`` logs at most once per ``interval`` seconds per ``key``."""
+class RateLimitedLog(_SharedRateLimitedLog):
+    """The shared rate-limited log (:mod:`iotserver.ratelog`) under the MQTT namespace."""
 
     def __init__(self, clock: Clock, interval: float = 10.0, logger: Logger = log) -> None:
-        self.clock = clock
-        self.interval = interval
-        self.log = logger
-        self._next: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warn(self, key: str, fmt: str, **kw: Any) -> None:
-        now = self.clock.seconds()
-        if now < self._next.get(key, 0.0):
-            self._suppressed[key] += 1
-            return
-        suppressed = self._suppressed.pop(key, 0)
-        if len(self._next) > 1000:  # keys are few kinds; bound it all the same
-            self._next.clear()
-        self._next[key] = now + self.interval
-        if suppressed:
-            fmt += " ({suppressed} similar events not logged)"
-            kw["suppressed"] = suppressed
-        self.log.warn(fmt, **kw)
+        super().__init__(clock, interval, logger)
 
 
 class ConnectRate:

@@ -59,7 +59,8 @@ from iotserver.mqtt.packets import (
     Unsubscribe,
 )
 from iotserver.mqtt.session import Message, Session
-from iotserver.security.tls import cert_identity, peer_certificate
+from iotserver.security.login import certificate_identities
+from iotserver.security.tls import peer_certificate
 
 log = Logger(namespace="iotserver.mqtt")
 
@@ -130,7 +131,7 @@ class MqttServerProtocol(Protocol):
         self._retain_ok = self.limits.retain_available
         self._pub_ok: dict[str, bool] = {}
         self._acl_generation = 0
-        self._cert_identity: str | None = None
+        self._cert_identity: tuple[str, ...] | None = None
         self._will_on_close = True
         self._dispatch: dict[type, Callable[[Any], None]] = {
             Connect: self._on_connect, Puback: self._on_puback, Pubrec: self._on_pubrec,
@@ -168,13 +169,10 @@ class MqttServerProtocol(Protocol):
         self._last_rx = self.clock.seconds()
 
     def handshakeCompleted(self) -> None:
-        """TLS: the verified client certificate's identity (CN, else SAN), if one was sent."""
+        """TLS: the verified client certificate's identities (the login module's rule)."""
         cert = peer_certificate(self.transport)
         if cert is not None:
-            try:
-                self._cert_identity = cert_identity(cert)
-            except ValueError:
-                self._cert_identity = None
+            self._cert_identity = certificate_identities(cert) or None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.broker.connections.discard(self)
@@ -412,6 +410,9 @@ class MqttServerProtocol(Protocol):
             broker.ratelog.warn("publish_denied", "MQTT: {cid!r} ({user}) may not publish to "
                                 "{topic!r}", cid=self.client_id, user=self.user or "anonymous",
                                 topic=topic)
+            denied = getattr(broker, "on_publish_denied", None)  # the audit trail (bridge)
+            if denied is not None:
+                denied(self.client_id, self.user, topic, p.payload, self.peer)
         if code:
             if qos:
                 if self.version != MQTT_5:

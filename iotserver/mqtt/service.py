@@ -2,16 +2,16 @@
 
 ``make_service(core, cfg)`` is the registration point (``app.SERVICE_FACTORIES``). The
 authenticator, ACL and tag bridge come from ``auth.py``, ``acl.py`` and ``bridge.py``; a
-minimal stand-in is used for any of them that cannot be imported, so the broker still runs.
+minimal stand-in is used for the ACL or the bridge when it cannot be imported, so the broker
+still runs (never for the authenticator: logins go through one module).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -20,7 +20,6 @@ from iotserver.edge.listen import Listeners
 from iotserver.lifecycle import AsyncService, StartupError
 from iotserver.mqtt.broker import Broker
 from iotserver.mqtt.config import ListenerConfig, MqttConfig
-from iotserver.mqtt.packets import ReasonCode
 from iotserver.mqtt.protocol import OPEN, MqttServerFactory
 from iotserver.mqtt.sys_topics import SysPublisher
 
@@ -42,42 +41,6 @@ def _greeted(proto: Any) -> bool:
 PROBE = Probe(partial=_partial, greeted=_greeted)
 
 
-@dataclass(frozen=True)
-class FallbackAuthResult:
-    ok: bool
-    user: str | None
-    reason: ReasonCode = ReasonCode.SUCCESS
-
-
-class FallbackAuthenticator:
-    """Used only when ``iotserver.mqtt.auth`` is missing: user file passwords, mapped client
-    certificates, anonymous when allowed."""
-
-    def __init__(self, core: Any, cfg: MqttConfig) -> None:
-        self.core = core
-        self.cfg = cfg
-
-    def authenticate(self, client_id: str, username: str | None, password: bytes | None,
-                     cert_identity: str | None, *, allow_anonymous: bool | None = None,
-                     **_: Any) -> Deferred[Any]:
-        anonymous = self.cfg.auth.allow_anonymous if allow_anonymous is None else allow_anonymous
-        users = self.core.users
-        if cert_identity is not None and self.cfg.auth.certificate_login:
-            user = users.user_for_certificate(cert_identity)
-            if user is not None:
-                return succeed(FallbackAuthResult(True, user.name))
-        if username is None:
-            if password is None and anonymous:
-                return succeed(FallbackAuthResult(True, None))
-            return succeed(FallbackAuthResult(False, None, ReasonCode.NOT_AUTHORIZED))
-        if password is None:
-            return succeed(FallbackAuthResult(False, None, ReasonCode.BAD_USER_NAME_OR_PASSWORD))
-        d: Deferred[Any] = users.verify_deferred(username, password.decode("utf-8", "replace"))
-        return d.addCallback(lambda u: FallbackAuthResult(True, u.name) if u is not None else
-                             FallbackAuthResult(False, None,
-                                                ReasonCode.BAD_USER_NAME_OR_PASSWORD))
-
-
 class _ListenerAuth:
     """The shared authenticator with one listener's anonymous setting and the peer address."""
 
@@ -86,7 +49,7 @@ class _ListenerAuth:
         self.allow_anonymous = allow_anonymous
 
     def authenticate(self, client_id: str, username: str | None, password: bytes | None,
-                     cert_identity: str | None, peer: str | None = None) -> Any:
+                     cert_identity: Any, peer: str | None = None) -> Any:
         return self.authenticator.authenticate(client_id, username, password, cert_identity,
                                                peer=peer, allow_anonymous=self.allow_anonymous)
 
@@ -223,10 +186,8 @@ class MqttService(AsyncService):
             raise StartupError(f"MQTT ACL: {exc}") from None
 
     def _make_authenticator(self) -> Any:
-        try:
-            from iotserver.mqtt.auth import Authenticator
-        except ImportError:  # pragma: no cover - auth.py ships with the broker
-            return FallbackAuthenticator(self.core, self.cfg)
+        from iotserver.mqtt.auth import Authenticator  # the server's one login path
+
         return Authenticator(self.core, self.cfg)
 
     def _make_bridge(self) -> Any:

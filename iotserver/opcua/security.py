@@ -13,10 +13,11 @@ An unknown client certificate is refused with Bad_CertificateUntrusted and copie
 the next connection attempt, no restart). Certificates issued by the server's local CA
 (``<data_dir>/tls/ca.pem``) are trusted as well: whoever holds that CA key administers the server.
 
-Users: username/password against the shared user file (scrypt, verified synchronously during
-ActivateSession because asyncua calls the user manager synchronously: tens of ms per login,
-repeated failures are throttled), X509 user tokens mapped to users by certificate CN or SAN
-(the user certificate must itself be trusted), anonymous only when configured. Roles:
+Users: username/password against the shared user file through the server's one login module
+(scrypt in a thread, awaited before asyncua activates the session, throttled by address and
+user: see :class:`IotUserManager`), X509 user tokens mapped to users by the server's one
+certificate rule (the user certificate must itself be trusted), anonymous only when
+configured. Roles:
 operator = read-only, engineer = read/write, admin = read/write and source control. No role
 may change the address space (AddNodes etc. are refused for everyone: ``allow_remote_admin``
 off, and no session is ever an asyncua Admin).
@@ -29,9 +30,8 @@ import hashlib
 import itertools
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,9 +44,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotserver.security import pki
-from iotserver.security.users import Role, UserDB
+from iotserver.security.login import Logins, Outcome, may_write
+from iotserver.security.login import certificate_identities as certificate_identities
+from iotserver.security.users import UserDB
 
 log = logging.getLogger("iotserver.opcua")
+
+PROTOCOL = "opcua"  # in the login log and the audit trail
 
 MAX_REJECTED_FILES = 200  # a scanner must not fill the disk with rejected certificates
 
@@ -333,7 +337,7 @@ class IotUser(User):  # type: ignore[misc]  # asyncua is untyped
 
     @property
     def can_write(self) -> bool:
-        return self.access in ("engineer", "admin")
+        return may_write(self.access)
 
 
 class IotRuleset(PermissionRuleset):  # type: ignore[misc]  # asyncua is untyped
@@ -348,100 +352,151 @@ class IotRuleset(PermissionRuleset):  # type: ignore[misc]  # asyncua is untyped
         return action_type_id in self._allowed
 
 
-@dataclass
-class _Throttle:
-    """After ``limit`` failed logins for a name within ``window`` s, refuse it for ``block`` s.
+class IotUserManager:
+    """asyncua user manager over the shared user file and the server's one login path
+    (:mod:`iotserver.security.login`: throttle by address and user, scrypt in a thread,
+    audit).
 
-    scrypt costs tens of ms of event loop time per attempt; this bounds what a password
-    guesser can take, at the price of a short lockout for the attacked name.
+    asyncua 2.1 calls ``get_user`` synchronously from ``InternalSession.activate_session``
+    (itself synchronous, called without ``await`` by ``UaProcessor.process_message``): a
+    coroutine returned by the hook would never be awaited, and a password checked inside it
+    would stall the event loop for the whole scrypt. So the check happens *before* asyncua
+    activates the session: :func:`precheck_activation` wraps a connection's request dispatch,
+    awaits :meth:`login` for an ActivateSession (the password is hashed in a thread while the
+    loop runs), and leaves the verdict here; ``get_user`` then only picks it up. A dispatch
+    of our own calls :meth:`login` directly.
     """
 
-    limit: int = 5
-    window: float = 60.0
-    block: float = 30.0
-    failures: dict[str, list[float]] = field(default_factory=dict)
-
-    def blocked(self, name: str, now: float) -> bool:
-        recent = [t for t in self.failures.get(name, []) if now - t < self.window]
-        if recent:
-            self.failures[name] = recent
-        else:
-            self.failures.pop(name, None)
-        return len(recent) >= self.limit and now - recent[-1] < self.block
-
-    def failed(self, name: str, now: float) -> None:
-        self.failures.setdefault(name, []).append(now)
-        if len(self.failures) > 10_000:  # bounded memory under a spray of names
-            self.failures.pop(next(iter(self.failures)))
-
-
-def certificate_identities(cert: x509.Certificate) -> list[str]:
-    """CN, then SAN URIs, e-mail addresses and DNS names: the keys ``user_for_certificate`` uses."""
-    out = [_common_name(cert)] if _common_name(cert) else []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        for kind in (x509.UniformResourceIdentifier, x509.RFC822Name, x509.DNSName):
-            out += list(san.get_values_for_type(kind))
-    except x509.ExtensionNotFound:
-        pass
-    return out
-
-
-class IotUserManager:
-    """asyncua user manager over the shared user file (see module docstring)."""
-
     def __init__(self, users: Callable[[], UserDB], trust: TrustList, *,
-                 allow_anonymous: bool) -> None:
+                 allow_anonymous: bool, logins: Logins | None = None) -> None:
         self._users = users
         self._trust = trust
         self.allow_anonymous = allow_anonymous
-        self.throttle = _Throttle()
+        self._logins = logins
+        # (username, password) -> verdict, left by precheck_activation for get_user
+        self._verdicts: dict[tuple[str, str], User | None] = {}
+
+    @property
+    def logins(self) -> Logins:
+        if self._logins is None:
+            from twisted.internet import reactor
+
+            self._logins = Logins(self._users, reactor)
+        return self._logins
+
+    async def login(self, *, peer: str | None, username: str | None = None,
+                    password: str | None = None, certificate: bytes | None = None
+                    ) -> User | None:
+        """The awaitable login for an ActivateSession: the session's user, or None to refuse
+        (Bad_UserAccessDenied). ``peer`` is the client's address (host) for the throttle;
+        ``certificate`` the DER of an X509 *user token* (never the channel certificate)."""
+        if username is not None:
+            result = await self.logins.check_password_async(PROTOCOL, peer, username,
+                                                            password or "")
+            if not result.ok or result.user is None:
+                return None
+            return IotUser(role=UserRole.User, name=result.user.name,
+                           access=result.user.role.value, via="password")
+        return self._token_login(peer, certificate)
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> User | None:
+        """asyncua's synchronous hook (see the class docstring)."""
         if username is not None:
-            return self._password_login(username, password or "")
+            key = (username, password or "")
+            if key in self._verdicts:
+                return self._verdicts.pop(key)
+            # not prechecked (a dispatch that did not await login()): verified here, blocking
+            if self.logins.throttled(PROTOCOL, None, username, "password"):
+                return None
+            self.logins.ratelog.warn("opcua-blocking", "OPC UA: password of {user!r} verified "
+                                     "on the event loop (ActivateSession was not prechecked)",
+                                     user=username)
+            user = self._users().verify(username, password or "")
+            outcome = Outcome.OK if user is not None else Outcome.FAILED
+            self.logins.record(PROTOCOL, None, username, "password", outcome, user=user)
+            if user is None:
+                return None
+            return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
+                           via="password")
+        return self._token_login(None, certificate)
+
+    def _token_login(self, peer: str | None, certificate: Any) -> User | None:
         if certificate:
-            return self._certificate_login(certificate)
+            return self._certificate_login(peer, certificate)
         if self.allow_anonymous:
+            self.logins.record(PROTOCOL, peer, None, "anonymous", Outcome.OK)
             return IotUser(role=UserRole.User, name="anonymous", access="operator",
                            via="anonymous")
+        self.logins.record(PROTOCOL, peer, None, "anonymous", Outcome.DENIED,
+                           "anonymous access is off")
         return None
 
-    def _password_login(self, name: str, password: str) -> User | None:
-        now = time.monotonic()
-        if self.throttle.blocked(name, now):
-            log.warning("OPC UA: login for %r refused: too many failed attempts", name)
-            return None
-        user = self._users().verify(name, password)
-        if user is None:
-            self.throttle.failed(name, now)
-            log.warning("OPC UA: failed password login for %r", name)
-            return None
-        return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
-                       via="password")
-
-    def _certificate_login(self, der: bytes) -> User | None:
+    def _certificate_login(self, peer: str | None, der: bytes) -> User | None:
         try:
             cert = x509.load_der_x509_certificate(bytes(der))
         except ValueError:
+            self.logins.record(PROTOCOL, peer, None, "certificate", Outcome.FAILED,
+                               "unreadable user certificate")
             return None
         code = self._trust.check(cert)
         if code:
             if code == ua.StatusCodes.BadCertificateUntrusted:
                 self._trust.reject(cert)
-            log.warning("OPC UA: user certificate %r refused: %s", _common_name(cert),
-                        ua.StatusCode(code).name)
+            self.logins.record(PROTOCOL, peer, _common_name(cert), "certificate",
+                               Outcome.FAILED, f"user certificate {ua.StatusCode(code).name}")
             return None
-        db = self._users()
-        for identity in certificate_identities(cert):
-            user = db.user_for_certificate(identity)
-            if user is not None:
-                return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
-                               via="certificate")
-        log.warning("OPC UA: user certificate %r is trusted but mapped to no user "
-                    "(add it to a user's 'certificates' list)", _common_name(cert))
-        return None
+        user = self.logins.certificate_user(cert)
+        if user is None:
+            self.logins.record(PROTOCOL, peer, _common_name(cert), "certificate",
+                               Outcome.DENIED, "trusted but mapped to no user (add it to a "
+                               "user's 'certificates' list)")
+            return None
+        self.logins.record(PROTOCOL, peer, user.name, "certificate", Outcome.OK)
+        return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
+                       via="certificate")
+
+    def remember(self, username: str, password: str, user: User | None) -> None:
+        """A verdict for the next ``get_user(username, password)`` (bounded)."""
+        if len(self._verdicts) > 1000:
+            self._verdicts.clear()
+        self._verdicts[(username, password)] = user
+
+
+_ACTIVATE = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
+
+
+def precheck_activation(processor: Any, dispatch: Callable[..., Any]) -> Callable[..., Any]:
+    """``dispatch`` (a connection's ``_process_message``) with ActivateSession passwords
+    verified first, awaited, off the event loop (see :class:`IotUserManager`).
+
+    Anything this cannot decode is left to asyncua's own ActivateSession, which refuses it.
+    """
+    from asyncua.ua.ua_binary import struct_from_binary
+
+    async def process_message(typeid: ua.NodeId, requesthdr: Any, seqhdr: Any,
+                              body: Any) -> Any:
+        manager = getattr(processor.iserver, "user_manager", None)
+        if typeid == _ACTIVATE and isinstance(manager, IotUserManager):
+            try:
+                # a shadow copy: asyncua parses the body itself afterwards
+                params = struct_from_binary(ua.ActivateSessionParameters, body.copy())
+                token = params.UserIdentityToken
+                session = processor.session or processor.iserver.lookup_external_session(
+                    requesthdr.AuthenticationToken)
+                name_pw = (processor.iserver.decrypt_user_token(session, token)
+                           if session is not None
+                           and isinstance(token, ua.UserNameIdentityToken) else None)
+            except Exception:  # malformed: asyncua's own parse refuses it
+                name_pw = None
+            if name_pw is not None and name_pw[0] is not None:
+                username, password = name_pw
+                peer = processor.name[0] if isinstance(processor.name, tuple) else None
+                user = await manager.login(peer=peer, username=username, password=password)
+                manager.remember(username, password or "", user)
+        return await dispatch(typeid, requesthdr, seqhdr, body)
+
+    return process_message
 
 
 def role_of(user: Any) -> str:
@@ -454,4 +509,5 @@ def role_of(user: Any) -> str:
 
 
 def can_write(user: Any) -> bool:
-    return role_of(user) in (Role.ENGINEER.value, Role.ADMIN.value)
+    """The server's one "may write" rule for an OPC UA session user."""
+    return may_write(role_of(user))

@@ -31,6 +31,7 @@ from iotserver.opcua.config import POLICIES, OpcUaConfig
 from iotserver.opcua.convert import VARIANT_TYPES
 from iotserver.opcua.history import HistoryReader, Series, stepped
 from iotserver.opcua.methods import MethodCalls
+from iotserver.security.login import logins_of
 from iotserver.opcua.security import (
     ClientCertificateValidator,
     IotRuleset,
@@ -114,7 +115,8 @@ class OpcUaService(AsyncService):
                 raise StartupError(f"OPC UA PKI {pki_dir}: {exc}") from None
         self.trust = TrustList(pki_dir, [ca_cert] if ca_cert is not None else [])
         users = IotUserManager(lambda: self.core.users, self.trust,
-                               allow_anonymous=cfg.allow_anonymous)
+                               allow_anonymous=cfg.allow_anonymous,
+                               logins=logins_of(self.core))
         self.iserver = iserver = IotInternalServer(
             users, max_items=cfg.max_monitored_items,
             min_interval_ms=cfg.min_publishing_interval_ms)

@@ -33,6 +33,7 @@ from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_var
 from iotserver.opcua.methods import MethodCalls
 from iotserver.opcua.monitoring import IotSubscriptionService
 from iotserver.opcua.security import can_write, role_of
+from iotserver.tags.writer import Writer
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -95,6 +96,19 @@ def _index_range(text: str) -> tuple[int, int] | None:
         return (n, n) if n >= 0 else None
     except ValueError:
         return None
+
+
+def _audit_refusal(store: TagStore, writer: Writer, path: str, wv: ua.WriteValue,
+                   code: int) -> None:
+    """A write refused before the store (role, attribute...): recorded in the audit trail."""
+    from iotserver.tags.model import Quality
+
+    try:
+        quality = Quality(code)
+    except ValueError:
+        quality = Quality.BAD  # a code the tag model does not name
+    value = getattr(getattr(wv.Value, "Value", None), "Value", None)
+    store.audit_refusal(writer, path, value, quality)
 
 
 class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
@@ -246,6 +260,9 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
         loop = asyncio.get_running_loop()
         user = self.user
         principal = f"opcua:{getattr(user, 'name', None) or 'anonymous'}"
+        peer = self.name if isinstance(self.name, tuple) else None  # asyncua: the peername
+        writer = Writer(getattr(user, "name", None) or "", "opcua",
+                        f"{peer[0]}:{peer[1]}" if peer else "")
         for i, wv in enumerate(items):
             tag = svc.space.tag_of(wv.NodeId)
             if tag is None:
@@ -262,6 +279,7 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
             code = self._check_write(tag, wv)
             if code:
                 results[i] = status(code)
+                _audit_refusal(svc.store, writer, tag.path, wv, code)
                 continue
             try:
                 value = from_variant(tag, wv.Value.Value)
@@ -269,7 +287,7 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
                 log.info("OPC UA write to %s refused: %s", tag.path, exc)
                 results[i] = status(ua.StatusCodes.BadTypeMismatch)
                 continue
-            d = svc.store.write(tag.path, value, principal=principal)
+            d = svc.store.write(tag.path, value, writer=writer)
             pending.append((i, d.asFuture(loop)))
         if rest:
             sub = ua.WriteParameters()

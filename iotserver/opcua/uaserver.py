@@ -18,6 +18,7 @@ from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.uaprocessor import PublishRequestData, UaProcessor
 
 from iotserver.opcua.fastenc import encode_publish_response
+from iotserver.opcua.security import precheck_activation
 
 log = logging.getLogger("iotserver.opcua")
 
@@ -70,7 +71,8 @@ class IotProtocol(OPCUAProtocol):  # type: ignore[misc]  # asyncua is untyped
         if processor is not None:
             processor.forward_publish_response = (
                 _forward_publish_response.__get__(processor))
-            processor._process_message = _with_browse_next(processor)
+            processor._process_message = precheck_activation(  # passwords off the loop
+                processor, _with_browse_next(processor))
 
 
 class IotBinaryServer(BinaryServer):  # type: ignore[misc]  # asyncua is untyped

@@ -37,6 +37,7 @@ class Role(enum.Enum):
 
     @property
     def can_write(self) -> bool:
+        """The one "may write" rule (every protocol asks it through ``login.may_write``)."""
         return self is not Role.OPERATOR
 
 

@@ -34,6 +34,7 @@ from iotserver.tags.model import (
     Update,
     coerce,
 )
+from iotserver.tags.writer import UNKNOWN_WRITER, AuditSink, Writer
 
 log = Logger(namespace="iotserver.tags")
 
@@ -159,6 +160,7 @@ class TagStore:
         self._dirty: set[Subscription] = set()
         self.write_timeout = write_timeout
         self.stats = StoreStats()
+        self.audit: AuditSink | None = None  # told every write's outcome (writer.py)
         self._define_listeners: list[Callable[[TagDef, bool], None]] = []
 
     # -- time -----------------------------------------------------------------------------
@@ -399,14 +401,16 @@ class TagStore:
         log.failure("subscriber {name!r} failed on a batch of changes", failure, name=sub.name)
 
     # -- writes ---------------------------------------------------------------------------
-    def write(self, path: str, value: Any, *, principal: str = "") -> Deferred[Quality]:
+    def write(self, path: str, value: Any, *, writer: Writer | None = None,
+              principal: str = "") -> Deferred[Quality]:
         """Validate, coerce and route a write to the tag's owner; fires with the final quality.
 
         Never errbacks: every failure becomes a Bad quality (BadNodeIdUnknown, BadNotWritable,
         BadTypeMismatch, BadOutOfRange, BadTimeout, BadInternalError ...), so each protocol can
-        answer its client with its own code.
+        answer its client with its own code. ``writer`` says who writes (the audit trail);
+        ``principal`` alone is the older form of it (a name, no protocol or peer).
         """
-        result = self.write_now(path, value, principal=principal)
+        result = self.write_now(path, value, writer=writer, principal=principal)
         if isinstance(result, Deferred):
             return result
         return succeed(result)
@@ -416,6 +420,7 @@ class TagStore:
         path: str,
         value: Any,
         *,
+        writer: Writer | None = None,
         principal: str = "",
         checked: TagDef | None = None,
         origin: Subscription | None = None,
@@ -429,6 +434,25 @@ class TagStore:
         it (every other subscriber is notified as usual): the caller must show the new value
         itself, e.g. from :meth:`read` right after the write.
         """
+        result = self._route(path, value, checked, origin)
+        audit = self.audit
+        if audit is not None:
+            if writer is None:
+                writer = Writer(principal) if principal else UNKNOWN_WRITER
+            if type(result) is Quality:
+                audit.write_done(writer, path, value, result)
+            else:
+                result.addCallback(_audited, audit, writer, path, value)  # type: ignore[union-attr]
+        return result
+
+    def audit_refusal(self, writer: Writer, path: str, value: Any, quality: Quality) -> None:
+        """Record a write that its protocol refused before it reached the store (role, bad
+        payload...), so the audit trail holds every attempt (the store's counters do not)."""
+        if self.audit is not None:
+            self.audit.write_done(writer, path, value, quality)
+
+    def _route(self, path: str, value: Any, checked: TagDef | None,
+               origin: Subscription | None) -> Quality | Deferred[Quality]:
         self.stats.writes += 1
         entry = self._entries.get(path)
         if entry is None:
@@ -487,6 +511,11 @@ class TagStore:
         if quality & 0x80000000:  # Bad (Quality is an IntEnum; .is_bad is slower)
             self.stats.writes_failed += 1
         return quality
+
+
+def _audited(quality: Quality, audit: AuditSink, writer: Writer, path: str, value: Any) -> Quality:
+    audit.write_done(writer, path, value, quality)
+    return quality
 
 
 class MemoryOwner:
