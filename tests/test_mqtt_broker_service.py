@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_mqtt_persistence import mqtt_config, start
-from test_mqtt_protocol_harness import net_connect
+from helpers.mqtt_harness import mqtt_config, net_connect, start
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_mqtt_persistence import start
+from helpers.mqtt_harness import start
 from twisted.internet import reactor, threads, utils
 from twisted.internet.task import deferLater
 

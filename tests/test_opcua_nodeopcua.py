@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_opcua_harness import aio, free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import aio, make_config, start
 
 from iotserver.tags.model import Update
 

@@ -15,11 +15,11 @@ import pytest
 import pytest_twisted
 from asyncua import ua
 from asyncua.ua.uaerrors import UaStatusCodeError
-from test_opcua_harness import (
+from helpers import free_port
+from helpers.opcua import (
     Running,
     aio,
     client,
-    free_port,
     make_client_cert,
     make_config,
     start,
