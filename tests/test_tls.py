@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,10 +354,38 @@ def test_server_context_argument_errors(tmp_path: Path, pki_files: Pki) -> None:
         client_context_factory("localhost", ca_path=pki_files.ca, cert_path=pki_files.client_cert)
 
 
+def _chain_sent(server_ctx: Any) -> list[str]:
+    """Handshake in memory (no socket) and return the subjects of the certificates the
+    server sent, leaf first."""
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(20):  # a TLS handshake takes a few flights
+        for conn in (client, server):
+            with contextlib.suppress(SSL.WantReadError):
+                conn.do_handshake()
+        for src, dst in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                dst.bio_write(src.bio_read(65536))
+        chain = client.get_peer_cert_chain(as_cryptography=True)
+        if chain and client.get_state_string() == b"SSL negotiation finished successfully":
+            return [c.subject.rfc4514_string() for c in chain]
+    raise AssertionError("the in-memory handshake did not finish")
+
+
 def test_server_context_sends_chain_from_bundle(tmp_path: Path, pki_files: Pki) -> None:
+    from cryptography import x509
+
+    def subject(path: Path) -> str:
+        return x509.load_pem_x509_certificate(path.read_bytes()).subject.rfc4514_string()
+
     bundle = tmp_path / "chain.pem"
     bundle.write_bytes(pki_files.server_cert.read_bytes() + pki_files.ca.read_bytes())
-    server_context_factory(bundle, pki_files.server_key)  # leaf first, extras as chain
+    ctx = server_context_factory(bundle, pki_files.server_key).getContext()  # leaf first
+    assert _chain_sent(ctx) == [subject(pki_files.server_cert), subject(pki_files.ca)]
+    leaf_only = server_context_factory(pki_files.server_cert, pki_files.server_key).getContext()
+    assert _chain_sent(leaf_only) == [subject(pki_files.server_cert)]
 
 
 def test_cert_identity_fallbacks() -> None:
