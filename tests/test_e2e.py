@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from helpers import free_port, wait_for
-from helpers.opcua import aio
+from helpers import aio, free_port, wait_for
 from twisted.internet import reactor
 
 from iotserver import app, config

@@ -3,6 +3,7 @@
 * :func:`wait_for` / :func:`wait_for_aio` / :func:`wait_for_sync`: a bounded wait for a
   condition, for Twisted-style coroutines, asyncio coroutines and blocking code (threads,
   subprocesses). Tests synchronise on these, never on a fixed sleep.
+* :func:`aio`: await asyncio code from a Twisted-style test.
 * :func:`sleep`: a deliberate delay, for the few tests where the passing of time is what is
   tested (a peer that goes silent); such a test then waits for a condition.
 * :func:`free_port`: a port reserved for peers that need it before they start.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet import task
@@ -65,6 +66,15 @@ def wait_for_sync(condition: Callable[[], object], timeout: float = TIMEOUT,
             raise _fail(_describe(condition, what), timeout)
         time.sleep(interval)
     return result
+
+
+def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
+    """Await asyncio code (asyncua, pymodbus) from a Twisted-style test.
+
+    A Twisted coroutine cannot await an asyncio future directly ("await wasn't used with
+    future"): run it as an asyncio task and wrap that in a Deferred.
+    """
+    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 def sleep(seconds: float) -> Deferred[None]:

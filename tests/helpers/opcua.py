@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from helpers import aio as aio  # re-exported: the OPC UA tests await clients through it
 from helpers import wait_for_aio
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 
 from iotserver import app, config
 from iotserver.security.users import Role, User, hash_password, save_users
@@ -69,15 +69,6 @@ path = "Line2/Oven/Zone1/Temp"
 type = "float32"
 range = [0, 400]
 """
-
-
-def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    """Await asyncio code from a Twisted-style test.
-
-    A Twisted coroutine cannot await an asyncio future directly ("await wasn't used with
-    future"): run it as an asyncio task and wrap that in a Deferred.
-    """
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 def write_users(path: Path) -> None:
