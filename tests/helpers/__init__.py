@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -48,13 +49,18 @@ async def wait_for(condition: Callable[[], object], timeout: float = TIMEOUT,
 
 async def wait_for_aio(condition: Callable[[], object], timeout: float = TIMEOUT,
                        what: str = "", interval: float = INTERVAL) -> Any:
-    """The same for asyncio coroutines (asyncua clients, code run through ``aio``)."""
+    """The same for asyncio coroutines (asyncua clients, code run through ``aio``); the
+    condition may also return an awaitable (a client read), which is awaited each time."""
     deadline = time.monotonic() + timeout
-    while not (result := condition()):
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         if time.monotonic() > deadline:
             raise _fail(_describe(condition, what), timeout)
         await asyncio.sleep(interval)
-    return result
 
 
 def wait_for_sync(condition: Callable[[], object], timeout: float = TIMEOUT,
