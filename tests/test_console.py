@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from helpers import wait_for
 from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, globalLogPublisher
@@ -173,9 +174,10 @@ async def test_exec_write_waits_for_the_quality(console: Console) -> None:
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["path", "value", "quality"]
     assert lines[2].startswith("Site/Setpoint") and "42.5 bar" in lines[2] and "Good" in lines[2]
-    out, _, code = await console.ssh("wait(__import__('asyncio').sleep(0.05, 'slept'))")
+    out, _, code = await console.ssh("wait(__import__('asyncio').sleep(0, 'slept'))")
     assert (out, code) == ("'slept'\n", 0)
-    out, err, code = await console.ssh("wait(__import__('asyncio').sleep(5), timeout=0.1)")
+    # a coroutine that never finishes, against wait()'s own timeout
+    out, err, code = await console.ssh("wait(__import__('asyncio').Event().wait(), timeout=0.1)")
     assert code == 1 and "TimeoutError" in err
 
 
@@ -326,17 +328,12 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
 
 @pytest_twisted.ensureDeferred
 async def test_stop_closes_open_sessions(console: Console) -> None:
-    from twisted.internet import task
     from twisted.internet.defer import Deferred
 
     service = console.core.services["console"]
-    running = Deferred.fromCoroutine(
-        console.ssh("wait(__import__('asyncio').sleep(30), timeout=30)"))
-    for _ in range(200):
-        await task.deferLater(reactor, 0.05, lambda: None)
-        if service.sessions:
-            break
-    assert service.sessions
+    running = Deferred.fromCoroutine(  # a session busy until it is closed
+        console.ssh("wait(__import__('asyncio').Event().wait(), timeout=30)"))
+    await wait_for(lambda: service.sessions, what="the console session")
     await service.stopService()
     out, _, code = await running
     assert code != 0 and out == ""
