@@ -145,7 +145,7 @@ async def start_plant(tmp: Path) -> Plant:
     for name in ("mqtt", "modbus"):
         p.ports[name] = p.core.services[name].ports[0].getHost().port
     await wait_for(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
-                     what="first poll")
+                   what="first poll")
     return p
 
 
@@ -224,7 +224,7 @@ async def test_plc_change_reaches_every_protocol_and_writes_reach_the_plc(tmp_pa
         p.plc.holding[LEVEL_REG] = 4321
         await wait_for(lambda: 4321 in changes, what="OPC UA notification of 4321")
         await wait_for(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("v")
-                         == 4321, what="MQTT message with 4321")
+                       == 4321, what="MQTT message with 4321")
         msg = p.mqtt_latest("iotserver/tags/PLC1/Level")
         assert msg is not None and msg["q"] == "Good" and msg["t"].endswith("Z")
         rr = await modbus_read(p, SERVED_LEVEL)
@@ -273,22 +273,22 @@ async def test_plc_outage_is_bad_everywhere_and_recovers(tmp_path: Path) -> None
         await connect_clients(p)
         assert p.plc is not None
         await p.plc.stop()
-        await wait_for(lambda: p.core.store.read("PLC1/Level").quality.is_bad, timeout=3,
-                         what="Bad quality after the PLC stopped")
+        await wait_for(lambda: p.core.store.read("PLC1/Level").quality.is_bad,
+                       what="Bad quality after the PLC stopped")
         dv = await opcua_value(p, "PLC1/Level")
         assert dv.StatusCode.value in (Quality.BAD_NOT_CONNECTED.value,
                                        Quality.BAD_COMMUNICATION_ERROR.value)
         await wait_for(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q", "")
-                         .startswith("Bad"), what="MQTT Bad quality")
+                       .startswith("Bad"), what="MQTT Bad quality")
         rr = await modbus_read(p, SERVED_LEVEL)
         assert rr.isError() and rr.exception_code == 4
 
         await p.plc.start()
         await wait_for(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
-                         timeout=5, what="Good again after the PLC returned")
+                       what="Good again after the PLC returned")
         assert (await opcua_value(p, "PLC1/Level")).StatusCode.is_good()
         await wait_for(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q")
-                         == "Good", what="MQTT Good again")
+                       == "Good", what="MQTT Good again")
         assert not (await modbus_read(p, SERVED_LEVEL)).isError()
 
         # -- an operator forces a reconnect of the PLC from OPC UA (a method on its folder) --
@@ -300,6 +300,6 @@ async def test_plc_outage_is_bad_everywhere_and_recovers(tmp_path: Path) -> None
         await aio(folder.call_method(ua.NodeId("PLC1#Reconnect", p.ns)))
         await wait_for(lambda: device.stats.reconnects > before, what="reconnect")
         await wait_for(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
-                         what="Good after the forced reconnect")
+                       what="Good after the forced reconnect")
     finally:
         await stop_plant(p)
