@@ -641,20 +641,16 @@ async def test_mbpoll_reads_and_writes(server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> None:
+async def test_tls_client_certificate_roles(tmp_path: Path) -> None:
     """tls: listener with the server's own certificate: role -> access; no role -> closed."""
-    import socket
-
     from twisted.internet.endpoints import wrapClientTLS
 
     from iotserver.security import pki
     from iotserver.security.tls import client_context_factory, peer_certificate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        tls_port = s.getsockname()[1]
-    root, srv = await start_server(tmp_path, free_port, endpoints=[
-        f"tcp:{free_port}:interface=127.0.0.1", f"tls:{tls_port}:interface=127.0.0.1"])
+    root, srv = await start_server(tmp_path, 0, endpoints=[
+        "tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"])
+    tls_port = srv.service.ports[1].getHost().port
     tls_dir = srv.data / "tls"
     ca_cert, ca_key = pki.load_cert(tls_dir / "ca.pem"), pki.load_key(tls_dir / "ca.key")
 

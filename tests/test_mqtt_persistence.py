@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest_twisted
 from helpers import wait_for
-from helpers.mqtt_harness import mqtt_config, net_connect, props, start
+from helpers.mqtt_harness import mqtt_config, net_connect, port_of, props, start
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -95,18 +95,18 @@ def test_props_round_trip() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path,
-                                                            free_port: int) -> None:
-    text = mqtt_config(tmp_path / "data", free_port)
+async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path) -> None:
+    text = mqtt_config(tmp_path / "data", 0)  # a new port at each start
     root = await start(text)
+    port = port_of(root)
     try:
-        sub = await net_connect(free_port, "durable", MQTT_5, clean=False,
+        sub = await net_connect(port, "durable", MQTT_5, clean=False,
                                 props=props(session_expiry_interval=3600))
         sub.send(Subscribe(1, (("t/#", SubscriptionOptions(2)),)))
         await sub.expect(Suback)
         sub.send(Disconnect())
         await sub.closed
-        pub = await net_connect(free_port, "pub", MQTT_3_1_1)
+        pub = await net_connect(port, "pub", MQTT_3_1_1)
         pub.send(Publish("t/1", b"one", 1, packet_id=1), Publish("t/2", b"two", 2, packet_id=2),
                  Publish("keep", b"retained", 1, retain=True, packet_id=3))
         assert (await pub.expect(Puback)).packet_id == 1
@@ -119,8 +119,9 @@ async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path,
         await root.stopService()
 
     root = await start(text)
+    port = port_of(root)
     try:
-        sub = await net_connect(free_port, "durable", MQTT_5, clean=False,
+        sub = await net_connect(port, "durable", MQTT_5, clean=False,
                                 props=props(session_expiry_interval=3600))
         assert sub.connack is not None and sub.connack.session_present
         a = await sub.expect(Publish)
@@ -375,15 +376,16 @@ async def test_wills_survive_kill_9(tmp_path: Path, free_port: int) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path, free_port: int) -> None:
+async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path) -> None:
     """SIGTERM does not publish wills (clients come back) but keeps them: a client that
     does not come back gets its will published at the next start. A client that said
     DISCONNECT has no will left."""
-    text = mqtt_config(tmp_path / "data", free_port)
+    text = mqtt_config(tmp_path / "data", 0)  # a new port at each start
     root = await start(text)
+    port = port_of(root)
     try:
-        dev = await _online(free_port, "dev", MQTT_3_1_1, Will("status/dev", b"offline", 1, True))
-        polite = await _online(free_port, "polite", MQTT_3_1_1,
+        dev = await _online(port, "dev", MQTT_3_1_1, Will("status/dev", b"offline", 1, True))
+        polite = await _online(port, "polite", MQTT_3_1_1,
                                Will("status/polite", b"offline", 1, True))
         polite.send(Disconnect())
         await polite.closed
@@ -392,6 +394,7 @@ async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path, free_port: 
         await root.stopService()
     await dev.closed
     root = await start(text)
+    port = port_of(root)
     try:
         broker = root.core.services["mqtt"].broker
 
@@ -400,7 +403,7 @@ async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path, free_port: 
             return will is not None and will.payload == b"offline"
 
         await wait_for(published, what="the orphan will of dev")
-        got = await _retained(free_port, "status/#", 2)
+        got = await _retained(port, "status/#", 2)
         assert got == {"status/dev": b"offline", "status/polite": b"online"}
         assert broker.orphan_wills == {}
     finally:

@@ -281,3 +281,8 @@ async def start(text: str) -> Any:
     root.startService()
     await core.services["mqtt"].started
     return root
+
+
+def port_of(root: Any, index: int = 0) -> int:
+    """The port the broker's ``index``-th listener got (configured as ``tcp:0``)."""
+    return int(root.core.services["mqtt"].ports[index].getHost().port)
