@@ -119,6 +119,8 @@ async def start_console(tmp_path: Path, port: int, extra: str = "", *,
     root, core = app.build(console_config(tmp_path, port, extra), reactor)
     root.startService()
     await core.services["console"].started
+    if port == 0:  # listening on port 0: the port the system chose
+        port = core.services["console"].port.getHost().port
     console = Console(port, data, key, core, root, errors)
     console._observer = observe  # type: ignore[attr-defined]
     return console
@@ -130,8 +132,8 @@ async def stop_console(console: Console) -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def console(tmp_path: Path, free_port: int) -> AsyncIterator[Console]:
-    c = await start_console(tmp_path, free_port)
+async def console(tmp_path: Path) -> AsyncIterator[Console]:
+    c = await start_console(tmp_path, 0)
     yield c
     await stop_console(c)
 
