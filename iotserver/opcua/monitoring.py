@@ -216,7 +216,9 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         self._by_handle: dict[int, Item] = {}
         self._limits = limits
         self.hook = _Hook(self.on_change)
-        self.clock: Any = clock  # IReactorTime of the sampling interval; the reactor if None
+        # IReactorTime of the sampling interval (task.Clock in tests); the reactor if None.
+        # The reactor's seconds() is wall time: a clock step shifts one interval at most.
+        self.clock: Any = clock
 
     # -- creation / modification ---------------------------------------------------------
     async def create_monitored_items(
