@@ -27,6 +27,7 @@ of a changed node; writes through asyncua's own API still arrive via the async h
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -97,7 +98,7 @@ class Item:
         self.sampling = 0.0  # seconds between samples; 0: every change
         self.next_due = 0.0  # clock time from which the next change may be sampled at once
         self.pending: ua.DataValue | None = None  # newest change waiting for its sample
-        self.timer: Any = None  # the clock's DelayedCall for that sample
+        self.timer: Any = None  # the clock's pending call for that sample
 
 
 def _exceeds(old: Any, new: Any, limit: float) -> bool:
@@ -216,8 +217,8 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         self._by_handle: dict[int, Item] = {}
         self._limits = limits
         self.hook = _Hook(self.on_change)
-        # IReactorTime of the sampling interval (task.Clock in tests); the reactor if None.
-        # The reactor's seconds() is wall time: a clock step shifts one interval at most.
+        # IReactorTime of the sampling interval (task.Clock in tests); by default the asyncio
+        # loop's monotonic clock (found on first use)
         self.clock: Any = clock
 
     # -- creation / modification ---------------------------------------------------------
@@ -459,9 +460,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         item.pending = None
 
     def _find_clock(self) -> Any:
-        from twisted.internet import reactor  # on first use: importing it installs a reactor
-
-        self.clock = reactor
+        self.clock = _LoopClock(asyncio.get_event_loop())
         return self.clock
 
     def _queue(self, item: Item, dv: ua.DataValue) -> None:
@@ -485,6 +484,23 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
             queue.append(note)
         else:
             queue[-1] = _with_overflow(note)
+
+
+class _LoopClock:
+    """The asyncio loop's monotonic time through the two IReactorTime calls used above.
+
+    Not the reactor itself: its ``seconds()`` is wall time, and a wall clock stepped back by an
+    hour would hold a waiting sample for that hour.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def seconds(self) -> float:
+        return self._loop.time()
+
+    def callLater(self, delay: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, fn, *args)
 
 
 class IotSubscription(InternalSubscription):  # type: ignore[misc]  # asyncua is untyped
