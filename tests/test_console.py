@@ -269,7 +269,7 @@ async def test_interactive_session_resize_and_ctrl_d(console: Console) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None:
+async def test_password_login_admin_only(tmp_path: Path) -> None:
     users = tmp_path / "data" / "users.toml"
     users.parent.mkdir(parents=True)
     save_users(users, [User("boss", Role.ADMIN, hash_password("s3cret")),
@@ -277,7 +277,7 @@ async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None
     askpass = tmp_path / "askpass.sh"
     askpass.write_text('#!/bin/sh\necho "$CONSOLE_TEST_PASSWORD"\n')
     askpass.chmod(0o700)
-    c = await start_console(tmp_path, free_port, "password_login = true", authorize=False)
+    c = await start_console(tmp_path, 0, "password_login = true", authorize=False)
     try:
         async def login(user: str, password: str) -> tuple[str, str, int]:
             env = {"PATH": os.environ.get("PATH", ""), "SSH_ASKPASS": str(askpass),
@@ -297,7 +297,7 @@ async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_port: int) -> None:
+async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path) -> None:
     warnings: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
@@ -308,7 +308,7 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
 
     globalLogPublisher.addObserver(observe)
     try:
-        c = await start_console(tmp_path, free_port, authorize=False)
+        c = await start_console(tmp_path, 0, authorize=False)
         fingerprint = c.core.services["console"].host_key_fingerprint
         host_key = c.data / "console" / "ssh_host_ed25519_key"
         assert stat.S_IMODE(host_key.stat().st_mode) == 0o600
@@ -319,7 +319,7 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
         _, err, code = await c.ssh("1")
         assert code == 255 and "Permission denied" in err
         await stop_console(c)
-        root, core = app.build(console_config(tmp_path, free_port), reactor)
+        root, core = app.build(console_config(tmp_path, 0), reactor)
         root.startService()
         await core.services["console"].started
         assert core.services["console"].host_key_fingerprint == fingerprint
@@ -343,19 +343,20 @@ async def test_stop_closes_open_sessions(console: Console) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_port_in_use_is_a_clear_startup_error(tmp_path: Path, free_port: int) -> None:
+async def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
     from twisted.internet.protocol import Factory
 
     from iotserver.lifecycle import StartupError
 
-    blocker = reactor.listenTCP(free_port, Factory(), interface="127.0.0.1")
-    root, core = app.build(console_config(tmp_path, free_port), reactor)
+    blocker = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    busy = blocker.getHost().port
+    root, core = app.build(console_config(tmp_path, busy), reactor)
     try:
         root.startService()
         service = core.services["console"]
         await service.started
         assert service.failure is not None and service.failure.check(StartupError)
-        assert f"SSH console cannot listen on tcp:{free_port}" in str(service.failure.value)
+        assert f"SSH console cannot listen on tcp:{busy}" in str(service.failure.value)
     finally:
         await root.stopService()
         await blocker.stopListening()
