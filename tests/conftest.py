@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Iterator
 
+import helpers
 import pytest
 
 
@@ -43,7 +43,7 @@ def _reactor_running() -> None:
 def no_leaks(request: pytest.FixtureRequest, _reactor_running: None) -> Iterator[None]:
     """Fail a test that leaves asyncio tasks running or file descriptors open.
 
-    Neither pytest nor trial notices a leaked asyncio server (facts.md), so we count.
+    Neither pytest nor trial notices a leaked asyncio server, so we count.
     A test that legitimately keeps something (a module-scoped server) opts out with
     ``@pytest.mark.allow_leaks``.
     """
@@ -81,7 +81,5 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port reserved on 127.0.0.1 (see ``helpers.free_port`` for when to use one)."""
+    return helpers.free_port()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from helpers import wait_for
+from twisted.internet import reactor
 
 from iotserver import app, config
 from iotserver.tags.model import Quality
@@ -38,28 +39,25 @@ initial = 10
     return config.parse(text, source="test.toml")
 
 
-def sleep(seconds: float) -> object:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_server_runs_simulated_plant_and_keeps_memory_tags(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     root, core = app.build(cfg, reactor)
     root.startService()
     try:
-        await sleep(0.4)
         store = core.store
+        ring = core.rings.get("signal:Plant/Line1/Pump1/Vibration")
+        hist = core.rings.get("tag:Plant/Line1/Pump1/Speed")
+        kurt = core.rings.get("tag:Plant/Line1/Pump1/Vibration/Kurtosis")  # derived, historized
+        # five signal blocks of 512 samples (about 20 a second), five speed samples, the pump
+        # up to speed
+        await wait_for(lambda: len(ring) >= 512 * 5 and len(hist) >= 5 and len(kurt) >= 1
+                       and (store.read("Plant/Line1/Pump1/Speed").value or 0) > 100,
+                       what="simulated data")
         speed = store.read("Plant/Line1/Pump1/Speed")
         assert speed.quality is Quality.GOOD and speed.value > 100
         rms = store.read("Plant/Line1/Pump1/Vibration/RMS")
         assert rms.quality is Quality.GOOD and 0.01 < rms.value < 1.0
-        ring = core.rings.get("signal:Plant/Line1/Pump1/Vibration")
-        assert len(ring) >= 512 * 5  # ~20 blocks/s of 512 samples
-        hist = core.rings.get("tag:Plant/Line1/Pump1/Speed")
-        assert len(hist) >= 5
-        kurt = core.rings.get("tag:Plant/Line1/Pump1/Vibration/Kurtosis")  # derived, historized
-        assert len(kurt) >= 1
         # memory tags: configured and simulator setpoints
         assert await store.write("Site/Setpoint", 42.5) is Quality.GOOD
         assert await store.write("Plant/Line1/Pump1/SpeedSetpoint", 900) is Quality.GOOD
@@ -67,8 +65,8 @@ async def test_server_runs_simulated_plant_and_keeps_memory_tags(tmp_path: Path)
         # a simulator-owned tag: the write reaches the simulator, which stops the pump
         before = store.read("Plant/Line1/Pump1/Speed").value
         assert await store.write("Plant/Line1/Pump1/Run", False) is Quality.GOOD
-        await sleep(0.3)
-        assert store.read("Plant/Line1/Pump1/Speed").value < before - 50  # running down
+        await wait_for(lambda: store.read("Plant/Line1/Pump1/Speed").value < before - 50,
+                       what="the pump running down")
     finally:
         await root.stopService()
     # stop is idempotent

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from helpers import wait_for
 from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, globalLogPublisher
@@ -119,6 +120,8 @@ async def start_console(tmp_path: Path, port: int, extra: str = "", *,
     root, core = app.build(console_config(tmp_path, port, extra), reactor)
     root.startService()
     await core.services["console"].started
+    if port == 0:  # listening on port 0: the port the system chose
+        port = core.services["console"].port.getHost().port
     console = Console(port, data, key, core, root, errors)
     console._observer = observe  # type: ignore[attr-defined]
     return console
@@ -130,8 +133,8 @@ async def stop_console(console: Console) -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def console(tmp_path: Path, free_port: int) -> AsyncIterator[Console]:
-    c = await start_console(tmp_path, free_port)
+async def console(tmp_path: Path) -> AsyncIterator[Console]:
+    c = await start_console(tmp_path, 0)
     yield c
     await stop_console(c)
 
@@ -174,9 +177,10 @@ async def test_exec_write_waits_for_the_quality(console: Console) -> None:
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["path", "value", "quality"]
     assert lines[2].startswith("Site/Setpoint") and "42.5 bar" in lines[2] and "Good" in lines[2]
-    out, _, code = await console.ssh("wait(__import__('asyncio').sleep(0.05, 'slept'))")
+    out, _, code = await console.ssh("wait(__import__('asyncio').sleep(0, 'slept'))")
     assert (out, code) == ("'slept'\n", 0)
-    out, err, code = await console.ssh("wait(__import__('asyncio').sleep(5), timeout=0.1)")
+    # a coroutine that never finishes, against wait()'s own timeout
+    out, err, code = await console.ssh("wait(__import__('asyncio').Event().wait(), timeout=0.1)")
     assert code == 1 and "TimeoutError" in err
 
 
@@ -305,7 +309,7 @@ async def test_interactive_session_resize_and_ctrl_d(console: Console) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None:
+async def test_password_login_admin_only(tmp_path: Path) -> None:
     users = tmp_path / "data" / "users.toml"
     users.parent.mkdir(parents=True)
     save_users(users, [User("boss", Role.ADMIN, hash_password("s3cret")),
@@ -313,7 +317,7 @@ async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None
     askpass = tmp_path / "askpass.sh"
     askpass.write_text('#!/bin/sh\necho "$CONSOLE_TEST_PASSWORD"\n')
     askpass.chmod(0o700)
-    c = await start_console(tmp_path, free_port, "password_login = true", authorize=False)
+    c = await start_console(tmp_path, 0, "password_login = true", authorize=False)
     try:
         async def login(user: str, password: str) -> tuple[str, str, int]:
             env = {"PATH": os.environ.get("PATH", ""), "SSH_ASKPASS": str(askpass),
@@ -338,7 +342,7 @@ async def test_password_login_admin_only(tmp_path: Path, free_port: int) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_port: int) -> None:
+async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path) -> None:
     warnings: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
@@ -349,7 +353,7 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
 
     globalLogPublisher.addObserver(observe)
     try:
-        c = await start_console(tmp_path, free_port, authorize=False)
+        c = await start_console(tmp_path, 0, authorize=False)
         fingerprint = c.core.services["console"].host_key_fingerprint
         host_key = c.data / "console" / "ssh_host_ed25519_key"
         assert stat.S_IMODE(host_key.stat().st_mode) == 0o600
@@ -360,7 +364,7 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
         _, err, code = await c.ssh("1")
         assert code == 255 and "Permission denied" in err
         await stop_console(c)
-        root, core = app.build(console_config(tmp_path, free_port), reactor)
+        root, core = app.build(console_config(tmp_path, 0), reactor)
         root.startService()
         await core.services["console"].started
         assert core.services["console"].host_key_fingerprint == fingerprint
@@ -371,17 +375,12 @@ async def test_host_key_created_once_and_no_keys_warning(tmp_path: Path, free_po
 
 @pytest_twisted.ensureDeferred
 async def test_stop_closes_open_sessions(console: Console) -> None:
-    from twisted.internet import task
     from twisted.internet.defer import Deferred
 
     service = console.core.services["console"]
-    running = Deferred.fromCoroutine(
-        console.ssh("wait(__import__('asyncio').sleep(30), timeout=30)"))
-    for _ in range(200):
-        await task.deferLater(reactor, 0.05, lambda: None)
-        if service.sessions:
-            break
-    assert service.sessions
+    running = Deferred.fromCoroutine(  # a session busy until it is closed
+        console.ssh("wait(__import__('asyncio').Event().wait(), timeout=30)"))
+    await wait_for(lambda: service.sessions, what="the console session")
     await service.stopService()
     out, _, code = await running
     assert code != 0 and out == ""
@@ -389,19 +388,20 @@ async def test_stop_closes_open_sessions(console: Console) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_port_in_use_is_a_clear_startup_error(tmp_path: Path, free_port: int) -> None:
+async def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
     from twisted.internet.protocol import Factory
 
     from iotserver.lifecycle import StartupError
 
-    blocker = reactor.listenTCP(free_port, Factory(), interface="127.0.0.1")
-    root, core = app.build(console_config(tmp_path, free_port), reactor)
+    blocker = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    busy = blocker.getHost().port
+    root, core = app.build(console_config(tmp_path, busy), reactor)
     try:
         root.startService()
         service = core.services["console"]
         await service.started
         assert service.failure is not None and service.failure.check(StartupError)
-        assert f"SSH console cannot listen on tcp:{free_port}" in str(service.failure.value)
+        assert f"SSH console cannot listen on tcp:{busy}" in str(service.failure.value)
     finally:
         await root.stopService()
         await blocker.stopListening()

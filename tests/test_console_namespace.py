@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from helpers import wait_for
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeout
 
@@ -181,10 +182,28 @@ def test_wait_times_out_and_cancels() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_wait_runs_asyncio_coroutines() -> None:
-    ns = make_namespace(make_core(reactor))
-    assert await ns["wait"](asyncio.sleep(0.01, "done")) == "done"
+    clock = task.Clock()  # the console's clock: wait()'s timeout runs on it
+    ns = make_namespace(make_core(clock))
+    assert await ns["wait"](asyncio.sleep(0, "done")) == "done"
+    started: list[bool] = []
+    cancelled: list[bool] = []
+
+    async def forever() -> None:
+        started.append(True)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    d = ns["wait"](forever(), timeout=5)
+    await wait_for(lambda: started, what="the coroutine to start")
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.1)
     with pytest.raises(DeferTimeout):
-        await ns["wait"](asyncio.sleep(5), timeout=0.05)
+        await d
+    await wait_for(lambda: cancelled, what="the timed-out coroutine cancelled")
 
 
 def test_reload_help_exit_input(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""One plant through all three protocols, with real clients (issue 7).
+"""One plant through all three protocols, with real clients.
 
 A simulated Modbus PLC is polled by the server; an OPC UA client (asyncua), an MQTT client
 (paho-mqtt) and a Modbus client (pymodbus) are connected at once. Changes, writes, refusals and
@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import socket
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from helpers import aio, free_port, wait_for
+from twisted.internet import reactor
 
 from iotserver import app, config
 from iotserver.security.users import Role, User, hash_password, save_users
@@ -34,32 +32,6 @@ SERVED_SETPOINT = 10  # where our Modbus server serves PLC1/Setpoint
 SERVED_LEVEL = 11
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(check: Any, timeout: float = 5.0, what: str = "") -> Any:
-    """Poll ``check()`` (truthy result wins) while the reactor runs."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await sleep(0.02)
-
-
 def plant_config(tmp: Path, plc_port: int, ports: dict[str, int]) -> config.Config:
     text = f"""
 [server]
@@ -69,7 +41,7 @@ data_dir = "{tmp / 'data'}"
 enabled = false
 
 [modbus.server]
-endpoints = ["tcp:{ports['modbus']}:interface=127.0.0.1"]
+endpoints = ["tcp:0:interface=127.0.0.1"]
 bad_quality = "exception"
 
 [[modbus.server.map]]
@@ -111,7 +83,7 @@ security_policies = ["None"]
 
 [mqtt]
 [[mqtt.listeners]]
-endpoint = "tcp:{ports['mqtt']}:interface=127.0.0.1"
+endpoint = "tcp:0:interface=127.0.0.1"
 """
     return config.parse(text, source="e2e.toml")
 
@@ -129,6 +101,7 @@ class Plant:
         self.mqtt_msgs: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.modbus: Any = None
         self.ports: dict[str, int] = {}
+        self.subacks: set[int] = set()  # paho message ids of acknowledged SUBSCRIBEs
 
     def plc_reg(self, address: int) -> int:
         assert self.plc is not None
@@ -157,7 +130,7 @@ async def start_plant(tmp: Path) -> Plant:
     plc_port = await p.plc.start()
     p.plc.holding[SETPOINT_REG] = 500
     p.plc.holding[LEVEL_REG] = 7
-    p.ports = {"modbus": free_port(), "opcua": free_port(), "mqtt": free_port()}
+    p.ports = {"opcua": free_port()}  # the Modbus and MQTT listeners bind port 0
     cfg = plant_config(tmp, plc_port, p.ports)
     cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
     save_users(cfg.server.users_file,
@@ -169,8 +142,10 @@ async def start_plant(tmp: Path) -> Plant:
         if getattr(service, "started", None) is not None:
             await service.started
         assert getattr(service, "failure", None) is None, f"{name} failed to start"
-    await eventually(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
-                     what="first poll")
+    for name in ("mqtt", "modbus"):
+        p.ports[name] = p.core.services[name].ports[0].getHost().port
+    await wait_for(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
+                   what="first poll")
     return p
 
 
@@ -190,6 +165,7 @@ async def connect_clients(p: Plant) -> None:
                     protocol=paho.MQTTv5)
     m.username_pw_set(*ENGINEER)
     m.on_message = lambda _c, _u, msg: p.mqtt_msgs.put((msg.topic, msg.payload))
+    m.on_subscribe = lambda _c, _u, mid, _rc, _p: p.subacks.add(mid)
     connected: queue.Queue[Any] = queue.Queue()
     m.on_connect = lambda _c, _u, _f, rc, _p: connected.put(rc)
     m.connect("127.0.0.1", p.ports["mqtt"])
@@ -217,7 +193,6 @@ async def stop_plant(p: Plant) -> None:
         await p.root.stopService()
     if p.plc is not None:
         await p.plc.stop()
-    await sleep(0.05)
 
 
 async def opcua_value(p: Plant, path: str) -> Any:
@@ -247,9 +222,9 @@ async def test_plc_change_reaches_every_protocol_and_writes_reach_the_plc(tmp_pa
         await aio(sub.subscribe_data_change(p.opcua.get_node(f"ns={p.ns};s=PLC1/Level")))
         assert p.plc is not None
         p.plc.holding[LEVEL_REG] = 4321
-        await eventually(lambda: 4321 in changes, what="OPC UA notification of 4321")
-        await eventually(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("v")
-                         == 4321, what="MQTT message with 4321")
+        await wait_for(lambda: 4321 in changes, what="OPC UA notification of 4321")
+        await wait_for(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("v")
+                       == 4321, what="MQTT message with 4321")
         msg = p.mqtt_latest("iotserver/tags/PLC1/Level")
         assert msg is not None and msg["q"] == "Good" and msg["t"].endswith("Z")
         rr = await modbus_read(p, SERVED_LEVEL)
@@ -261,10 +236,10 @@ async def test_plc_change_reaches_every_protocol_and_writes_reach_the_plc(tmp_pa
         assert p.plc_reg(SETPOINT_REG) == 111
 
         result_topic = "iotserver/tags/PLC1/Setpoint/set/result"
-        p.mqtt.subscribe(result_topic, qos=1)
-        await sleep(0.1)
+        _, mid = p.mqtt.subscribe(result_topic, qos=1)
+        await wait_for(lambda: mid in p.subacks, what="SUBACK")
         p.mqtt.publish("iotserver/tags/PLC1/Setpoint/set", b"222", qos=1)
-        await eventually(lambda: p.mqtt_latest(result_topic), what="MQTT write result")
+        await wait_for(lambda: p.mqtt_latest(result_topic), what="MQTT write result")
         assert p.mqtt_latest(result_topic) == {"ok": True}
         assert p.plc_reg(SETPOINT_REG) == 222
 
@@ -278,11 +253,13 @@ async def test_plc_change_reaches_every_protocol_and_writes_reach_the_plc(tmp_pa
         assert info.value.code == Quality.BAD_OUT_OF_RANGE.value
         p.seen.pop(result_topic, None)
         p.mqtt.publish("iotserver/tags/PLC1/Setpoint/set", b"5000", qos=1)
-        await eventually(lambda: p.mqtt_latest(result_topic), what="MQTT refusal")
+        await wait_for(lambda: p.mqtt_latest(result_topic), what="MQTT refusal")
         assert p.mqtt_latest(result_topic) == {"ok": False, "status": "BadOutOfRange"}
         wr = await aio(p.modbus.write_register(SERVED_SETPOINT, 5000, device_id=1))
         assert wr.isError() and wr.exception_code == 3
-        await sleep(0.2)
+        # every refusal is answered; one more poll cycle shows the PLC kept its value
+        p.plc.holding[LEVEL_REG] = 4322
+        await wait_for(lambda: p.core.store.read("PLC1/Level").value == 4322, what="a poll")
         assert p.plc_reg(SETPOINT_REG) == 333
         assert (await opcua_value(p, "PLC1/Setpoint")).Value.Value == 333
     finally:
@@ -296,22 +273,22 @@ async def test_plc_outage_is_bad_everywhere_and_recovers(tmp_path: Path) -> None
         await connect_clients(p)
         assert p.plc is not None
         await p.plc.stop()
-        await eventually(lambda: p.core.store.read("PLC1/Level").quality.is_bad, timeout=3,
-                         what="Bad quality after the PLC stopped")
+        await wait_for(lambda: p.core.store.read("PLC1/Level").quality.is_bad,
+                       what="Bad quality after the PLC stopped")
         dv = await opcua_value(p, "PLC1/Level")
         assert dv.StatusCode.value in (Quality.BAD_NOT_CONNECTED.value,
                                        Quality.BAD_COMMUNICATION_ERROR.value)
-        await eventually(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q", "")
-                         .startswith("Bad"), what="MQTT Bad quality")
+        await wait_for(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q", "")
+                       .startswith("Bad"), what="MQTT Bad quality")
         rr = await modbus_read(p, SERVED_LEVEL)
         assert rr.isError() and rr.exception_code == 4
 
         await p.plc.start()
-        await eventually(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
-                         timeout=5, what="Good again after the PLC returned")
+        await wait_for(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
+                       what="Good again after the PLC returned")
         assert (await opcua_value(p, "PLC1/Level")).StatusCode.is_good()
-        await eventually(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q")
-                         == "Good", what="MQTT Good again")
+        await wait_for(lambda: (p.mqtt_latest("iotserver/tags/PLC1/Level") or {}).get("q")
+                       == "Good", what="MQTT Good again")
         assert not (await modbus_read(p, SERVED_LEVEL)).isError()
 
         # -- an operator forces a reconnect of the PLC from OPC UA (a method on its folder) --
@@ -321,8 +298,8 @@ async def test_plc_outage_is_bad_everywhere_and_recovers(tmp_path: Path) -> None
         before = device.stats.reconnects
         folder = p.opcua.get_node(ua.NodeId("PLC1", p.ns))
         await aio(folder.call_method(ua.NodeId("PLC1#Reconnect", p.ns)))
-        await eventually(lambda: device.stats.reconnects > before, what="reconnect")
-        await eventually(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
-                         what="Good after the forced reconnect")
+        await wait_for(lambda: device.stats.reconnects > before, what="reconnect")
+        await wait_for(lambda: p.core.store.read("PLC1/Level").quality is Quality.GOOD,
+                       what="Good after the forced reconnect")
     finally:
         await stop_plant(p)

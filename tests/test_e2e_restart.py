@@ -1,5 +1,5 @@
 """A server restart (SIGTERM, and kill -9) keeps memory tags, retained messages and
-persistent MQTT sessions (issue 7). The server runs as users run it: twistd in a subprocess."""
+persistent MQTT sessions. The server runs as users run it: twistd in a subprocess."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import json
 
 import queue
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port, wait_for_sync
 from paho.mqtt import client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
@@ -23,12 +23,6 @@ from iotserver.security.users import Role, User, hash_password, save_users
 
 pytestmark = pytest.mark.interop
 USER, PASSWORD = "eng", "engineer-pw"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -67,14 +61,11 @@ access = "readwrite"
         self.proc = subprocess.Popen(
             ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver",
              "--config", str(self.cfg)], stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if "iotserver ready" in self.log.read_text():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError("server did not start:\n" + self.log.read_text())
+        proc = self.proc
+        wait_for_sync(lambda: "iotserver ready" in self.log.read_text() or proc.poll() is not None,
+                      30, "the server")
+        assert "iotserver ready" in self.log.read_text(), (
+            "server did not start:\n" + self.log.read_text())
 
     def stop(self, sig: int) -> None:
         assert self.proc is not None
@@ -100,6 +91,8 @@ class Mqtt:
         self.c.on_message = lambda _c, _u, m: self.msgs.put((m.topic, m.payload, m.retain))
         self.acks: dict[int, Any] = {}
         self.c.on_publish = lambda _c, _u, mid, rc, _p: self.acks.__setitem__(mid, rc)
+        self.subacks: set[int] = set()
+        self.c.on_subscribe = lambda _c, _u, mid, _rc, _p: self.subacks.add(mid)
         ready: queue.Queue[Any] = queue.Queue()
         self.c.on_connect = lambda _c, _u, flags, rc, _p: ready.put((flags, rc))
         props = Properties(PacketTypes.CONNECT)
@@ -112,14 +105,12 @@ class Mqtt:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         info = self.c.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(10)
-        deadline = time.monotonic() + 5
-        while info.mid not in self.acks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_sync(lambda: info.mid in self.acks, what=f"PUBACK of {topic}")
         assert not self.acks[info.mid].is_failure, f"{topic}: PUBACK {self.acks[info.mid]}"
 
     def subscribe(self, topic: str) -> None:
-        self.c.subscribe(topic, qos=1)
-        time.sleep(0.3)
+        _, mid = self.c.subscribe(topic, qos=1)
+        wait_for_sync(lambda: mid in self.subacks, what=f"SUBACK of {topic}")
 
     def wait_for(self, topic: str, timeout: float = 10) -> tuple[bytes, bool]:
         deadline = time.monotonic() + timeout

@@ -117,12 +117,15 @@ def test_max_size_frame_accepted_and_partial_kept() -> None:
 
 
 def test_many_frames_linear() -> None:
-    # 100k frames through 1000-byte chunks: quadratic buffering would take minutes
-    data = adu(1, 1, h("0300000001")) * 100_000
+    # 100k frames through 1000-byte chunks: the decoder keeps no more than the partial frame
+    # after each chunk, so each chunk costs its own size (quadratic buffering would not)
+    frame = adu(1, 1, h("0300000001"))
+    data = frame * 100_000
     d = FrameDecoder()
     n = 0
     for i in range(0, len(data), 1000):
         n += len(d.feed(data[i : i + 1000]))
+        assert d.buffered < len(frame)
     assert n == 100_000
 
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import struct
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from helpers import aio as aw
+from helpers import wait_for as until
+from twisted.internet import reactor
 
 from iotserver import app, config
 from iotserver.modbus.codec import Table
@@ -34,22 +34,6 @@ def _listener_reservation() -> None:
     from twisted.internet.tcp import _reservedFD
 
     _reservedFD.reserve()
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-def aw(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
-
-
-async def until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def dtag(path: str, table: Table, address: int, mtype: str = "uint16", order: Order = Order.ABCD,
@@ -268,7 +252,7 @@ async def test_polls_decodes_and_writes_through(rig: Rig) -> None:
     assert await rig.store.write("plc1/Setpoint", 1.0) is Quality.BAD_NOT_WRITABLE
     st = rig.device.stats
     assert st.requests > 10 and st.errors == 2 and st.writes == 8 and st.writes_failed == 3
-    assert 0 < st.rtt_avg < 0.25
+    assert st.rtt_avg > 0  # measured (its size is the machine's, not asserted)
 
 
 @pytest_twisted.ensureDeferred
@@ -289,13 +273,12 @@ async def test_plc_stopped_and_restarted(rig: Rig) -> None:
     await until(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
     last = rig.v("plc1/H0")
     await rig.plc.stop()
-    # within one poll interval plus the timeout
-    await until(lambda: all(rig.q(p) is Quality.BAD_NOT_CONNECTED for p in paths), 0.5)
+    await until(lambda: all(rig.q(p) is Quality.BAD_NOT_CONNECTED for p in paths))
     assert rig.v("plc1/H0") == last  # last value kept
     assert await rig.store.write("plc1/Setpoint", 1.0) is Quality.BAD_NOT_CONNECTED
-    await sleep(0.3)  # several backoff rounds
+    await until(lambda: rig.device.stats.connect_failures >= 2, what="two backoff rounds")
     await rig.plc.start()
-    await until(lambda: all(rig.q(p) is Quality.GOOD for p in paths), 1.0)
+    await until(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
     assert rig.device.stats.reconnects == 1 and rig.device.stats.connect_failures >= 2
 
 
@@ -303,8 +286,8 @@ async def test_plc_stopped_and_restarted(rig: Rig) -> None:
 async def test_dropped_connection_mid_request(rig: Rig) -> None:
     await until(lambda: rig.q("plc1/H0") is Quality.GOOD)
     rig.plc.drop_next = 1
-    await until(lambda: rig.q("plc1/H0") is Quality.BAD_NOT_CONNECTED, 0.5)
-    await until(lambda: rig.q("plc1/H0") is Quality.GOOD, 1.0)
+    await until(lambda: rig.q("plc1/H0") is Quality.BAD_NOT_CONNECTED)
+    await until(lambda: rig.q("plc1/H0") is Quality.GOOD)
     assert rig.device.stats.reconnects == 1 and rig.device.stats.timeouts == 0
     rig.device.reconnect()
     await until(lambda: rig.device.stats.reconnects == 2)
@@ -318,17 +301,19 @@ async def test_slow_plc_times_out_without_delaying_another() -> None:
     try:
         await until(lambda: slow.q("slow/H0") is Quality.GOOD and fast.q("fast/H0") is Quality.GOOD)
         slow.plc.delay = 1.0  # timeout is 0.25 s
-        await until(lambda: slow.q("slow/H0") is Quality.BAD_COMMUNICATION_ERROR, 1.0)
-        polls = fast.device.stats.polls
-        await sleep(0.5)
-        assert fast.device.stats.polls - polls >= 5  # 50 ms interval, undisturbed
+        await until(lambda: slow.q("slow/H0") is Quality.BAD_COMMUNICATION_ERROR)
+        polls, timeouts = fast.device.stats.polls, slow.device.stats.timeouts
+        # the fast PLC keeps being polled while the slow one's requests hang and time out
+        await until(lambda: fast.device.stats.polls - polls >= 5
+                    and slow.device.stats.timeouts > timeouts, what="5 fast polls")
         assert fast.q("fast/H0") is Quality.GOOD
+        assert slow.q("slow/H0") is Quality.BAD_COMMUNICATION_ERROR
         assert slow.device.stats.timeouts >= 1
         # a write waits behind the poll in flight; the connection may be cycling (2 timeouts)
         assert await store.write("slow/Setpoint", 2.0) in (Quality.BAD_TIMEOUT,
                                                           Quality.BAD_NOT_CONNECTED)
         slow.plc.delay = 0.0
-        await until(lambda: slow.q("slow/H0") is Quality.GOOD, 2.0)
+        await until(lambda: slow.q("slow/H0") is Quality.GOOD)
     finally:
         await close_rig(slow)
         await close_rig(fast)

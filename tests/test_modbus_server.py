@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import struct
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from helpers import aio as aw
+from helpers import wait_for
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -20,6 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
 from iotserver import app, config
+from iotserver.modbus.codec import Table
 from iotserver.modbus.encoding import FLOAT32, Order, encode_value, from_wire
 from iotserver.tags.model import Quality, TagDef, Update
 
@@ -212,26 +214,20 @@ async def start_server(tmp_path: Path, port: int, extra: str = "",
     root.startService()
     service = core.services["modbus"]
     await service.started
+    if port == 0:  # listening on port 0: the port the system chose
+        port = service.ports[0].getHost().port
     slow = SlowOwner(core.store)
     core.store.register_owner("slow", slow)
     return root, Server(port, core, service, slow, tmp_path / "data")
 
 
 @pytest_twisted.async_yield_fixture
-async def server(tmp_path: Path, free_port: int) -> AsyncIterator[Server]:
-    root, srv = await start_server(tmp_path, free_port)
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    root, srv = await start_server(tmp_path, 0)
     try:
         yield srv
     finally:
         await root.stopService()
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-def aw(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 class Raw(Protocol):
@@ -393,9 +389,13 @@ async def test_pipelined_and_split_frames_in_order(server: Server) -> None:
         got = await c.read(11 * 10)
         tids = [struct.unpack(">H", got[i * 11:i * 11 + 2])[0] for i in range(10)]
         assert tids == list(range(100, 110))
-        for b in read_hr(200, 2, 2):
-            c.send(bytes([b]))
-            await sleep(0.001)
+        (proto,) = server.service.server.connections
+        frame = read_hr(200, 2, 2)
+        for i, b in enumerate(frame[:-1]):
+            c.send(bytes([b]))  # one byte per segment: the server holds the partial frame
+            await wait_for(lambda: proto.decoder.buffered == i + 1,  # noqa: B023
+                           what=f"byte {i} at the server")
+        c.send(frame[-1:])
         assert (await c.read(13))[:2] == struct.pack(">H", 200)
     finally:
         await c.close()
@@ -453,11 +453,8 @@ async def test_plain_tcp_connections_are_read_by_the_protocol_itself(server: Ser
     assert resumed and _loop_reader(fd) == proto._readable
     # the client closes: the server's connection is lost and unregistered
     await c.close()
-    for _ in range(100):
-        if not server.service.server.connections:
-            break
-        await sleep(0.01)
-    assert not server.service.server.connections and proto._lost
+    await wait_for(lambda: not server.service.server.connections, what="the connection closed")
+    assert proto._lost
     assert _loop_reader(fd) is None or _loop_reader(fd) != proto._readable
 
 
@@ -526,16 +523,17 @@ async def test_unit_ids(server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_unit_ignored_and_bad_quality_exception(tmp_path: Path,
-                                                               free_port: int) -> None:
-    root, srv = await start_server(tmp_path, free_port,
+async def test_unknown_unit_ignored_and_bad_quality_exception(tmp_path: Path) -> None:
+    root, srv = await start_server(tmp_path, 0,
                                    'unknown_unit = "ignore"\nbad_quality = "exception"')
-    c = await raw(free_port)
+    c = await raw(srv.port)
     try:
         c.send(read_hr(1, 0, 2, unit=9) + read_hr(2, 0, 2))
         assert (await c.read(13))[:2] == b"\x00\x02"  # the first got no answer
         srv.core.store.set_quality("T/Setpoint", Quality.BAD_NOT_CONNECTED)
-        await sleep(0.01)
+        image = srv.service.server.image
+        await wait_for(lambda: not isinstance(image.read_registers(Table.HOLDING_REGISTERS, 0, 4),
+                                              bytes), what="the image to show the Bad quality")
         c.send(read_hr(3, 0, 4))
         assert await c.read(9) == exc(3, 3, 4)
         c.send(read_hr(4, 2, 2))  # Count is still good
@@ -546,9 +544,9 @@ async def test_unknown_unit_ignored_and_bad_quality_exception(tmp_path: Path,
 
 
 @pytest_twisted.ensureDeferred
-async def test_connection_limit_and_idle_timeout(tmp_path: Path, free_port: int) -> None:
-    root, srv = await start_server(tmp_path, free_port, "idle_timeout = 0.3")
-    conns = [await raw(free_port) for _ in range(5)]
+async def test_connection_limit_and_idle_timeout(tmp_path: Path) -> None:
+    root, srv = await start_server(tmp_path, 0, "idle_timeout = 0.3")
+    conns = [await raw(srv.port) for _ in range(5)]
     try:
         await conns[4].lost.addTimeout(TIMEOUT, reactor)  # the fifth is refused
         stats = srv.service.listeners.listeners[0].stats
@@ -644,20 +642,16 @@ async def test_mbpoll_reads_and_writes(server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> None:
+async def test_tls_client_certificate_roles(tmp_path: Path) -> None:
     """tls: listener with the server's own certificate: role -> access; no role -> closed."""
-    import socket
-
     from twisted.internet.endpoints import wrapClientTLS
 
     from iotserver.security import pki
     from iotserver.security.tls import client_context_factory, peer_certificate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        tls_port = s.getsockname()[1]
-    root, srv = await start_server(tmp_path, free_port, endpoints=[
-        f"tcp:{free_port}:interface=127.0.0.1", f"tls:{tls_port}:interface=127.0.0.1"])
+    root, srv = await start_server(tmp_path, 0, endpoints=[
+        "tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"])
+    tls_port = srv.service.ports[1].getHost().port
     tls_dir = srv.data / "tls"
     ca_cert, ca_key = pki.load_cert(tls_dir / "ca.pem"), pki.load_key(tls_dir / "ca.key")
 
@@ -710,11 +704,11 @@ async def test_tls_client_certificate_roles(tmp_path: Path, free_port: int) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_default_map_serves_the_simulated_plant(tmp_path: Path, free_port: int) -> None:
+async def test_default_map_serves_the_simulated_plant(tmp_path: Path) -> None:
     from iotserver.modbus.config import DEFAULT_TOML
 
     text = (f'[server]\ndata_dir = "{tmp_path / "data"}"\n[simulator]\nenabled = true\n'
-            + DEFAULT_TOML.replace("tcp:5020:", f"tcp:{free_port}:"))
+            + DEFAULT_TOML.replace("tcp:5020:", "tcp:0:"))
     cfg = config.parse(text)
     root, core = app.build(cfg, reactor)
     root.startService()
@@ -722,8 +716,13 @@ async def test_default_map_serves_the_simulated_plant(tmp_path: Path, free_port:
         await core.services["modbus"].started
         image = core.services["modbus"].server.image
         assert [b.entry.key for b in image.bindings if not b.usable] == []
-        await sleep(0.3)  # a few simulator steps
-        c = await raw(free_port)
+
+        def served_speed() -> float:  # register 0: the pump's speed, float32
+            raw = image.read_registers(Table.HOLDING_REGISTERS, 0, 2)
+            return struct.unpack(">f", raw)[0] if isinstance(raw, bytes) else 0.0
+
+        await wait_for(lambda: served_speed() > 0, what="a simulator step")
+        c = await raw(core.services["modbus"].ports[0].getHost().port)
         c.send(read_hr(1, 0, 42))
         rsp = await c.read(9 + 84)
         speed, setpoint = struct.unpack(">ff", rsp[9:17])

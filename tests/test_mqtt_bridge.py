@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from helpers import wait_for_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
@@ -664,11 +665,11 @@ def test_end_to_end_with_mosquitto_clients(tmp_path: Any, free_port: int) -> Non
             ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config",
              str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while b"iotserver ready" not in (tmp_path / "server.log").read_bytes():
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        def ready() -> bool:
+            return b"iotserver ready" in (tmp_path / "server.log").read_bytes()
+
+        wait_for_sync(lambda: ready() or server.poll() is not None, 30, "the server")
+        assert ready(), (tmp_path / "server.log").read_text()
         # anonymous clients may not read tags (no rule grants it): SUBACK refused
         out = run("mosquitto_sub", *common, "-t", tag, "-C", "1", "-W", "2", "-v")
         assert b"Setpoint" not in out.stdout

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from test_mqtt_protocol_harness import Harness
+from helpers.mqtt_harness import Harness
 
 from iotserver.mqtt.bridge import TagBridge, TagJson, _IsoClock, json_text, json_value
 from iotserver.mqtt.packets import (

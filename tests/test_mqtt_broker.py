@@ -4,8 +4,8 @@ shared subscriptions, message expiry, properties, interceptors, limits, $SYS."""
 from __future__ import annotations
 
 import pytest
-from test_mqtt_persistence_fakes import FakeStore
-from test_mqtt_protocol_harness import Harness, props
+from helpers.mqtt_fakes import FakeStore
+from helpers.mqtt_harness import Harness, props
 from twisted.internet.defer import Deferred
 
 from iotserver.mqtt.broker import RetainedStore

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_mqtt_persistence import mqtt_config, start
-from test_mqtt_protocol_harness import net_connect
+from helpers.mqtt_harness import mqtt_config, net_connect, port_of, start
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -44,12 +43,11 @@ async def _settle(service: object) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_shutdown_disconnects_v5_clients_and_console_api(tmp_path: Path,
-                                                               free_port: int) -> None:
-    root = await start(mqtt_config(tmp_path / "d", free_port))
+async def test_shutdown_disconnects_v5_clients_and_console_api(tmp_path: Path) -> None:
+    root = await start(mqtt_config(tmp_path / "d", 0))
     service = root.core.services["mqtt"]
-    a = await net_connect(free_port, "a", MQTT_5)
-    b = await net_connect(free_port, "b", MQTT_5)
+    a = await net_connect(port_of(root), "a", MQTT_5)
+    b = await net_connect(port_of(root), "b", MQTT_5)
     assert set(service.clients) == {"a", "b"} and set(service.sessions) == {"a", "b"}
     assert service.disconnect("a")
     assert (await a.expect(Disconnect)).reason_code == ReasonCode.ADMINISTRATIVE_ACTION
@@ -61,20 +59,18 @@ async def test_shutdown_disconnects_v5_clients_and_console_api(tmp_path: Path,
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_listener_requiring_client_certificates(tmp_path: Path, free_port: int) -> None:
+async def test_tls_listener_requiring_client_certificates(tmp_path: Path) -> None:
     data = tmp_path / "d"
     data.mkdir()
     (data / "users.toml").write_text('[users.plc7]\nrole = "engineer"\ncertificates = ["plc7"]\n')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        tls_port = s.getsockname()[1]
-    extra = f"""
+    extra = """
 [[mqtt.listeners]]
-endpoint = "tls:{tls_port}:interface=127.0.0.1"
+endpoint = "tls:0:interface=127.0.0.1"
 client_certs = "required"
 """
-    text = mqtt_config(data, free_port).replace("[mqtt.auth]", extra + "\n[mqtt.auth]")
+    text = mqtt_config(data, 0).replace("[mqtt.auth]", extra + "\n[mqtt.auth]")
     root = await start(text)
+    tls_port = port_of(root, 1)
     try:
         ca = pki.load_cert(data / "tls" / "ca.pem")
         ca_key = pki.load_key(data / "tls" / "ca.key")
@@ -106,10 +102,10 @@ client_certs = "required"
 
 
 @pytest_twisted.ensureDeferred
-async def test_reload_rereads_the_acl_file(tmp_path: Path, free_port: int) -> None:
+async def test_reload_rereads_the_acl_file(tmp_path: Path) -> None:
     acl_file = tmp_path / "acl.toml"
     acl_file.write_text('[[acl]]\nuser = "anonymous"\ntopic = "a/#"\naccess = "readwrite"\n')
-    text = mqtt_config(tmp_path / "d", free_port).replace(
+    text = mqtt_config(tmp_path / "d", 0).replace(
         "allow_anonymous = true", f'allow_anonymous = true\nacl_file = "{acl_file}"').replace(
         'topic = "#"', 'topic = "never/#"')
     root = await start(text)
@@ -124,7 +120,7 @@ async def test_reload_rereads_the_acl_file(tmp_path: Path, free_port: int) -> No
         acl_file.write_text("[[acl]]\nbroken")
         problems = root.core.reload()
         assert problems and broker.acl.can_publish(None, "c", "b/x")  # old rules kept
-        c = await net_connect(free_port, "c", MQTT_5)
+        c = await net_connect(port_of(root), "c", MQTT_5)
         c.send(Publish("b/x", b"1", 1, packet_id=1), Publish("a/x", b"2", 1, packet_id=2))
         assert (await c.next()).reason_code == 0  # type: ignore[union-attr]
         assert (await c.next()).reason_code == ReasonCode.NOT_AUTHORIZED  # type: ignore[union-attr]
@@ -134,27 +130,26 @@ async def test_reload_rereads_the_acl_file(tmp_path: Path, free_port: int) -> No
 
 
 @pytest_twisted.ensureDeferred
-async def test_slow_consumer_is_bounded_and_does_not_stall_others(tmp_path: Path,
-                                                                  free_port: int) -> None:
-
+async def test_slow_consumer_is_bounded_and_does_not_stall_others(tmp_path: Path) -> None:
     from iotserver.mqtt.packets import Subscribe, SubscriptionOptions
 
-    text = mqtt_config(tmp_path / "d", free_port, extra="""
+    text = mqtt_config(tmp_path / "d", 0, extra="""
 [mqtt.limits]
 max_queued_messages = 100
 write_buffer_bytes = 65536
 """)
     root = await start(text)
     broker = root.core.services["mqtt"].broker
-    stuck = socket.create_connection(("127.0.0.1", free_port))
+    port = port_of(root)
+    stuck = socket.create_connection(("127.0.0.1", port))
     try:
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03stk"
                       b"\x82\x06\x00\x01\x00\x01t\x00")  # CONNECT, SUBSCRIBE t QoS 0
-        fast = await net_connect(free_port, "fast", MQTT_5)
+        fast = await net_connect(port, "fast", MQTT_5)
         fast.send(Subscribe(1, (("t", SubscriptionOptions(0)),)))
         await fast.next()
-        pub = await net_connect(free_port, "pub", MQTT_5)
+        pub = await net_connect(port, "pub", MQTT_5)
         payload = b"x" * 1024
         session = broker.sessions["stk"]
         # publish until the stuck reader's transport is full and its queue overflows (how many

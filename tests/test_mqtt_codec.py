@@ -515,6 +515,8 @@ def test_large_packet_byte_by_byte_is_linear() -> None:
     out: list[Packet] = []
     for i in range(len(data)):
         out += decoder.feed(data[i:i + 1])
+        if i == 10:  # the header is in: no parse is tried again before the last byte
+            assert decoder._need == len(data)
     assert out == [Publish("big", payload, 1, packet_id=5)]
 
 

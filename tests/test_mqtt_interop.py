@@ -2,7 +2,7 @@
 over plain TCP and TLS with client certificates.
 
 The broker runs in the test's reactor; paho runs in its own threads and mosquitto clients in
-subprocesses, so the reactor is never blocked: the test polls with ``deferLater``.
+subprocesses, so the reactor is never blocked: the test polls with ``helpers.wait_for``.
 """
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from test_mqtt_persistence import start
-from twisted.internet import reactor, threads, utils
-from twisted.internet.task import deferLater
+from helpers import wait_for
+from helpers.mqtt_harness import start
+from twisted.internet import threads, utils
 
 from iotserver.security import pki
 
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.interop
 V311 = paho.MQTTv311
 V5 = paho.MQTTv5
 MOSQUITTO = shutil.which("mosquitto_pub") is not None and shutil.which("mosquitto_sub") is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_config(data_dir: Path, port: int, tls_port: int) -> str:
@@ -90,20 +83,12 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     data_dir.mkdir()
     (data_dir / "users.toml").write_text(
         '[users.device1]\nrole = "engineer"\ncertificates = ["device1"]\n')
-    port, tls_port = free_port(), free_port()
-    root = await start(server_config(data_dir, port, tls_port))
+    root = await start(server_config(data_dir, 0, 0))  # both listeners on port 0
+    plain, tls = (p.getHost().port for p in root.core.services["mqtt"].ports)
     try:
-        yield Server(root, port, tls_port, data_dir)
+        yield Server(root, plain, tls, data_dir)
     finally:
         await root.stopService()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 class Paho:

@@ -3,8 +3,10 @@ acknowledged QoS 1/2 messages surviving kill -9 of the server process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from test_mqtt_protocol_harness import net_connect, props
+from helpers import wait_for
+from helpers.mqtt_harness import mqtt_config, net_connect, port_of, props, start
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
-from iotserver import app, config
 from iotserver.mqtt.packets import (
     MQTT_3_1_1,
     MQTT_5,
@@ -44,42 +45,6 @@ from iotserver.mqtt.session import Delivery, Message, Session, Subscription
 SERVER_TIMEOUT = 30.0
 
 
-def mqtt_config(data_dir: Path, port: int, extra: str = "") -> str:
-    return f"""
-[server]
-data_dir = "{data_dir}"
-
-[mqtt]
-sys_interval = 0
-
-[[mqtt.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-
-[mqtt.auth]
-allow_anonymous = true
-
-[[mqtt.acl]]
-user = "anonymous"
-topic = "#"
-access = "readwrite"
-
-[mqtt.bridge]
-enabled = false
-{extra}
-"""
-
-
-async def start(text: str) -> Any:
-    root, core = app.build(config.parse(text, source="test.toml"), reactor)
-    root.startService()
-    await core.services["mqtt"].started
-    return root
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
 # --------------------------------------------------------------------------- the store itself
 
 
@@ -101,10 +66,8 @@ async def test_group_commit_cancels_short_lived_rows_and_reloads(tmp_path: Path)
     store.retain_set(Message("r", b"ret", 1, True))
     fired: list[bool] = []
     store.when_committed(store.token(), fired.append)
-    t0 = time.monotonic()
-    while not fired:
-        await sleep(0.001)
-    assert fired == [True] and time.monotonic() - t0 < 1.0
+    await wait_for(lambda: fired, what="the group commit")
+    assert fired == [True]
     assert store.commits == 1 and store.rows_written == 5  # session, sub, message, queue, retained
     await Deferred.fromCoroutine(store.close())
     await Deferred.fromCoroutine(store.close())  # idempotent
@@ -132,18 +95,18 @@ def test_props_round_trip() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path,
-                                                            free_port: int) -> None:
-    text = mqtt_config(tmp_path / "data", free_port)
+async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path) -> None:
+    text = mqtt_config(tmp_path / "data", 0)  # a new port at each start
     root = await start(text)
+    port = port_of(root)
     try:
-        sub = await net_connect(free_port, "durable", MQTT_5, clean=False,
+        sub = await net_connect(port, "durable", MQTT_5, clean=False,
                                 props=props(session_expiry_interval=3600))
         sub.send(Subscribe(1, (("t/#", SubscriptionOptions(2)),)))
         await sub.expect(Suback)
         sub.send(Disconnect())
         await sub.closed
-        pub = await net_connect(free_port, "pub", MQTT_3_1_1)
+        pub = await net_connect(port, "pub", MQTT_3_1_1)
         pub.send(Publish("t/1", b"one", 1, packet_id=1), Publish("t/2", b"two", 2, packet_id=2),
                  Publish("keep", b"retained", 1, retain=True, packet_id=3))
         assert (await pub.expect(Puback)).packet_id == 1
@@ -156,8 +119,9 @@ async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path,
         await root.stopService()
 
     root = await start(text)
+    port = port_of(root)
     try:
-        sub = await net_connect(free_port, "durable", MQTT_5, clean=False,
+        sub = await net_connect(port, "durable", MQTT_5, clean=False,
                                 props=props(session_expiry_interval=3600))
         assert sub.connack is not None and sub.connack.session_present
         a = await sub.expect(Publish)
@@ -192,14 +156,11 @@ def _spawn(cfg: Path, data_dir: Path, log_path: Path) -> subprocess.Popen[bytes]
 
 
 async def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, count: int) -> None:
-    deadline = time.monotonic() + SERVER_TIMEOUT
-    while time.monotonic() < deadline:
-        if log_path.read_text(errors="replace").count("iotserver ready") >= count:
-            return
-        if proc.poll() is not None:
-            break
-        await sleep(0.05)
-    raise AssertionError(f"server did not start:\n{log_path.read_text(errors='replace')}")
+    def ready() -> bool:
+        return log_path.read_text(errors="replace").count("iotserver ready") >= count
+
+    await wait_for(lambda: ready() or proc.poll() is not None, SERVER_TIMEOUT, "the server")
+    assert ready(), f"server did not start:\n{log_path.read_text(errors='replace')}"
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -276,14 +237,12 @@ async def test_failed_commit_is_reported_once_and_recovers(tmp_path: Path) -> No
         for i in range(3):
             store.retain_set(Message(f"r{i}", b"x", 1, True))
             store.when_committed(store.token(), results.append)
-            while len(results) <= i:
-                await sleep(0.001)
+            await wait_for(lambda: len(results) > i, what="a failed commit")  # noqa: B023
         assert results == [False, False, False] and store.failures == 3
         store._write = real_write  # type: ignore[method-assign]
         store.retain_set(Message("ok", b"x", 1, True))
         store.when_committed(store.token(), results.append)
-        while len(results) < 4:
-            await sleep(0.001)
+        await wait_for(lambda: len(results) == 4, what="the commit after recovery")
         assert results[-1] is True and not store.failed
     finally:
         globalLogPublisher.removeObserver(events.append)
@@ -313,11 +272,11 @@ async def test_restore_drops_expired_sessions_and_messages(tmp_path: Path) -> No
                     seq=2)
     store.queue_add("kept", live)
     store.queue_add("kept", dead)
-    store.retain_set(Message("gone", b"x", 0, True, expiry_at=reactor.seconds() + 1))
+    # expired while the server was down
+    store.retain_set(Message("gone", b"x", 0, True, expiry_at=reactor.seconds() - 1))
     store.retain_set(Message("here", b"y", 0, True))
     await store.settled()
     await Deferred.fromCoroutine(store.close())
-    await sleep(1.1)
 
     store = BrokerStore(path, reactor)
     snap = await Deferred.fromCoroutine(store.open())
@@ -362,6 +321,18 @@ async def _retained(port: int, topic_filter: str, n: int) -> dict[str, bytes]:
     return got
 
 
+def _will_rows(data_dir: Path) -> list[str]:
+    """The client ids with a will in the broker database (read-only, from outside)."""
+    path = data_dir / "mqtt" / "broker.sqlite3"
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        try:
+            return sorted(r[0] for r in db.execute("SELECT client_id FROM wills"))
+        except sqlite3.OperationalError:  # not created yet
+            return []
+
+
 async def _online(port: int, cid: str, version: int, will: Will) -> Any:
     c = await net_connect(port, cid, version, will=will)
     c.send(Publish(will.topic, b"online", 1, retain=True, packet_id=1))
@@ -383,7 +354,8 @@ async def test_wills_survive_kill_9(tmp_path: Path, free_port: int) -> None:
         await _wait_ready(proc, log_path, 1)
         dev = await _online(free_port, "dev", MQTT_3_1_1, gone)
         ret = await _online(free_port, "back", MQTT_5, back)
-        await sleep(0.8)  # the will rows are written lazily (LAZY_INTERVAL)
+        # the will rows are written lazily (LAZY_INTERVAL): wait until both are on disk
+        await wait_for(lambda: _will_rows(tmp_path / "data") == ["back", "dev"], what="will rows")
         _kill(proc)
         await dev.closed
         await ret.closed
@@ -404,28 +376,35 @@ async def test_wills_survive_kill_9(tmp_path: Path, free_port: int) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path, free_port: int) -> None:
+async def test_wills_are_kept_across_a_clean_restart(tmp_path: Path) -> None:
     """SIGTERM does not publish wills (clients come back) but keeps them: a client that
     does not come back gets its will published at the next start. A client that said
     DISCONNECT has no will left."""
-    text = mqtt_config(tmp_path / "data", free_port)
+    text = mqtt_config(tmp_path / "data", 0)  # a new port at each start
     root = await start(text)
+    port = port_of(root)
     try:
-        dev = await _online(free_port, "dev", MQTT_3_1_1, Will("status/dev", b"offline", 1, True))
-        polite = await _online(free_port, "polite", MQTT_3_1_1,
+        dev = await _online(port, "dev", MQTT_3_1_1, Will("status/dev", b"offline", 1, True))
+        polite = await _online(port, "polite", MQTT_3_1_1,
                                Will("status/polite", b"offline", 1, True))
         polite.send(Disconnect())
         await polite.closed
-        await sleep(0.3)
+        await root.core.services["mqtt"].store.settled()
     finally:
         await root.stopService()
     await dev.closed
     root = await start(text)
+    port = port_of(root)
     try:
-        await sleep(0.1)
-        got = await _retained(free_port, "status/#", 2)
-        assert got == {"status/dev": b"offline", "status/polite": b"online"}
         broker = root.core.services["mqtt"].broker
+
+        def published() -> bool:
+            will = broker.retained.get("status/dev")
+            return will is not None and will.payload == b"offline"
+
+        await wait_for(published, what="the orphan will of dev")
+        got = await _retained(port, "status/#", 2)
+        assert got == {"status/dev": b"offline", "status/polite": b"online"}
         assert broker.orphan_wills == {}
     finally:
         await root.stopService()

@@ -5,7 +5,7 @@ AUTH, flow control."""
 from __future__ import annotations
 
 import pytest
-from test_mqtt_protocol_harness import FakeAuth, Harness, props
+from helpers.mqtt_harness import FakeAuth, Harness, props
 
 from iotserver.mqtt.codec import encode
 from iotserver.mqtt.packets import (
@@ -289,7 +289,7 @@ def test_pubrel_for_unknown_id_v5() -> None:
 
 
 def test_receive_maximum_exceeded_disconnects_v5() -> None:
-    from test_mqtt_persistence_fakes import FakeStore
+    from helpers.mqtt_fakes import FakeStore
 
     store = FakeStore()
     h = Harness(receive_maximum=2, store=store)
@@ -304,7 +304,7 @@ def test_receive_maximum_exceeded_disconnects_v5() -> None:
 
 
 def test_acks_wait_for_commit_and_stay_in_order() -> None:
-    from test_mqtt_persistence_fakes import FakeStore
+    from helpers.mqtt_fakes import FakeStore
 
     store = FakeStore()
     h = Harness(store=store)
@@ -324,7 +324,7 @@ def test_acks_wait_for_commit_and_stay_in_order() -> None:
 
 
 def test_publish_to_denied_topic() -> None:
-    from test_mqtt_protocol_harness import AllowAcl
+    from helpers.mqtt_harness import AllowAcl
 
     h = Harness(acl=AllowAcl(deny=("secret",)))
     s = h.connect("s", V5)
@@ -470,7 +470,7 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_v311_publisher_outrunning_commits_stops_being_read() -> None:
-    from test_mqtt_persistence_fakes import FakeStore
+    from helpers.mqtt_fakes import FakeStore
 
     store = FakeStore()
     h = Harness(receive_maximum=4, store=store)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_mqtt_protocol_harness import Harness, props
+from helpers.mqtt_harness import Harness, props
 from twisted.logger import globalLogPublisher
 
 from iotserver.mqtt.packets import (

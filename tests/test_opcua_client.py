@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from asyncua import Server, ua
-from test_opcua_harness import aio, client, free_port, make_config, start
+from helpers import free_port
+from helpers import wait_for_aio as wait_for
+from helpers.opcua import aio, client, make_config, start
 
 from iotserver.tags.model import Quality
 
@@ -88,14 +90,6 @@ writable = true
     return make_config(data, free_port(), extra=extra, tags="")
 
 
-async def wait_for(check: Any, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 @pytest_twisted.ensureDeferred
 async def test_values_writes_and_reconnect_after_plc_restart(tmp_path: Path) -> None:
     plc = Plc(free_port())
@@ -137,7 +131,7 @@ async def test_values_writes_and_reconnect_after_plc_restart(tmp_path: Path) -> 
         q = await store.write("PLC1/Speed", 5).asFuture(asyncio.get_running_loop())
         assert q is Quality.BAD_NOT_CONNECTED
         await plc.start()
-        await wait_for(lambda: store.read("PLC1/Speed").quality is Quality.GOOD, timeout=10)
+        await wait_for(lambda: store.read("PLC1/Speed").quality is Quality.GOOD)
         assert store.read("PLC1/Speed").value == 100  # the restarted PLC's value
         await plc.speed.write_value(ua.Variant(7, ua.VariantType.Int32))
         await wait_for(lambda: store.read("PLC1/Speed").value == 7)
@@ -171,7 +165,7 @@ async def test_reconnect_method_and_unreachable_server(tmp_path: Path) -> None:
             ns = await c.get_namespace_index(running.namespace)
             folder = c.get_node(ua.NodeId("PLC1", ns))
             await folder.call_method(ua.NodeId("PLC1#Reconnect", ns))
-            await wait_for(lambda: store.read("PLC1/Temp").quality is Quality.GOOD, timeout=3)
+            await wait_for(lambda: store.read("PLC1/Temp").quality is Quality.GOOD)
 
     try:
         await aio(body())
@@ -217,12 +211,11 @@ access = "readwrite"
         # refuses A's server certificate: each lands in the other side's rejected folder
         for pki in (a.pki, b.pki):
             rejected = pki / "rejected" / "certs"
-            await wait_for(lambda rejected=rejected: any(rejected.iterdir()), timeout=10)
+            await wait_for(lambda rejected=rejected: any(rejected.iterdir()))
             for cert in rejected.iterdir():
                 shutil.move(str(cert), pki / "trusted" / "certs" / cert.name)
             b.service.clients["gw-a"].reconnect()
-        await wait_for(lambda: b.store.read("Remote/Setpoint").quality is Quality.GOOD,
-                       timeout=10)
+        await wait_for(lambda: b.store.read("Remote/Setpoint").quality is Quality.GOOD)
         assert b.store.read("Remote/Setpoint").value == 10.0
         a.store.apply([Update("Line1/Setpoint", 42.0)])
         await wait_for(lambda: b.store.read("Remote/Setpoint").value == 42.0)

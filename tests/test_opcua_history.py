@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import pytest_twisted
 from asyncua import ua
-from test_opcua_harness import TAGS, Running, aio, client, free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import TAGS, Running, aio, client, make_config, start
 
 from iotserver.opcua.history import HistoryReader, Series
 from iotserver.tags.model import Update

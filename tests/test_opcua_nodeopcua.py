@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_opcua_harness import aio, free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import aio, make_config, start
 
 from iotserver.tags.model import Update
 
@@ -83,9 +84,18 @@ const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
       { nodeId: `ns=${ns};s=Line1/Temp`, attributeId: AttributeIds.Value },
       { samplingInterval: 0, queueSize: 10, discardOldest: true }, TimestampsToReturn.Both);
     out.notifications = [];
-    item.on("changed", (v) => out.notifications.push(v.value.value));
-    console.log("SUBSCRIBED");
-    await new Promise((r) => setTimeout(r, 1500));
+    // wait for the last value the test sends (64), at most 20 s
+    let timer;
+    const last = new Promise((resolve) => {
+      timer = setTimeout(resolve, 20000);
+      item.on("changed", (v) => {
+        out.notifications.push(v.value.value);
+        if (out.notifications.length === 1) console.log("SUBSCRIBED");  // the initial value
+        if (v.value.value === 64) resolve();
+      });
+    });
+    await last;
+    clearTimeout(timer);
     await sub.terminate();
     const end = new Date(); const start = new Date(end.getTime() - 3600 * 1000);
     const hist = await session.readHistoryValue(`ns=${ns};s=Line1/Temp`, start, end);
@@ -145,7 +155,7 @@ async def test_node_opcua_client_sign_and_encrypt(tmp_path: Path) -> None:
     async def changes() -> None:
         for k in range(5):
             running.store.apply([Update("Line1/Temp", 60.0 + k)])
-            await asyncio.sleep(0.1)
+            running.store.flush()  # each its own change
 
     async def body() -> None:
         first = await _run_node(script, args, changes)  # its certificate is not trusted yet

@@ -5,7 +5,6 @@ One server per module (starting asyncua costs about a second); every test closes
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +14,11 @@ import pytest
 import pytest_twisted
 from asyncua import ua
 from asyncua.ua.uaerrors import UaStatusCodeError
-from test_opcua_harness import (
+from helpers import free_port, wait_for_aio
+from helpers.opcua import (
     Running,
     aio,
     client,
-    free_port,
     make_client_cert,
     make_config,
     start,
@@ -113,6 +112,11 @@ async def test_read_returns_store_value_quality_and_timestamps(srv: Running) -> 
 # -- writes -------------------------------------------------------------------------------
 
 
+async def reads(node: Any, value: Any) -> bool:
+    """The node reads ``value`` now (a condition for ``wait_for_aio``)."""
+    return bool(await node.read_value() == pytest.approx(value))
+
+
 async def _write(node: Any, value: Any, vtype: ua.VariantType) -> int:
     try:
         await node.write_value(ua.DataValue(ua.Variant(value, vtype)))
@@ -129,8 +133,8 @@ async def test_write_goes_through_store_with_one_status_per_item(srv: Running) -
             sp = c.get_node(ua.NodeId("Line1/Setpoint", ns))
             assert await _write(sp, 55.5, ua.VariantType.Float) == 0
             assert srv.store.read("Line1/Setpoint").value == pytest.approx(55.5)
-            await asyncio.sleep(0.05)  # the change notification updates the address space
-            assert await sp.read_value() == pytest.approx(55.5)
+            # the change notification updates the address space
+            await wait_for_aio(lambda: reads(sp, 55.5), what="55.5 read back")
             # one request, five items: one status code each, no request-level fault
             params = ua.WriteParameters()
             for path, value, vtype in [
@@ -190,8 +194,8 @@ async def test_operator_write_refused_and_owner_value_wins(srv: Running) -> None
                 ns = await ns_of(c, srv)
                 sp = c.get_node(ua.NodeId("Line1/Setpoint", ns))
                 assert await _write(sp, 120.0, ua.VariantType.Float) == 0
-                await asyncio.sleep(0.05)
-                assert await sp.read_value() == 50.0  # what the "PLC" took, not what was sent
+                # what the "PLC" took, not what was sent
+                await wait_for_aio(lambda: reads(sp, 50.0), what="the PLC's value read back")
         finally:
             from iotserver.tags.store import MemoryOwner
 
@@ -228,10 +232,6 @@ async def _subscribe(c: Any, node: Any, mfilter: Any = None, queuesize: int = 0
     return sub, handler
 
 
-async def _settle(seconds: float = 0.25) -> None:
-    await asyncio.sleep(seconds)
-
-
 @pytest_twisted.ensureDeferred
 async def test_subscription_without_and_with_deadband(srv: Running) -> None:
     path = "Line2/Oven/Zone1/Temp"
@@ -250,19 +250,25 @@ async def test_subscription_without_and_with_deadband(srv: Running) -> None:
                                           DeadbandType=ua.DeadbandType.Percent,
                                           DeadbandValue=1.0)  # 1 % of [0, 400] = 4.0
             sub_pct, pct_h = await _subscribe(c, node, percent, 100)
-            await _settle()
-            # a slow ramp: 0.3 per step; a deadband against the previous sample never fires
+            await wait_for_aio(lambda: all_h.values and abs_h.values and pct_h.values,
+                               what="the initial values")
+            # a slow ramp: 0.3 per step; a deadband against the previous sample never fires.
+            # flush(): each step reaches the monitored items now, as its own change
             for i in range(1, 21):
                 srv.store.apply([Update(path, 100.0 + 0.3 * i)])
-                await asyncio.sleep(0.02)
-            await _settle()
+                srv.store.flush()
             all_values, abs_values, pct_values = all_h.values, abs_h.values, pct_h.values
+            await wait_for_aio(lambda: len(all_values) == 21
+                               and abs_values[-1] == pytest.approx(106.0)
+                               and pct_values[-1] == pytest.approx(104.2), what="the ramp")
             assert len(all_values) == 21
             assert abs_values == pytest.approx([100.0, 101.2, 102.4, 103.6, 104.8, 106.0])
             assert pct_values == pytest.approx([100.0, 104.2])
             # a status change is reported regardless of the deadband
             srv.store.apply([Update(path, 106.0, Quality.UNCERTAIN_LAST_USABLE_VALUE)])
-            await _settle()
+            await wait_for_aio(lambda: abs_h.data[-1].StatusCode.value
+                               == Quality.UNCERTAIN_LAST_USABLE_VALUE.value,
+                               what="the status change")
             assert abs_values[-1] == pytest.approx(106.0)
             assert srv.store.read(path).quality is Quality.UNCERTAIN_LAST_USABLE_VALUE
             for sub in (plain, sub_abs, sub_pct):
@@ -306,11 +312,15 @@ async def test_queue_size_and_trigger(srv: Running) -> None:
             status_only = Collector()
             sub_s = await c.create_subscription(100, status_only)
             await watch(sub_s, node, ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.Status))
-            await asyncio.sleep(0.6)
-            for v in range(1, 7):  # one store flush each (the store conflates within a turn)
+            await wait_for_aio(lambda: handler.values and handler3.values
+                               and status_only.values, what="the initial values")
+            # six changes between two publishes: one store flush each (the store conflates
+            # within a turn); no await in between, so no publish can come between them
+            for v in range(1, 7):
                 srv.store.apply([Update("Line1/Count", v)])
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.7)
+                srv.store.flush()
+            await wait_for_aio(lambda: handler.values[-1] == 6 and handler3.values[-1] == 6,
+                               what="the six changes published")
             assert handler.values[-1] == 6 and 6 in handler.values
             assert 1 not in handler.values[1:]  # older values were replaced
             # queue of 3, discardOldest: the newest three, the first of them flagged Overflow
@@ -320,8 +330,7 @@ async def test_queue_size_and_trigger(srv: Running) -> None:
             assert not tail[1].StatusCode.value & 0x80
             assert len(status_only.values) == 1  # value changes are not status changes
             srv.store.apply([Update("Line1/Count", 6, Quality.BAD_NOT_CONNECTED)])
-            await asyncio.sleep(0.3)
-            assert len(status_only.values) == 2
+            await wait_for_aio(lambda: len(status_only.values) == 2, what="the status change")
             srv.store.apply([Update("Line1/Count", 6, Quality.GOOD)])
             for s in (sub, sub3, sub_s):
                 await s.delete()
@@ -414,15 +423,14 @@ async def test_address_space_changes_with_store_definitions(srv: Running) -> Non
         async with client(srv, user="bob") as c:
             ns = await ns_of(c, srv)
             node = c.get_node(ua.NodeId(tag.path, ns))
-            await asyncio.sleep(0.05)
-            assert await node.read_value() == 1.5
+            await wait_for_aio(lambda: reads(node, 1.5), what="the new variable")
             handler = Collector()
             sub = await c.create_subscription(50, handler)
             await sub.subscribe_data_change(node)
-            await asyncio.sleep(0.2)
+            await wait_for_aio(lambda: handler.data, what="the initial value")
             srv.store.remove(tag.path)
-            await asyncio.sleep(0.2)
-            assert handler.data[-1].StatusCode.value == ua.StatusCodes.BadNodeIdUnknown
+            await wait_for_aio(lambda: handler.data[-1].StatusCode.value
+                               == ua.StatusCodes.BadNodeIdUnknown, what="BadNodeIdUnknown")
             with pytest.raises(UaStatusCodeError):
                 await node.read_value()
             dyn = c.get_node(ua.NodeId("Dyn", ns))
@@ -483,10 +491,7 @@ async def test_max_notifications_per_publish(srv: Running) -> None:
             paths = ["Line1/Temp", "Line1/Setpoint", "Line1/Count", "Line1/Running",
                      "Line1/Name", "Line1/Profile", "Line2/Oven/Zone1/Temp"]
             await sub.subscribe_data_change([c.get_node(ua.NodeId(p, ns)) for p in paths])
-            for _ in range(50):
-                if len(handler.values) >= 7:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_for_aio(lambda: len(handler.values) >= 7, what="seven notifications")
             assert len(handler.values) == 7
             assert sizes[:3] == [(3, True), (3, True), (1, False)]
             await sub.delete()
@@ -519,8 +524,8 @@ async def test_virtual_nodes_with_a_tiny_node_cache(srv: Running) -> None:
             await walk(c.nodes.objects, again)  # evicts the monitored node many times over
             assert again == first
             srv.store.apply([Update(path, 4242)])
-            await _settle()
-            assert handler.values[-1] == 4242
+            await wait_for_aio(lambda: handler.values and handler.values[-1] == 4242,
+                               what="the notification of 4242")
             assert await node.read_value() == 4242
             await sub.delete()
             assert not space.monitored

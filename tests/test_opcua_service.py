@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from cryptography import x509
-from test_opcua_harness import free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import aio, client, make_config, start
 
 from iotserver import config
 from iotserver.lifecycle import StartupError
@@ -73,3 +74,16 @@ def test_clear_text_password_on_unsecured_channel_is_refused(tmp_path: Path) -> 
         session.activate_session(params, None)
     assert info.value.code == ua.StatusCodes.BadIdentityTokenInvalid
     iserver.method_service.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_harness_starts_and_stops_cleanly(tmp_path: Path) -> None:
+    running = await start(make_config(tmp_path / "data", free_port(), anonymous=True))
+    try:
+        async def body() -> None:
+            async with client(running) as c:
+                assert await c.nodes.server_state.read_value() == 0  # Running
+        await aio(body())
+    finally:
+        await running.root.stopService()
+    await running.root.stopService()  # idempotent

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from helpers import wait_for
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -74,23 +75,22 @@ class Client(Protocol):
         self.lost.callback(None)
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_network_faults_and_restart() -> None:
-    plc = SimPLC(interval=0.01)
+    clock = task.Clock()  # the PLC's delays run on it; its sockets on the reactor
+    plc = SimPLC(interval=0.01, clock=clock)
     port = await plc.start()
     try:
         c = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
         assert c.transport is not None
         plc.delay = 0.2
         c.transport.write(adu(1, struct.pack(">BHH", 3, 0, 1)))
-        await sleep(0.1)
+        pending = len(clock.getDelayedCalls())
+        await wait_for(lambda: len(clock.getDelayedCalls()) > pending, what="the delayed answer")
+        clock.advance(0.1)
         assert c.buf == b""
-        await sleep(0.2)
-        assert len(c.buf) == 11
+        clock.advance(0.1)
+        await wait_for(lambda: len(c.buf) == 11, what="the answer after the delay")
         plc.delay = 0
         plc.drop_next = 1
         c.transport.write(adu(2, struct.pack(">BHH", 3, 0, 1)))
@@ -100,7 +100,7 @@ async def test_network_faults_and_restart() -> None:
         c = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
         assert c.transport is not None
         c.transport.write(adu(3, struct.pack(">BHH", 3, 0, 1)))
-        await sleep(0.05)
+        await wait_for(lambda: len(c.buf) == 11, what="the answer after the restart")
         assert c.buf[:2] == b"\x00\x03"
         c.transport.loseConnection()
         await c.lost
@@ -146,10 +146,7 @@ async def test_sim_plc_command(free_port: int) -> None:
         c = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", free_port), Client())
         assert c.transport is not None
         c.transport.write(adu(1, struct.pack(">BHH", 3, 0, 2)))
-        for _ in range(100):
-            if len(c.buf) >= 13:
-                break
-            await sleep(0.02)
+        await wait_for(lambda: len(c.buf) >= 13, what="the answer")
         assert len(c.buf) == 13
         c.transport.loseConnection()
         await c.lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,13 +161,14 @@ def tls_description(port: int, files: Pki, client_auth: str | None = "required")
 
 
 async def serve_and_ping(
-    reactor: Any, description: str, client_ctx: Any, port: int, **server_kw: Any
+    reactor: Any, description: str, client_ctx: Any, **server_kw: Any
 ) -> tuple[ServerFactory, PingClient, Failure]:
-    """Listen on ``description``, run one ping session, close everything."""
+    """Listen on ``description`` (port 0: the port is read back), run one ping session,
+    close everything."""
     factory = ServerFactory(**server_kw)
     listening = await server_endpoint(reactor, description).listen(factory)
     try:
-        client, reason = await ping(reactor, port, client_ctx)
+        client, reason = await ping(reactor, listening.getHost().port, client_ctx)
         await factory.all_closed(reactor)
     finally:
         await listening.stopListening()
@@ -178,7 +180,7 @@ async def serve_and_ping(
 
 @pytest_twisted.ensureDeferred
 async def test_client_with_our_certificate_is_accepted(
-    reactor: Any, free_port: int, pki_files: Pki
+    reactor: Any, pki_files: Pki
 ) -> None:
     ctx = client_context_factory(
         "localhost",
@@ -187,7 +189,7 @@ async def test_client_with_our_certificate_is_accepted(
         key_path=pki_files.client_key,
     )
     factory, client, _reason = await serve_and_ping(
-        reactor, tls_description(free_port, pki_files), ctx, free_port
+        reactor, tls_description(0, pki_files), ctx
     )
     assert client.received == b"ping"
     assert factory.identities == ["plc-7"]
@@ -197,7 +199,7 @@ async def test_client_with_our_certificate_is_accepted(
 @pytest.mark.parametrize("which", ["no certificate", "other CA"])
 @pytest_twisted.ensureDeferred
 async def test_client_without_valid_certificate_is_refused(
-    reactor: Any, free_port: int, pki_files: Pki, which: str
+    reactor: Any, pki_files: Pki, which: str
 ) -> None:
     if which == "no certificate":
         ctx = client_context_factory("localhost", ca_path=pki_files.ca)
@@ -209,7 +211,7 @@ async def test_client_without_valid_certificate_is_refused(
             key_path=pki_files.foreign_key,
         )
     factory, client, reason = await serve_and_ping(
-        reactor, tls_description(free_port, pki_files), ctx, free_port
+        reactor, tls_description(0, pki_files), ctx
     )
     assert client.received == b""
     assert factory.identities == []  # the server never completed a handshake
@@ -220,10 +222,10 @@ async def test_client_without_valid_certificate_is_refused(
 
 
 @pytest_twisted.ensureDeferred
-async def test_optional_client_certificate(reactor: Any, free_port: int, pki_files: Pki) -> None:
-    desc = tls_description(free_port, pki_files, client_auth="optional")
+async def test_optional_client_certificate(reactor: Any, pki_files: Pki) -> None:
+    desc = tls_description(0, pki_files, client_auth="optional")
     anonymous = client_context_factory("localhost", ca_path=pki_files.ca)
-    factory, client, _ = await serve_and_ping(reactor, desc, anonymous, free_port)
+    factory, client, _ = await serve_and_ping(reactor, desc, anonymous)
     assert client.received == b"ping" and factory.identities == [None]
 
     with_cert = client_context_factory(
@@ -232,7 +234,7 @@ async def test_optional_client_certificate(reactor: Any, free_port: int, pki_fil
         cert_path=pki_files.client_cert,
         key_path=pki_files.client_key,
     )
-    factory, client, _ = await serve_and_ping(reactor, desc, with_cert, free_port)
+    factory, client, _ = await serve_and_ping(reactor, desc, with_cert)
     assert client.received == b"ping" and factory.identities == ["plc-7"]
 
     # optional still means verified: a certificate from another CA fails the handshake
@@ -242,49 +244,49 @@ async def test_optional_client_certificate(reactor: Any, free_port: int, pki_fil
         cert_path=pki_files.foreign_cert,
         key_path=pki_files.foreign_key,
     )
-    factory, client, _reason = await serve_and_ping(reactor, desc, foreign, free_port)
+    factory, client, _reason = await serve_and_ping(reactor, desc, foreign)
     assert client.received == b"" and factory.identities == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_server_without_client_auth(reactor: Any, free_port: int, pki_files: Pki) -> None:
-    desc = tls_description(free_port, pki_files, client_auth=None)
+async def test_server_without_client_auth(reactor: Any, pki_files: Pki) -> None:
+    desc = tls_description(0, pki_files, client_auth=None)
     ctx = client_context_factory(
         "localhost",
         ca_path=pki_files.ca,
         cert_path=pki_files.client_cert,
         key_path=pki_files.client_key,
     )
-    factory, client, _ = await serve_and_ping(reactor, desc, ctx, free_port)
+    factory, client, _ = await serve_and_ping(reactor, desc, ctx)
     # no CertificateRequest was sent, so the client's certificate never reaches the server
     assert client.received == b"ping" and factory.identities == [None]
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_checks_the_server_name(reactor: Any, free_port: int, pki_files: Pki) -> None:
-    desc = tls_description(free_port, pki_files, client_auth=None)
+async def test_client_checks_the_server_name(reactor: Any, pki_files: Pki) -> None:
+    desc = tls_description(0, pki_files, client_auth=None)
     wrong = client_context_factory("plc.example.com", ca_path=pki_files.ca)
-    _factory, client, reason = await serve_and_ping(reactor, desc, wrong, free_port)
+    _factory, client, reason = await serve_and_ping(reactor, desc, wrong)
     assert client.received == b""
     assert reason.check(VerificationError) and "plc.example.com" in str(reason.value), reason
 
     wrong_ip = client_context_factory("127.0.0.2", ca_path=pki_files.ca)
-    _factory, client, reason = await serve_and_ping(reactor, desc, wrong_ip, free_port)
+    _factory, client, reason = await serve_and_ping(reactor, desc, wrong_ip)
     assert client.received == b""
     assert reason.check(VerificationError) and "127.0.0.2" in str(reason.value), reason
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_checks_the_server_ca(reactor: Any, free_port: int, pki_files: Pki) -> None:
-    desc = tls_description(free_port, pki_files, client_auth=None)
+async def test_client_checks_the_server_ca(reactor: Any, pki_files: Pki) -> None:
+    desc = tls_description(0, pki_files, client_auth=None)
     untrusting = client_context_factory("localhost", ca_path=pki_files.foreign_cert)
-    _factory, client, reason = await serve_and_ping(reactor, desc, untrusting, free_port)
+    _factory, client, reason = await serve_and_ping(reactor, desc, untrusting)
     assert client.received == b"" and reason.check(SSL.Error), reason
 
 
 @pytest_twisted.ensureDeferred
 async def test_context_factory_passed_by_caller(
-    reactor: Any, free_port: int, pki_files: Pki
+    reactor: Any, pki_files: Pki
 ) -> None:
     server_ctx = server_context_factory(
         pki_files.server_cert,
@@ -294,7 +296,7 @@ async def test_context_factory_passed_by_caller(
     )
     assert IOpenSSLServerConnectionCreator.providedBy(server_ctx)
     factory = ServerFactory()
-    endpoint = server_endpoint(reactor, f"tls:{free_port}:interface=127.0.0.1", server_ctx)
+    endpoint = server_endpoint(reactor, "tls:0:interface=127.0.0.1", server_ctx)
     listening = await endpoint.listen(factory)
     try:
         ctx = client_context_factory(
@@ -303,7 +305,7 @@ async def test_context_factory_passed_by_caller(
             cert_path=pki_files.client_cert,
             key_path=pki_files.client_key,
         )
-        client, _ = await ping(reactor, free_port, ctx)
+        client, _ = await ping(reactor, listening.getHost().port, ctx)
         await factory.all_closed(reactor)
     finally:
         await listening.stopListening()
@@ -353,10 +355,38 @@ def test_server_context_argument_errors(tmp_path: Path, pki_files: Pki) -> None:
         client_context_factory("localhost", ca_path=pki_files.ca, cert_path=pki_files.client_cert)
 
 
+def _chain_sent(server_ctx: Any) -> list[str]:
+    """Handshake in memory (no socket) and return the subjects of the certificates the
+    server sent, leaf first."""
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(20):  # a TLS handshake takes a few flights
+        for conn in (client, server):
+            with contextlib.suppress(SSL.WantReadError):
+                conn.do_handshake()
+        for src, dst in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                dst.bio_write(src.bio_read(65536))
+        chain = client.get_peer_cert_chain(as_cryptography=True)
+        if chain and client.get_state_string() == b"SSL negotiation finished successfully":
+            return [c.subject.rfc4514_string() for c in chain]
+    raise AssertionError("the in-memory handshake did not finish")
+
+
 def test_server_context_sends_chain_from_bundle(tmp_path: Path, pki_files: Pki) -> None:
+    from cryptography import x509
+
+    def subject(path: Path) -> str:
+        return x509.load_pem_x509_certificate(path.read_bytes()).subject.rfc4514_string()
+
     bundle = tmp_path / "chain.pem"
     bundle.write_bytes(pki_files.server_cert.read_bytes() + pki_files.ca.read_bytes())
-    server_context_factory(bundle, pki_files.server_key)  # leaf first, extras as chain
+    ctx = server_context_factory(bundle, pki_files.server_key).getContext()  # leaf first
+    assert _chain_sent(ctx) == [subject(pki_files.server_cert), subject(pki_files.ca)]
+    leaf_only = server_context_factory(pki_files.server_cert, pki_files.server_key).getContext()
+    assert _chain_sent(leaf_only) == [subject(pki_files.server_cert)]
 
 
 def test_cert_identity_fallbacks() -> None:
@@ -458,16 +488,17 @@ async def s_client(port: int, *args: str) -> tuple[str, int]:
 @pytest.mark.interop
 @pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs /usr/bin/openssl")
 @pytest_twisted.ensureDeferred
-async def test_openssl_s_client(reactor: Any, free_port: int, pki_files: Pki) -> None:
+async def test_openssl_s_client(reactor: Any, pki_files: Pki) -> None:
     assert shutil.which("openssl")
     factory = ServerFactory(greet=True)
-    listening = await server_endpoint(reactor, tls_description(free_port, pki_files)).listen(
+    listening = await server_endpoint(reactor, tls_description(0, pki_files)).listen(
         factory
     )
+    port = listening.getHost().port
     try:
         common = ["-CAfile", str(pki_files.ca), "-verify_return_error"]
         output, code = await s_client(
-            free_port,
+            port,
             *common,
             "-servername",
             "localhost",
@@ -484,7 +515,7 @@ async def test_openssl_s_client(reactor: Any, free_port: int, pki_files: Pki) ->
         assert "Acceptable client certificate CA names" in output and "iotserver local CA" in output
 
         output, code = await s_client(
-            free_port,
+            port,
             *common,
             "-tls1_2",
             "-cert",
@@ -494,7 +525,7 @@ async def test_openssl_s_client(reactor: Any, free_port: int, pki_files: Pki) ->
         )
         assert code == 0 and "hello plc-7" in output and "TLSv1.2" in output, output
 
-        output, _ = await s_client(free_port, *common)  # no client certificate
+        output, _ = await s_client(port, *common)  # no client certificate
         assert "hello" not in output
         assert "certificate required" in output or "alert" in output, output
         await factory.all_closed(reactor)
@@ -534,28 +565,29 @@ def renew(d: Path, material: Any, **kw: Any) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_reload_serves_a_renewed_certificate_to_new_connections(
-        reactor: Any, free_port: int, tmp_path: Path) -> None:
+        reactor: Any, tmp_path: Path) -> None:
     material = pki.ensure_server_material(tmp_path, hostnames=["localhost"],
                                           ip_addresses=["127.0.0.1"])
     reloadable: list[Any] = []
-    desc = (f"tls:{free_port}:interface=127.0.0.1:cert={material.cert_path}"
+    desc = (f"tls:0:interface=127.0.0.1:cert={material.cert_path}"
             f":key={material.key_path}")
     factory = ServerFactory()
     listening = await server_endpoint(reactor, desc, reloadable=reloadable).listen(factory)
+    port = listening.getHost().port
     try:
-        first = await server_serial(reactor, free_port, material.ca_cert_path)
+        first = await server_serial(reactor, port, material.ca_cert_path)
         assert first == material.cert.serial_number and len(reloadable) == 1
         new = renew(tmp_path, material)
-        assert await server_serial(reactor, free_port, material.ca_cert_path) == first
+        assert await server_serial(reactor, port, material.ca_cert_path) == first
         assert reload_tls("test", reloadable) == []
-        assert await server_serial(reactor, free_port, material.ca_cert_path) == new
+        assert await server_serial(reactor, port, material.ca_cert_path) == new
         # a renewal that is already expired is refused; the current certificate stays
         good_cert, good_key = material.cert_path.read_bytes(), material.key_path.read_bytes()
         renew(tmp_path, material, days=-1)
         problems = reload_tls("test", reloadable)
         assert len(problems) == 1 and "expired" in problems[0]
         assert str(material.cert_path) in problems[0]
-        assert await server_serial(reactor, free_port, material.ca_cert_path) == new
+        assert await server_serial(reactor, port, material.ca_cert_path) == new
         # a key that does not belong to the certificate: refused as well
         material.cert_path.write_bytes(good_cert)
         other = pki.generate_key()

@@ -40,6 +40,7 @@ from asyncua.server.monitored_item_service import MonitoredItemService
 from asyncua.server.subscription_service import SubscriptionService
 from asyncua.ua.uaprotocol_auto import DataChangeFilter  # ua.DataChangeFilter is a subclass:
 # decoded filters are instances of this base class, not of ua.DataChangeFilter
+from twisted.internet.interfaces import IReactorTime
 
 from iotserver.opcua.convert import status
 
@@ -95,9 +96,9 @@ class Item:
         self.sampled: list[ua.DataValue] = []  # queue while in Sampling mode
         self.filter: Any = None
         self.sampling = 0.0  # seconds between samples; 0: every change
-        self.next_due = 0.0  # loop time from which the next change may be sampled at once
+        self.next_due = 0.0  # clock time from which the next change may be sampled at once
         self.pending: ua.DataValue | None = None  # newest change waiting for its sample
-        self.timer: Any = None  # the loop's handle for that sample
+        self.timer: Any = None  # the clock's pending call for that sample
 
 
 def _exceeds(old: Any, new: Any, limit: float) -> bool:
@@ -211,13 +212,16 @@ class Limits:
 class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # asyncua is untyped
     """Data-change items per spec without copies; event items use asyncua's code."""
 
-    def __init__(self, isub: InternalSubscription, aspace: AddressSpace, limits: Limits) -> None:
+    def __init__(self, isub: InternalSubscription, aspace: AddressSpace, limits: Limits,
+                 clock: IReactorTime | None = None) -> None:
         super().__init__(isub, aspace)
         self._items: dict[int, Item] = {}
         self._by_handle: dict[int, Item] = {}
         self._limits = limits
         self.hook = _Hook(self.on_change)
-        self.loop: Any = None  # the asyncio loop (time, call_at), found on first use
+        # IReactorTime of the sampling interval (task.Clock in tests); by default the asyncio
+        # loop's monotonic clock (found on first use)
+        self.clock: Any = clock
 
     # -- creation / modification ---------------------------------------------------------
     async def create_monitored_items(
@@ -439,21 +443,21 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         if item.timer is not None:
             item.pending = dv  # newest wins
             return
-        loop = self.loop or self._find_loop()
-        now = loop.time()
+        clock = self.clock or self._find_clock()
+        now = clock.seconds()
         if now >= item.next_due:
             item.next_due = now + item.sampling
             self._report(item, dv)
         else:
             item.pending = dv
-            item.timer = loop.call_at(item.next_due, self._sample_due, item)
+            item.timer = clock.callLater(item.next_due - now, self._sample_due, item)
 
     def _sample_due(self, item: Item) -> None:
         item.timer = None
         dv, item.pending = item.pending, None
         if dv is None or self._items.get(item.mid) is not item or item.mode is _DISABLED:
             return
-        item.next_due = (self.loop or self._find_loop()).time() + item.sampling
+        item.next_due = (self.clock or self._find_clock()).seconds() + item.sampling
         self._report(item, dv)
 
     def _flush_sample(self, item: Item) -> None:
@@ -471,9 +475,9 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
             item.timer = None
         item.pending = None
 
-    def _find_loop(self) -> Any:
-        self.loop = asyncio.get_event_loop()
-        return self.loop
+    def _find_clock(self) -> Any:
+        self.clock = _LoopClock(asyncio.get_event_loop())
+        return self.clock
 
     def _queue(self, item: Item, dv: ua.DataValue) -> None:
         """Queue per Part 4 5.13.1.5 (size, discard policy, Overflow bit)."""
@@ -496,6 +500,23 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
             queue.append(note)
         else:
             queue[-1] = _with_overflow(note)
+
+
+class _LoopClock:
+    """The asyncio loop's monotonic time through the two IReactorTime calls used above.
+
+    Not the reactor itself: its ``seconds()`` is wall time, and a wall clock stepped back by an
+    hour would hold a waiting sample for that hour.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def seconds(self) -> float:
+        return self._loop.time()
+
+    def callLater(self, delay: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, fn, *args)
 
 
 class IotSubscription(InternalSubscription):  # type: ignore[misc]  # asyncua is untyped

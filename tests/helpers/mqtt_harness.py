@@ -1,11 +1,14 @@
 """Shared harness for the broker's protocol and broker tests: the Twisted protocol over
-``StringTransport`` and ``task.Clock``, clients that speak through the sans-I/O codec."""
+``StringTransport`` and ``task.Clock``, clients that speak through the sans-I/O codec, and
+the broker service started in-process on loopback (:func:`mqtt_config`, :func:`start`)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Protocol, connectionDone
@@ -13,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from iotserver import app, config
 from iotserver.mqtt.broker import Broker
 from iotserver.mqtt.codec import Decoder, encode
 from iotserver.mqtt.config import LimitsConfig, ListenerConfig, MqttConfig
@@ -248,3 +252,40 @@ async def net_connect(port: int, client_id: str, version: int = MQTT_3_1_1, *,
     assert ack.reason_code == expect, ack
     client.connack = ack
     return client
+
+
+def mqtt_config(data_dir: Path, port: int, extra: str = "") -> str:
+    return f"""
+[server]
+data_dir = "{data_dir}"
+
+[mqtt]
+sys_interval = 0
+
+[[mqtt.listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[mqtt.auth]
+allow_anonymous = true
+
+[[mqtt.acl]]
+user = "anonymous"
+topic = "#"
+access = "readwrite"
+
+[mqtt.bridge]
+enabled = false
+{extra}
+"""
+
+
+async def start(text: str) -> Any:
+    root, core = app.build(config.parse(text, source="test.toml"), reactor)
+    root.startService()
+    await core.services["mqtt"].started
+    return root
+
+
+def port_of(root: Any, index: int = 0) -> int:
+    """The port the broker's ``index``-th listener got (configured as ``tcp:0``)."""
+    return int(root.core.services["mqtt"].ports[index].getHost().port)

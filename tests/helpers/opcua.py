@@ -1,4 +1,4 @@
-"""Shared helpers for the OPC UA tests (a module so the other test modules can import it).
+"""Shared helpers for the OPC UA tests.
 
 The server runs in-process through ``app.build`` on the asyncio reactor; asyncua clients are
 asyncio code, awaited from Twisted-style tests through :func:`aio`.
@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import pytest_twisted
+from helpers import aio as aio  # re-exported: the OPC UA tests await clients through it
+from helpers import wait_for_aio
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 
 from iotserver import app, config
 from iotserver.security.users import Role, User, hash_password, save_users
@@ -73,17 +71,6 @@ range = [0, 400]
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    """Await asyncio code from a Twisted-style test (facts.md bridging rule)."""
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
-
-
 def write_users(path: Path) -> None:
     users = [User(name, ROLES[name], hash_password(pw, n=2**10)) for name, pw in PASSWORDS.items()]
     users.append(User("dave", Role.ENGINEER, None, ("dave-cert",)))
@@ -128,12 +115,10 @@ class Running:
     async def wait_idle(self) -> None:
         """Wait (asyncio) until the server holds no client connection (leak check)."""
         bserver = self.service.server.bserver if self.service.server else None
-        for _ in range(200):
-            if bserver is None or (not bserver.clients and
-                                   all(t.done() for t in bserver.closing_tasks)):
-                break
-            await asyncio.sleep(0.01)
-        for _ in range(3):
+        await wait_for_aio(lambda: bserver is None or (
+            not bserver.clients and all(t.done() for t in bserver.closing_tasks)),
+            what="the server to close its client connections")
+        for _ in range(3):  # let the closed connections' callbacks run
             await asyncio.sleep(0)
 
 
@@ -196,21 +181,3 @@ def make_client_cert(folder: Path, name: str, app_uri: str = "urn:test:client"
     cert_path = pki.write_cert_der(cert, folder / f"{name}.der", force=True)
     key_path = pki.write_key_pem(key, folder / f"{name}.pem", force=True)
     return cert_path, key_path
-
-
-@pytest_twisted.ensureDeferred
-async def test_harness_starts_and_stops_cleanly(tmp_path: Path) -> None:
-    running = await start(make_config(tmp_path / "data", free_port(), anonymous=True))
-    try:
-        async def body() -> None:
-            async with client(running) as c:
-                assert await c.nodes.server_state.read_value() == 0  # Running
-        await aio(body())
-    finally:
-        await running.root.stopService()
-    await running.root.stopService()  # idempotent
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
