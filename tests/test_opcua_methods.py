@@ -190,6 +190,9 @@ async def test_get_monitored_items_answers_the_callers_own_subscription(tmp_path
             sid = ua.Variant(sub.subscription_id, U32)
             out = await a.get_node(SERVER).call_method(GET_MONITORED_ITEMS, sid)
             assert out == [sorted(mids), [4711, 4712, 4713]]
+            # the declaration on ServerType, called on the Server object, is the same method
+            declaration = ua.NodeId(ua.ObjectIds.ServerType_GetMonitoredItems)
+            assert await a.get_node(SERVER).call_method(declaration, sid) == out
             empty = await b.create_subscription(100, _Handler())
             out = await b.get_node(SERVER).call_method(
                 GET_MONITORED_ITEMS, ua.Variant(empty.subscription_id, U32))

@@ -66,6 +66,7 @@ class Fixture:
     def __init__(self) -> None:
         s = self.space = Space()
         self.ran: list[list[Any]] = []
+        self.ran_ids: list[ua.NodeId] = []
         s.add(ua.NodeId(OID.Double), Node(ua.NodeClass.DataType))
         s.add(ua.NodeId(OID.Duration), Node(ua.NodeClass.DataType))  # Duration <- Double
         s.ref(ua.NodeId(OID.Duration), OID.HasSubtype, ua.NodeId(OID.Double), forward=False)
@@ -83,6 +84,13 @@ class Fixture:
         s.add(nid("instance"), Node(ua.NodeClass.Object))
         s.ref(nid("instance"), OID.HasTypeDefinition, nid("subtype"))
         self.method(nid("obj"), nid("off"), []).attributes[A.Executable] = False
+        # a declaration on the type, and the instance's own method of that name
+        s.add(nid("instance2"), Node(ua.NodeClass.Object))
+        s.ref(nid("instance2"), OID.HasTypeDefinition, nid("type"))
+        self.method(nid("type"), nid("decl"), []).call = None
+        self.method(nid("instance2"), nid("own"), [])
+        for name in ("decl", "own"):
+            self.space.nodes[nid(name)].attributes[A.BrowseName] = ua.QualifiedName("Do", 1)
         self.calls = MethodCalls(s, self.run, lambda: {nid("restricted")}, self)
         self.method(nid("obj"), nid("restricted"), [])
         self.method(nid("obj"), nid("unimplemented"), []).call = None
@@ -100,6 +108,7 @@ class Fixture:
 
     async def run(self, reqs: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
         self.ran.append([v.Value for v in reqs[0].InputArguments])
+        self.ran_ids.append(reqs[0].MethodId)
         return [ua.CallMethodResult()]
 
     def monitored_item_handles(self, sub_id: int, session_id: ua.NodeId) -> None:
@@ -148,6 +157,10 @@ async def test_components_executable_and_roles() -> None:
         return str((await f.calls.call([req(obj, method)], user, ua.NodeId()))[0].StatusCode.name)
 
     assert await code("instance", "inherited") == "Good"  # declared on a supertype
+    assert await code("instance2", "decl") == "Good"  # runs the instance's own "Do"
+    assert f.ran_ids[-1] == nid("own")
+    assert await code("instance2", "inherited") == "Good"  # no own method of that name
+    assert f.ran_ids[-1] == nid("inherited")
     assert await code("obj", "inherited") == "BadMethodInvalid"
     assert await code("instance", "obj") == "BadMethodInvalid"  # not a method at all
     assert await code("nowhere", "inherited") == "BadNodeIdUnknown"

@@ -7,7 +7,8 @@ before anything runs, in this order:
 
 1. ``objectId`` unknown -> Bad_NodeIdUnknown;
 2. ``methodId`` not a Method, or not a component of the object (HasComponent from the object,
-   or from its type definition or a supertype of it, Part 3 4.7) -> Bad_MethodInvalid;
+   or from its type definition or a supertype of it, Part 3 4.7) -> Bad_MethodInvalid; the
+   declaration on the type runs the object's own method of the same BrowseName;
 3. its Executable attribute is false -> Bad_NotExecutable; the session's role may not run
    it -> Bad_UserAccessDenied (source control methods need
    engineer or admin, see :mod:`.security`);
@@ -104,7 +105,7 @@ class MethodCalls:
                    session_id: ua.NodeId) -> list[ua.CallMethodResult]:
         results = []
         for req in requests:
-            res = self._check(req, user)
+            res, req = self._check(req, user)
             if res is None and not self._implemented(req.MethodId):
                 res = _result(ua.StatusCodes.BadNotImplemented)
             if res is None:
@@ -118,15 +119,25 @@ class MethodCalls:
         return results
 
     # -- checks --------------------------------------------------------------------------
-    def _check(self, req: ua.CallMethodRequest, user: Any) -> ua.CallMethodResult | None:
-        """A refusal, or None when the request may run."""
+    def _check(self, req: ua.CallMethodRequest, user: Any
+               ) -> tuple[ua.CallMethodResult | None, ua.CallMethodRequest]:
+        """(a refusal or None when it may run, the request to run)."""
         obj = self.aspace.get(req.ObjectId)
         if obj is None:
-            return _result(ua.StatusCodes.BadNodeIdUnknown)
+            return _result(ua.StatusCodes.BadNodeIdUnknown), req
         method = self.aspace.get(req.MethodId)
-        if method is None or self._node_class(req.MethodId) != ua.NodeClass.Method or \
-                not self._is_component(req.ObjectId, req.MethodId):
-            return _result(ua.StatusCodes.BadMethodInvalid)
+        target = None
+        if method is not None and self._node_class(req.MethodId) == ua.NodeClass.Method:
+            target = self._resolve(req.ObjectId, req.MethodId)
+        if target is None:
+            return _result(ua.StatusCodes.BadMethodInvalid), req
+        if target != req.MethodId:
+            req = ua.CallMethodRequest(ObjectId=req.ObjectId, MethodId=target,
+                                       InputArguments=req.InputArguments)
+        return self._check_method(req, user), req
+
+    def _check_method(self, req: ua.CallMethodRequest, user: Any
+                      ) -> ua.CallMethodResult | None:
         executable = self.aspace.read_attribute_value(req.MethodId, A.Executable)
         if executable.Value is not None and executable.Value.Value is False:
             return _result(ua.StatusCodes.BadNotExecutable)
@@ -146,20 +157,30 @@ class MethodCalls:
         return [r.NodeId for r in node.references
                 if r.IsForward == forward and r.ReferenceTypeId in ref_types]
 
-    def _is_component(self, object_id: ua.NodeId, method_id: ua.NodeId) -> bool:
-        """The method belongs to the object itself, or to its type or a supertype (a method
-        defined on an ObjectType may be called on its instances, Part 4 5.11.2.1)."""
-        if method_id in self._targets(object_id, _COMPONENTS):
-            return True
+    def _resolve(self, object_id: ua.NodeId, method_id: ua.NodeId) -> ua.NodeId | None:
+        """The method to run: ``method_id`` when it is a component of the object; when it is
+        the declaration on the object's type or a supertype (which Part 4 5.11.2.1 allows a
+        client to use), the object's own method of that BrowseName, if it has one; else None.
+        """
+        own = self._targets(object_id, _COMPONENTS)
+        if method_id in own:
+            return method_id
         types = self._targets(object_id, (_HAS_TYPE_DEFINITION,))
         for _ in range(_MAX_SUPERTYPES):
             if not types:
-                return False
+                return None
             type_id = types[0]
             if method_id in self._targets(type_id, _COMPONENTS):
-                return True
+                name = self._browse_name(method_id)
+                if name is None:
+                    return method_id
+                return next((m for m in own if self._browse_name(m) == name), method_id)
             types = self._targets(type_id, (_HAS_SUBTYPE,), forward=False)
-        return False
+        return None
+
+    def _browse_name(self, node_id: ua.NodeId) -> Any:
+        dv = self.aspace.read_attribute_value(node_id, A.BrowseName)
+        return dv.Value.Value if dv.Value is not None else None
 
     def input_arguments(self, method_id: ua.NodeId) -> list[ua.Argument]:
         """The method's InputArguments property (none when it has no such property)."""

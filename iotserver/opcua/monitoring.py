@@ -636,7 +636,7 @@ class IotSubscriptionService(SubscriptionService):  # type: ignore[misc]  # asyn
             delete_callback=lambda: self.subscriptions.pop(result.SubscriptionId, None),
             no_acks_limit=(self.iserver.max_unacked_messages_per_subscription
                            if self.iserver else 5000),
-            max_queue_size=MAX_QUEUE_SIZE,
+            max_queue_size=self.limits.max_queue_size,
             publishing_enabled=params.PublishingEnabled,
             limits=self.limits,
             max_notifications=min(params.MaxNotificationsPerPublish or MAX_NOTIFICATIONS,
