@@ -252,3 +252,14 @@ def test_envelope_and_aggregate() -> None:
     assert list(agg["count"]) == [4, 5, 1] and list(agg["max"]) == [3.0, 8.0, 9.0]
     with pytest.raises(NotFound):
         ns["envelope"]("Nope")
+
+
+def test_services_show_each_listeners_edge_counters() -> None:
+    core = make_core()
+    services = make_namespace(core)["services"]
+    counters = {"accepted": 5, "open": 2, "refused_listener_full": 3, "idle_timeouts": 0}
+    core.services["modbus"] = SimpleNamespace(
+        running=True, edge_stats=lambda: {"Modbus TCP tcp:502": counters})
+    lines = repr(services).splitlines()
+    assert lines[0] == "modbus: running"
+    assert lines[1] == "  Modbus TCP tcp:502: accepted=5, open=2, refused_listener_full=3"

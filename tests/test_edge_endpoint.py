@@ -3,6 +3,8 @@ file, line and key in every section that takes an endpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from iotserver import config
@@ -167,3 +169,29 @@ def test_limits_are_per_listener_in_config() -> None:
     modbus = cfg.section("modbus").server
     assert (modbus.limits.max_connections, modbus.limits.frame_timeout) == (3, 2.5)
     assert cfg.section("console").limits.login_timeout == 12.0
+
+
+def test_check_config_accepts_what_startup_accepts(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The misspelt option that check-config used to pass under [[mqtt.listeners]] (and whose
+    listener then failed at start) is refused, as under [modbus.server]."""
+    from iotserver import cli
+
+    for body, key in [
+        ('[[mqtt.listeners]]\nendpoint = "tls:8883:clientauth=required"\n',
+         "mqtt.listeners[0].endpoint"),
+        ('[modbus.server]\nendpoints = ["tls:802:clientauth=required"]\n',
+         "modbus.server.endpoints[0]"),
+    ]:
+        cfg = tmp_path / "site.toml"
+        cfg.write_text(body)
+        assert cli.main(["check-config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"iotserver: configuration error: {cfg}:2: {key}: ")
+        assert "unknown option 'clientauth'" in err and "\n" not in err
+    cfg.write_text('[[mqtt.listeners]]\nendpoint = "tls:8883:interface=127.0.0.1"\n'
+                   'max_connections = 50\n')
+    assert cli.main(["check-config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "listener tls:8883:interface=127.0.0.1 (loopback only" in out
+    assert "at most 50 connections, 50 per peer" in out

@@ -203,3 +203,35 @@ def test_refusals_are_logged_rate_limited() -> None:
              and e.get("log_level") == LogLevel.warn]
     assert len(lines) == 2 and f.stats.refused_listener_full == 51
     assert lines[1]["suppressed"] == 49
+
+
+def test_mqtt_probe_trickled_connect_and_slow_login() -> None:
+    """The MQTT broker protocol behind the guard: a CONNECT trickled byte by byte is closed by
+    the frame timeout; one held by a slow authenticator by the login timeout."""
+    from test_mqtt_protocol_harness import FakeAuth, Harness
+
+    from iotserver.mqtt.codec import encode
+    from iotserver.mqtt.packets import MQTT_3_1_1, Connect
+    from iotserver.mqtt.service import PROBE as MQTT_PROBE
+
+    limits = replace(LIMITS, login_timeout=10, frame_timeout=4, idle_timeout=0)
+    auth = FakeAuth()
+    h = Harness(auth=auth)
+    f = GuardedFactory("MQTT tcp:1883", h.factory, limits, h.clock, probe=MQTT_PROBE)
+    h.factory = f  # type: ignore[assignment]
+    connect_bytes = encode(Connect("c", MQTT_3_1_1), MQTT_3_1_1)
+    trickler = h.open()
+    for byte in connect_bytes[:3]:
+        trickler.send_raw(bytes([byte]))
+        h.advance(1.5)
+    assert trickler.closed and f.stats.frame_timeouts == 1
+    auth.hold = True  # the password check takes longer than the login timeout
+    slow = h.open()
+    slow.send_raw(connect_bytes)
+    h.advance(10.1)
+    assert slow.closed and f.stats.login_timeouts == 1
+    auth.hold = False
+    fine = h.open()
+    fine.send_raw(connect_bytes)
+    h.advance(50)  # well past the login timeout, within its keepalive (60 s x 1.5)
+    assert not fine.closed and f.stats.login_timeouts == 1

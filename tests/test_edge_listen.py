@@ -299,3 +299,41 @@ async def test_stop_stops_every_port_even_when_one_fails(tmp_path: Path) -> None
         await real()
     with socket.socket() as s:
         s.bind(("127.0.0.1", plain_port))  # and the first one is free again
+
+
+@pytest_twisted.ensureDeferred
+async def test_mqtt_listener_limit_is_counted_in_sys(tmp_path: Path, free_port: int) -> None:
+    from test_mqtt_persistence import mqtt_config
+    from test_mqtt_persistence import start as start_mqtt
+    from test_mqtt_protocol_harness import net_connect
+
+    from iotserver.mqtt.packets import MQTT_5, Publish, Subscribe, SubscriptionOptions
+
+    sys_read = '[[mqtt.acl]]\nuser = "anonymous"\ntopic = "$SYS/#"\naccess = "read"\n'
+    text = mqtt_config(tmp_path / "d", free_port, sys_read).replace(
+        "sys_interval = 0", "sys_interval = 0.1").replace(
+        f'endpoint = "tcp:{free_port}:interface=127.0.0.1"',
+        f'endpoint = "tcp:{free_port}:interface=127.0.0.1"\nmax_connections = 2')
+    root = await start_mqtt(text)
+    service = root.core.services["mqtt"]
+    listener = service.listeners.listeners[0]
+    watcher = await net_connect(free_port, "watcher", MQTT_5)
+    hogs = idle_sockets(free_port, 2)  # the second slot, then one too many
+    try:
+        await wait_for(lambda: listener.stats.refused_listener_full == 1, "a refusal")
+        watcher.send(Subscribe(1, (("$SYS/broker/listeners/#", SubscriptionOptions(0)),)))
+        seen: dict[str, bytes] = {}
+        while seen.get("$SYS/broker/listeners/refused_listener_full") != b"1":
+            p = await watcher.next()
+            if isinstance(p, Publish):
+                seen[p.topic] = p.payload
+        port_topic = f"$SYS/broker/listeners/tcp:{free_port}:interface=127.0.0.1/open"
+        while seen.get(port_topic) != b"2":  # the watcher and one idle socket
+            p = await watcher.next()
+            if isinstance(p, Publish):
+                seen[p.topic] = p.payload
+        await watcher.close()
+    finally:
+        for s in hogs:
+            s.close()
+        await root.stopService()

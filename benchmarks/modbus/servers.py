@@ -21,10 +21,12 @@ def ours(port: int, audit: bool = False) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
+    from iotserver.edge.guard import GuardedFactory
     from iotserver.modbus.codec import Table
     from iotserver.modbus.config import MapEntry, ServerConfig
     from iotserver.modbus.encoding import UINT16, Order
     from iotserver.modbus.server import ModbusServer
+    from iotserver.modbus.service import PROBE
     from iotserver.tags.model import Access, DataType, TagDef
     from iotserver.tags.store import MemoryOwner, TagStore
 
@@ -46,15 +48,18 @@ def ours(port: int, audit: bool = False) -> None:
         entries.append(MapEntry(f"map[{i}]", path, Table.HOLDING_REGISTERS, i, UINT16,
                                 Order.ABCD))
     cfg = ServerConfig(endpoints=(f"tcp:{port}",), map=tuple(entries), max_connections=1000,
-                       idle_timeout=0)
+                       max_connections_per_peer=1000, idle_timeout=0)
     server = ModbusServer(cfg, store, reactor)  # type: ignore[arg-type]
     server.start()
 
     def listening(_: object) -> None:
         print("ready", flush=True)
 
+    # through the connection edge (limits and timers), as the server runs it
+    guarded = GuardedFactory("Modbus TCP", server.factory(), cfg.limits, reactor,  # type: ignore[arg-type]
+                             probe=PROBE)
     TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
-        server.factory()).addCallback(listening)
+        guarded).addCallback(listening)
     reactor.run()  # type: ignore[attr-defined]
 
 

@@ -51,7 +51,10 @@ class ConsoleConfig:
     def summary(self) -> list[str]:
         where = self.ep.where()
         keys = str(self.authorized_keys or "<data_dir>/console/authorized_keys")
-        lines = [f"SSH console on {self.endpoint} ({where})", f"authorized keys: {keys}"]
+        lim = self.limits
+        lines = [f"SSH console on {self.endpoint} ({where}, at most {lim.max_connections} "
+                 f"connections, login grace {lim.login_timeout:g} s)",
+                 f"authorized keys: {keys}"]
         lines.append(
             "password login: admin users of the user file" if self.password_login
             else "password login: off"

@@ -249,7 +249,18 @@ class Services:
         stats = getattr(svc, "stats", None)
         if stats is not None and not callable(stats):
             parts.append(f"stats={stats!r}")
-        return f"{name}: " + ", ".join(parts)
+        lines = [f"{name}: " + ", ".join(parts)]
+        edge = getattr(svc, "edge_stats", None)
+        if callable(edge):  # each listener's connections and what its limits refused or closed
+            try:
+                per_listener = edge()
+            except Exception:
+                per_listener = {}
+            for listener, counters in per_listener.items():
+                shown = ", ".join(f"{k}={v}" for k, v in counters.items()
+                                  if v or k in ("accepted", "open"))
+                lines.append(f"  {listener}: {shown}")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         if not self._core.services:

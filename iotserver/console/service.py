@@ -281,6 +281,14 @@ def _factory_class() -> type:
                 transport: Any = self.transport
                 transport.abortConnection()
 
+        def getPacket(self) -> bytes | None:
+            payload: bytes | None = super().getPacket()
+            if payload is not None and not payload:
+                # RFC 4253 section 6: a payload and at least 4 bytes of padding; conch would
+                # stop reading at an empty payload and leave the connection hanging
+                raise ValueError("empty payload or padding longer than the packet")
+            return payload
+
         def receiveError(self, reason_code: int, description: bytes) -> None:
             # conch logs every client's goodbye as an error; only unusual reasons are news.
             if reason_code == DISCONNECT_BY_APPLICATION:

@@ -262,7 +262,10 @@ class MqttConfig:
             extra = f", client certificates {lst.client_certs}" if lst.is_tls else ""
             anon = ", anonymous allowed" if lst.allow_anonymous else ""
             where = "loopback only" if lst.loopback else "REACHABLE OFF-HOST"
-            lines.append(f"listener {lst.endpoint} ({where}{extra}{anon})")
+            lim = lst.limits
+            lines.append(f"listener {lst.endpoint} ({where}{extra}{anon}, at most "
+                         f"{lim.max_connections} connections, {lim.max_connections_per_peer} "
+                         "per peer)")
         lines.append(f"ACL: {len(self.acl)} inline rules"
                      + (f", file {self.auth.acl_file}" if self.auth.acl_file else "")
                      + (", role defaults" if self.auth.role_defaults else ""))
