@@ -19,7 +19,7 @@ import struct
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
@@ -59,6 +59,7 @@ from iotserver.modbus.codec import (
 from iotserver.modbus.config import ServerConfig
 from iotserver.modbus.encoding import Kind
 from iotserver.modbus.image import Binding, Image
+from iotserver.ratelog import RateLimitedLog
 from iotserver.tags.model import Quality
 from iotserver.tags.store import TagStore
 from iotserver.tags.writer import Writer
@@ -120,6 +121,8 @@ class ModbusServer:
         self.server_id = cfg.identity.server_id.encode("utf-8")
         self.connections: set[ModbusServerProtocol] = set()
         self.stats = ServerStats()
+        # what peers do wrong (framing, certificates, roles): rate-limited, with a count
+        self.ratelog = RateLimitedLog(cast(Any, clock), logger=log)
 
     def start(self) -> None:
         self.image.start()
@@ -289,12 +292,14 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             try:
                 role = read_modbus_role(cert)
             except ValueError as exc:
-                log.warn("modbus: {who} ({peer}): {exc}", who=who, peer=self.peer, exc=str(exc))
+                self.server.ratelog.warn("role", "modbus: {who} ({peer}): {exc}", who=who,
+                                         peer=self.peer, exc=str(exc))
         access = cfg.roles.get(role.lower(), cfg.no_role) if role is not None else cfg.no_role
         if access == "none":
             self.server.stats.denied += 1
-            log.warn("modbus: {who} ({peer}) has role {role!r}, which has no access; closing",
-                     who=who, peer=self.peer, role=role)
+            self.server.ratelog.warn("no_access", "modbus: {who} ({peer}) has role {role!r}, "
+                                     "which has no access; closing", who=who, peer=self.peer,
+                                     role=role)
             self._closing = True
             transport: Any = self.transport
             transport.loseConnection()
@@ -347,8 +352,8 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             frames = list(exc.frames)
             self._closing = True
             self.server.stats.framing_errors += 1
-            log.info("modbus: {peer} broke MBAP framing ({msg}); closing", peer=self.peer,
-                     msg=str(exc))
+            self.server.ratelog.info("framing", "modbus: {peer} broke MBAP framing ({msg}); "
+                                     "closing", peer=self.peer, msg=str(exc))
         if self._busy:
             self._backlog.extend(frames)
             self._check_pause()
