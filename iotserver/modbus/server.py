@@ -469,6 +469,7 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             if kind is ReadDeviceId:
                 return device_id_response(tid, unit, req, srv.objects)  # type: ignore[arg-type]
             if not self.can_write:
+                self._audit_refused(req)
                 return self._exc(tid, unit, fc, ExceptionCode.ILLEGAL_FUNCTION)
             return self._write(tid, unit, req)
         except Exception:
@@ -540,6 +541,28 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
 
     def _single_outcome(self, quality: Quality, path: str) -> ExceptionCode | None:
         return self._outcome((path,), (quality,))
+
+    def _audit_refused(self, req: Any) -> None:
+        """A write by a read-only client (its TLS role): into the audit trail, per tag."""
+        srv = self.server
+        if srv.store.audit is None:
+            return
+        image = srv.image
+        kind = type(req)
+        if kind is WriteRegister:
+            plan: Any = image.plan_register_write(req.address, _U16.pack(req.value))
+        elif kind is WriteRegisters:
+            plan = image.plan_register_write(req.address, req.values)
+        elif kind is WriteCoil:
+            plan = image.plan_bit_write(req.address, (req.value,))
+        elif kind is WriteCoils:
+            plan = image.plan_bit_write(req.address, req.values)
+        else:
+            return
+        if type(plan) is list:
+            for b, value in plan:
+                srv.store.audit_refusal(self.writer, b.path, value,
+                                        Quality.BAD_USER_ACCESS_DENIED)
 
     def _write(self, tid: int, unit: int, req: Any) -> bytes | Deferred[bytes]:
         image = self.server.image
