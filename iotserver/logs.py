@@ -49,7 +49,16 @@ PEER_ERRORS = frozenset({
     ("asyncua.server.uaprocessor", "sending service fault response: %s (%s)"),
 })
 
+# A message the peer sent that asyncua could not decode or accept ends in an exception of
+# these types (asyncua.ua.uaerrors.UaError and its NotEnoughData, for short messages); any
+# other exception while processing may be a server bug and keeps its traceback.
+PEER_EXCEPTIONS = ("asyncua.ua.uaerrors._base.UaError",)
+
 PEER_ERROR_INTERVAL = 10.0
+
+
+def _is_peer_exception(exc: BaseException) -> bool:
+    return any(f"{k.__module__}.{k.__qualname__}" in PEER_EXCEPTIONS for k in type(exc).__mro__)
 
 
 class _Monotonic:
@@ -73,7 +82,8 @@ class TwistedLogHandler(logging.Handler):
         exc = record.exc_info[1] if record.exc_info else None
         logger = Logger(namespace=record.name)
         template = record.msg if isinstance(record.msg, str) else ""
-        peer_error = (record.name, template) in PEER_ERRORS
+        peer_error = (record.name, template) in PEER_ERRORS or (
+            exc is not None and record.name.startswith("asyncua") and _is_peer_exception(exc))
         kw: dict[str, Any] = {}
         if exc is not None:
             text += f" ({type(exc).__name__}: {exc})"

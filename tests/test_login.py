@@ -195,3 +195,22 @@ def test_certificate_rule_cn_then_san(users: UserDB) -> None:
     logins = Logins(lambda: users, task.Clock())
     assert logins.certificate_user(cert) == user
     assert logins.certificate_user("alice@plant") is not None
+
+
+def test_login_and_audit_sections_parse_and_errors_name_the_key() -> None:
+    import pytest as _pytest
+
+    from iotserver import config
+    from iotserver.confparse import ConfigError
+
+    cfg = config.parse("[login]\nfree_failures = 3\nmax_concurrent = 1\n"
+                       "[audit]\nmax_bytes = 65536\nmax_files = 2\n", source="t.toml")
+    assert cfg.sections["login"].free_failures == 3
+    assert cfg.sections["login"].max_concurrent == 1
+    assert cfg.sections["audit"].max_files == 2
+    with _pytest.raises(ConfigError, match=r"login\.max_delay"):
+        config.parse("[login]\nbase_delay = 5\nmax_delay = 1\n", source="t.toml")
+    with _pytest.raises(ConfigError, match=r"audit\.max_bytes"):
+        config.parse("[audit]\nmax_bytes = 10\n", source="t.toml")
+    with _pytest.raises(ConfigError, match=r"login\.free_failure"):
+        config.parse("[login]\nfree_failure = 3\n", source="t.toml")

@@ -87,3 +87,24 @@ def test_peer_errors_are_warnings_rate_limited_with_a_count() -> None:
     assert all(e["log_level"] == LogLevel.warn and "log_failure" not in e for e in events)
     assert "1999 similar events not logged" in formatEventAsClassicLogText(events[1])
     assert "ValueError: inner detail" in events[0]["text"]
+
+
+def test_asyncua_decoding_exceptions_are_peer_errors_other_exceptions_keep_tracebacks() -> None:
+    from asyncua.common.utils import NotEnoughData
+
+    handler = TwistedLogHandler(FakeClock())
+    name = "asyncua.server.binary_server_asyncio"
+
+    def emit(exc: BaseException, msg: str) -> None:
+        try:
+            raise exc
+        except BaseException:
+            handler.emit(logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (),
+                                           sys.exc_info()))
+
+    events = _capture(handler, lambda: (
+        emit(NotEnoughData("short"), "Exception raised while processing message from client"),
+        emit(KeyError("ours"), "Error while processing message")))
+    peer, bug = events
+    assert peer["log_level"] == LogLevel.warn and "log_failure" not in peer
+    assert bug["log_level"] == LogLevel.error and bug["log_failure"].check(KeyError)

@@ -679,6 +679,15 @@ async def test_tls_client_certificate_roles(tmp_path: Path) -> None:
         assert secure and all(p._recv is None for p in secure)
         assert srv.core.store.read("T/Setpoint").value == 2.0
         await eng.close()
+        # both writes are in the audit trail, with the certificate's name as the principal
+        await srv.core.audit.sync()
+        import json
+
+        records = [json.loads(x) for x in (srv.data / "audit.jsonl").read_text().splitlines()]
+        writes = [(r["principal"], r["protocol"], r["tag"], r["result"]) for r in records
+                  if r["event"] == "write"]
+        assert ("op", "modbus", "T/Setpoint", "BadUserAccessDenied") in writes
+        assert ("eng", "modbus", "T/Setpoint", "Good") in writes
         nobody = await connectProtocol(client("nobody", None), Raw())
         await nobody.lost.addTimeout(TIMEOUT, reactor)
         assert srv.service.server.stats.denied == 1

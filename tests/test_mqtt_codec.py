@@ -923,7 +923,7 @@ def test_random_bodies_raise_only_protocol_errors(b0: int, body: bytes,
     _only_protocol_errors(Decoder(**kind), [bytes((b0,)) + encode_varint(len(body)) + body])
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(data=st.data(), version=st.sampled_from([4, 5]))
 def test_mutated_packets_raise_only_protocol_errors(data: st.DataObject, version: int) -> None:
     wire = bytearray(encode(data.draw(packets(version)), version))

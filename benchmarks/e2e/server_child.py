@@ -46,6 +46,9 @@ def collect(core: Any, kind: str, started: float) -> dict[str, Any]:
          "pending": len(s.pending)}
         for s in store.subscriptions
     ]
+    logins = getattr(core, "logins", None)
+    if logins is not None:
+        out["logins"] = dict(logins.stats)
     services = core.services
     modbus = services.get("modbus")
     if modbus is not None:

@@ -19,7 +19,7 @@ import struct
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
@@ -58,6 +58,7 @@ from iotserver.modbus.codec import (
 from iotserver.modbus.config import ServerConfig
 from iotserver.modbus.encoding import Kind
 from iotserver.modbus.image import Binding, Image
+from iotserver.ratelog import RateLimitedLog
 from iotserver.tags.model import Quality
 from iotserver.tags.store import TagStore
 from iotserver.tags.writer import Writer
@@ -117,6 +118,8 @@ class ModbusServer:
         self.server_id = cfg.identity.server_id.encode("utf-8")
         self.connections: set[ModbusServerProtocol] = set()
         self.stats = ServerStats()
+        # what peers do wrong (framing, certificates, roles): rate-limited, with a count
+        self.ratelog = RateLimitedLog(cast(Any, clock), logger=log)
 
     def start(self) -> None:
         self.image.start()
@@ -279,12 +282,14 @@ class ModbusServerProtocol(Protocol):
             try:
                 role = read_modbus_role(cert)
             except ValueError as exc:
-                log.warn("modbus: {who} ({peer}): {exc}", who=who, peer=self.peer, exc=str(exc))
+                self.server.ratelog.warn("role", "modbus: {who} ({peer}): {exc}", who=who,
+                                         peer=self.peer, exc=str(exc))
         access = cfg.roles.get(role.lower(), cfg.no_role) if role is not None else cfg.no_role
         if access == "none":
             self.server.stats.denied += 1
-            log.warn("modbus: {who} ({peer}) has role {role!r}, which has no access; closing",
-                     who=who, peer=self.peer, role=role)
+            self.server.ratelog.warn("no_access", "modbus: {who} ({peer}) has role {role!r}, "
+                                     "which has no access; closing", who=who, peer=self.peer,
+                                     role=role)
             self._closing = True
             transport: Any = self.transport
             transport.loseConnection()
@@ -329,8 +334,8 @@ class ModbusServerProtocol(Protocol):
             frames = list(exc.frames)
             self._closing = True
             self.server.stats.framing_errors += 1
-            log.info("modbus: {peer} broke MBAP framing ({msg}); closing", peer=self.peer,
-                     msg=str(exc))
+            self.server.ratelog.info("framing", "modbus: {peer} broke MBAP framing ({msg}); "
+                                     "closing", peer=self.peer, msg=str(exc))
         if self._busy:
             self._backlog.extend(frames)
             self._check_pause()
@@ -446,6 +451,7 @@ class ModbusServerProtocol(Protocol):
             if kind is ReadDeviceId:
                 return device_id_response(tid, unit, req, srv.objects)  # type: ignore[arg-type]
             if not self.can_write:
+                self._audit_refused(req)
                 return self._exc(tid, unit, fc, ExceptionCode.ILLEGAL_FUNCTION)
             return self._write(tid, unit, req)
         except Exception:
@@ -517,6 +523,28 @@ class ModbusServerProtocol(Protocol):
 
     def _single_outcome(self, quality: Quality, path: str) -> ExceptionCode | None:
         return self._outcome((path,), (quality,))
+
+    def _audit_refused(self, req: Any) -> None:
+        """A write by a read-only client (its TLS role): into the audit trail, per tag."""
+        srv = self.server
+        if srv.store.audit is None:
+            return
+        image = srv.image
+        kind = type(req)
+        if kind is WriteRegister:
+            plan: Any = image.plan_register_write(req.address, _U16.pack(req.value))
+        elif kind is WriteRegisters:
+            plan = image.plan_register_write(req.address, req.values)
+        elif kind is WriteCoil:
+            plan = image.plan_bit_write(req.address, (req.value,))
+        elif kind is WriteCoils:
+            plan = image.plan_bit_write(req.address, req.values)
+        else:
+            return
+        if type(plan) is list:
+            for b, value in plan:
+                srv.store.audit_refusal(self.writer, b.path, value,
+                                        Quality.BAD_USER_ACCESS_DENIED)
 
     def _write(self, tid: int, unit: int, req: Any) -> bytes | Deferred[bytes]:
         image = self.server.image

@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import itertools
-import logging
+import time
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,12 +43,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from twisted.logger import Logger
+
+from iotserver.ratelog import RateLimitedLog, Seconds
 from iotserver.security import pki
 from iotserver.security.login import Logins, Outcome, may_write
 from iotserver.security.login import certificate_identities as certificate_identities
 from iotserver.security.users import UserDB
 
-log = logging.getLogger("iotserver.opcua")
+log = Logger(namespace="iotserver.opcua")
+
+
+class _Monotonic:
+    def seconds(self) -> float:
+        return time.monotonic()
 
 PROTOCOL = "opcua"  # in the login log and the audit trail
 
@@ -124,8 +132,8 @@ def ensure_app_cert(pki_dir: Path, application_uri: str, *, hostnames: list[str]
         if cert.public_key() == key.public_key() and fresh and \
                 application_uri in _san_uris(cert):
             return AppCert(cert_path, key_path, cert, False)
-        log.warning("OPC UA application certificate %s is expired or names another "
-                    "ApplicationUri: issuing a new one", cert_path)
+        log.warn("OPC UA application certificate {path} is expired or names another "
+                 "ApplicationUri: issuing a new one", path=str(cert_path))
     common_name = f"iotserver@{(hostnames or ip_addresses or ['localhost'])[0]}"
     ca_key = None
     if ca_cert is not None and ca_key_path is not None and ca_key_path.exists():
@@ -176,7 +184,7 @@ def _load_certs(folder: Path) -> list[x509.Certificate]:
             try:
                 out += pki.load_cert_chain(path)
             except (ValueError, OSError) as exc:
-                log.warning("PKI: ignoring %s: %s", path, exc)
+                log.warn("PKI: ignoring {path}: {exc}", path=str(path), exc=str(exc))
     return out
 
 
@@ -192,7 +200,7 @@ def _load_crls(folder: Path) -> list[x509.CertificateRevocationList]:
             out.append(x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----")
                        else x509.load_der_x509_crl(data))
         except (ValueError, OSError) as exc:
-            log.warning("PKI: ignoring CRL %s: %s", path, exc)
+            log.warn("PKI: ignoring CRL {path}: {exc}", path=str(path), exc=str(exc))
     return out
 
 
@@ -290,12 +298,12 @@ class TrustList:
             if path.exists():
                 return path
             if sum(1 for _ in folder.iterdir()) >= MAX_REJECTED_FILES:
-                log.warning("PKI: %s holds %d files; not storing more rejected certificates",
-                            folder, MAX_REJECTED_FILES)
+                log.warn("PKI: {folder} holds {n} files; not storing more rejected "
+                         "certificates", folder=str(folder), n=MAX_REJECTED_FILES)
                 return None
             pki.write_cert_der(cert, path)
         except (OSError, FileExistsError) as exc:
-            log.warning("PKI: cannot store rejected certificate: %s", exc)
+            log.warn("PKI: cannot store rejected certificate: {exc}", exc=str(exc))
             return None
         return path
 
@@ -307,21 +315,25 @@ class ClientCertificateValidator:
     certificate always ends up in ``rejected/`` whatever else is wrong with it.
     """
 
-    def __init__(self, trust: TrustList) -> None:
+    def __init__(self, trust: TrustList, clock: Seconds | None = None) -> None:
         self.trust = trust
+        # a scanner can present certificates in a loop: these lines are rate-limited
+        self.ratelog = RateLimitedLog(clock or _Monotonic(), logger=log)
 
     async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
         code = self.trust.check(cert)
         if code == ua.StatusCodes.BadCertificateUntrusted:
             path = self.trust.reject(cert)
-            log.warning("OPC UA: refused untrusted client certificate %r (%s); to trust it, "
-                        "move %s to %s", _common_name(cert), app.ApplicationUri, path,
-                        self.trust.pki_dir / "trusted" / "certs")
+            self.ratelog.warn("untrusted", "OPC UA: refused untrusted client certificate "
+                              "{cn!r} ({uri}); to trust it, move {path} to {folder}",
+                              cn=_common_name(cert), uri=app.ApplicationUri, path=str(path),
+                              folder=str(self.trust.pki_dir / "trusted" / "certs"))
         if code:
             raise ServiceError(code)
         if app.ApplicationUri not in _san_uris(cert):
-            log.warning("OPC UA: client certificate %r does not name ApplicationUri %s",
-                        _common_name(cert), app.ApplicationUri)
+            self.ratelog.warn("uri", "OPC UA: client certificate {cn!r} does not name "
+                              "ApplicationUri {uri}", cn=_common_name(cert),
+                              uri=app.ApplicationUri)
             raise ServiceError(ua.StatusCodes.BadCertificateUriInvalid)
 
 
