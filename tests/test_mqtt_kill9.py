@@ -203,12 +203,13 @@ def test_qos2_exactly_once_across_kill_9(server: Server, protocol: int) -> None:
         # (PUBLISH, PUBREC, PUBREL, PUBCOMP, a commit) at that moment
         mid_stream = 0
         for k, at in enumerate((80, 220, 360, 500, 640, 780)):
-            wait(lambda: len(sub.received()) >= at, 120, f"{at} messages")
+            wait(lambda at=at: len(sub.received()) >= at, 120, f"{at} messages")
             mid_stream += len(infos) < n or not pub.all_completed(infos)
             server.kill()
             server.start()
-            wait(lambda: len(sub.connacks) >= k + 2 and len(pub.connacks) >= k + 2, 30,
-                 "both clients back")
+            back = k + 2
+            wait(lambda back=back: len(sub.connacks) >= back and len(pub.connacks) >= back,
+                 30, "both clients back")
         producer.join(60)
         assert mid_stream == 6
         wait(lambda: pub.all_completed(infos), 120, "every PUBCOMP")
