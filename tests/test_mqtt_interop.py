@@ -96,7 +96,8 @@ class Paho:
 
     def __init__(self, port: int, client_id: str, protocol: int = V311, *,
                  clean: bool = True, will: tuple[str, bytes] | None = None,
-                 session_expiry: int | None = None, tls_files: tuple[Path, ...] = ()) -> None:
+                 session_expiry: int | None = None, tls_files: tuple[Path, ...] = (),
+                 login: tuple[str, str] | None = None) -> None:
         kw: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
         if protocol != V5:
             kw["clean_session"] = clean
@@ -106,10 +107,13 @@ class Paho:
         self.subscribed: list[Any] = []
         self.lock = threading.Lock()
         self.c.on_message = self._on_message
-        self.c.on_connect = lambda c, u, f, rc, p: self.connected.set()
         self.c.on_subscribe = lambda c, u, mid, codes, p: self.subscribed.append(codes)
         if will is not None:
             self.c.will_set(will[0], will[1], qos=1)
+        if login is not None:
+            self.c.username_pw_set(*login)
+        self.flags: list[Any] = []  # CONNACK flags, one per connection
+        self.c.on_connect = lambda c, u, f, rc, p: (self.flags.append(f), self.connected.set())
         if tls_files:
             ca, cert, key = [*tls_files, None, None][:3]
             self.c.tls_set(ca_certs=str(ca), certfile=cert and str(cert),
