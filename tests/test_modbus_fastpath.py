@@ -183,3 +183,28 @@ def test_fast_paths_switch_and_compat_check() -> None:
     assert not proto._short and not proto._eager and proto._reader is None
     # this Twisted has everything the fast paths use (CI tests the pinned range)
     assert compat_twisted.PROBLEM == ""
+
+
+def test_missing_twisted_internal_is_named_in_one_line_and_turns_fast_paths_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import twisted
+    from twisted.internet import asyncioreactor
+    from twisted.logger import globalLogPublisher
+
+    monkeypatch.delattr(asyncioreactor.AsyncioSelectorReactor, "_readOrWrite")
+    problem = compat_twisted._check()
+    assert problem == (f"Twisted {twisted.__version__} lacks AsyncioSelectorReactor."
+                       "_readOrWrite(): the Modbus server's fast paths are off")
+    monkeypatch.setattr(compat_twisted, "AVAILABLE", False)
+    monkeypatch.setattr(compat_twisted, "PROBLEM", problem)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        server = make_server(True, task.Clock())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert server.fast is False
+    assert [e["problem"] for e in events if "problem" in e] == [problem]
+    proto = server.factory().buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    assert not proto._short

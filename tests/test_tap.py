@@ -160,20 +160,21 @@ def test_acknowledged_memory_write_survives_kill_9(tmp_path: Path, how: str) -> 
             sys.executable,
             "-c",
             f"""
-import sys, time
-from twisted.internet.task import Clock
+from twisted.internet import reactor
 from iotserver.tags.model import TagDef, DataType, Access
 from iotserver.tags.store import TagStore, MemoryOwner
 from iotserver.tags.persist import MemoryTagPersistence
 from pathlib import Path
-store = TagStore(Clock())
+store = TagStore(reactor)
 store.register_owner("memory", MemoryOwner(store, MemoryTagPersistence(Path({str(db)!r}))))
 store.define(TagDef(path="S/x", data_type=DataType.INT64, access=Access.READ_WRITE, persist=True))
-i = 0
-while True:
-    i += 1
-    d = store.write("S/x", i)
-    print(i, flush=True)  # the acknowledgement
+def write(i):
+    store.write("S/x", i).addCallback(acked, i)
+def acked(quality, i):
+    print(i, quality.name, flush=True)  # the acknowledgement
+    write(i + 1)
+reactor.callWhenRunning(write, 1)
+reactor.run()
 """,
         ],
         stdout=subprocess.PIPE,
@@ -182,7 +183,9 @@ while True:
     assert child.stdout is not None
     acked = 0
     for line in child.stdout:
-        acked = int(line)
+        number, quality = line.split()
+        assert quality == "GOOD"
+        acked = int(number)
         if acked >= 50:
             break
     os.kill(child.pid, signal.SIGKILL)
