@@ -2,6 +2,9 @@
 
 ``python servers.py ours PORT``: our Modbus TCP server (Twisted asyncio reactor) mapping holding
 registers 0..199 to 200 UInt16 memory tags (writes go through the tag store).
+``python servers.py ours-persist PORT DIR``: the same with persisted memory tags (SQLite in DIR,
+group-committed on a writer thread); ``ours-persist-loop PORT DIR``: the same, but each write
+committed and fsynced on the event loop (how persisted writes worked before group commit).
 ``python servers.py pymodbus PORT``: pymodbus' asyncio ModbusTcpServer with 200 registers.
 ``python servers.py simplc PORT REGISTERS``: our simulated PLC (for the poller benchmark).
 Each prints "ready" once listening and runs until SIGTERM.
@@ -12,7 +15,7 @@ from __future__ import annotations
 import sys
 
 
-def ours(port: int) -> None:
+def ours(port: int, persist: str = "", directory: str = "") -> None:
     from twisted.internet import asyncioreactor
 
     asyncioreactor.install()
@@ -27,11 +30,21 @@ def ours(port: int) -> None:
     from iotserver.tags.store import MemoryOwner, TagStore
 
     store = TagStore(reactor)  # type: ignore[arg-type]
-    store.register_owner("memory", MemoryOwner(store))
+    persistence: object = None
+    if persist:
+        from pathlib import Path
+
+        from iotserver.tags.persist import MemoryTagPersistence
+
+        persistence = MemoryTagPersistence(Path(directory) / "memory_tags.sqlite3")
+        if persist == "loop":
+            persistence = _OnTheLoop(persistence)
+    store.register_owner("memory", MemoryOwner(store, persistence))
     entries = []
     for i in range(200):
         path = f"Bench/R{i}"
-        store.define(TagDef(path, DataType.UINT16, access=Access.READ_WRITE, initial=i))
+        store.define(TagDef(path, DataType.UINT16, access=Access.READ_WRITE, initial=i,
+                            persist=bool(persist)))
         entries.append(MapEntry(f"map[{i}]", path, Table.HOLDING_REGISTERS, i, UINT16,
                                 Order.ABCD))
     cfg = ServerConfig(endpoints=(f"tcp:{port}",), map=tuple(entries), max_connections=1000,
@@ -45,6 +58,19 @@ def ours(port: int) -> None:
     TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
         server.factory()).addCallback(listening)
     reactor.run()  # type: ignore[attr-defined]
+
+
+class _OnTheLoop:
+    """Persistence committing (and fsyncing) each write on the event loop before answering."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def commit(self, path: str, value: object, quality: object, ts: int) -> object:
+        from twisted.internet.defer import succeed
+
+        self.inner.save(path, value, quality, ts)  # type: ignore[attr-defined]
+        return succeed(None)
 
 
 def pymodbus_server(port: int) -> None:
@@ -90,6 +116,10 @@ if __name__ == "__main__":
     kind, port_text = sys.argv[1], sys.argv[2]
     if kind == "ours":
         ours(int(port_text))
+    elif kind == "ours-persist":
+        ours(int(port_text), "thread", sys.argv[3])
+    elif kind == "ours-persist-loop":
+        ours(int(port_text), "loop", sys.argv[3])
     elif kind == "pymodbus":
         pymodbus_server(int(port_text))
     elif kind == "simplc":
