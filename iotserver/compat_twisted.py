@@ -13,6 +13,7 @@ plain TCP connections under the asyncio reactor:
   (``dataBuffer``, ``_tempDataBuffer``) are empty, instead of buffering it until the next
   reactor turn.
 
+The asyncio loop itself (``_asyncioEventloop``) also serves SIGHUP handling (``tap.py``).
 None of these is public API. If one of them is gone (a Twisted release changed it),
 :data:`PROBLEM` says which, naming the Twisted version; the fast paths are then off and the
 server takes the normal, public way (the Modbus server logs that line at startup).
@@ -26,7 +27,7 @@ from typing import Any
 import twisted
 from twisted.internet import abstract, tcp
 
-__all__ = ["AVAILABLE", "PROBLEM", "DirectReader", "hook_reader", "send_now"]
+__all__ = ["AVAILABLE", "PROBLEM", "DirectReader", "event_loop", "hook_reader", "send_now"]
 
 
 def _check() -> str:
@@ -56,6 +57,11 @@ def _check() -> str:
 
 PROBLEM = _check()
 AVAILABLE = not PROBLEM
+
+
+def event_loop(reactor: Any) -> Any:
+    """The asyncio loop under the asyncio reactor (``_asyncioEventloop``), else None."""
+    return getattr(reactor, "_asyncioEventloop", None)
 
 
 class DirectReader:

@@ -317,7 +317,7 @@ class ModbusServerProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         if len(data) == 12 and data[7] == 6 and self._short and self.can_write \
-                and not self._busy and not self.decoder._buf:
+                and not self._busy and not self.decoder.buffered:
             # One whole FC06 request and nothing buffered: the most common write, short way
             out = self._write_register_fast(data)
             if out is not None:
