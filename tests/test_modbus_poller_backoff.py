@@ -96,3 +96,30 @@ async def test_accept_and_close_is_retried_with_exponential_backoff() -> None:
         gc.collect()  # an exception set on a future nobody awaits is logged when it is freed
         logging.getLogger("asyncio").removeHandler(records)
     assert not [m for m in records.messages if "never retrieved" in m], records.messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_during_a_request_stops_the_poll_loop() -> None:
+    """A request in flight is failed when we close the connection ourselves, but a stop()
+    at the same moment still ends the poll task (its cancel is not taken for a lost link)."""
+    from iotserver.sim.plc import SimPLC
+
+    plc = SimPLC(0, interval=0.02, registers=10)
+    plc_port = await plc.start()
+    store = TagStore(reactor)
+    dev_cfg = device_config(plc_port, TAG)
+    for t in dev_cfg.tags:
+        store.define(t.tag)
+    device = Device(dev_cfg, store)
+    try:
+        device.start()
+        await until(lambda: store.read("P/H0").quality is Quality.GOOD)
+        plc.delay = 5.0  # the next poll waits for an answer
+        await until(lambda: bool(device._requests))
+        task_ = device._task
+        assert task_ is not None
+        await aw(device.stop())
+        assert task_.done() and device.state == "stopped"
+    finally:
+        plc.delay = 0.0
+        await plc.stop()

@@ -9,9 +9,9 @@ once the PLC has answered a request, so a PLC that accepts and closes at once is
 Tags are Good again on the first successful poll. An exception response marks just that
 block's tags Bad. Timing uses the injected clock (``IReactorTime``; ``task.Clock`` in tests).
 
-Only pymodbus' public API is used: a request in flight when the connection drops is failed at
-once by cancelling the task that awaits it (from the ``trace_connect`` hook), not by reaching
-into pymodbus' transaction manager.
+Only pymodbus' public API is used: each request runs as a task of its own, which the
+``trace_connect`` hook cancels when the connection drops, so the request fails at once without
+reaching into pymodbus' transaction manager.
 
 The device also owns its writable tags (``modbus:<name>`` in the store): a write is encoded
 (scaling, type, order), sent as FC05/FC06/FC0F/FC10 (bits in registers: FC16 mask write, or
@@ -152,8 +152,7 @@ class Device:
         self._ever_connected = False
         self._generation = 0  # of the client; a closed client's late hook calls are ignored
         self._up = False  # the link as pymodbus' trace_connect hook last reported it
-        self._waiting: set[asyncio.Task[Any]] = set()  # tasks awaiting a response
-        self._dropped: set[asyncio.Task[Any]] = set()  # ... cancelled: connection lost
+        self._requests: set[asyncio.Task[Any]] = set()  # pymodbus calls in flight
 
     @property
     def name(self) -> str:
@@ -308,17 +307,19 @@ class Device:
         if generation != self._generation:
             return
         self._up = connected
-        if connected:
-            return
-        for task in list(self._waiting):
-            if not task.done():
-                self._dropped.add(task)
-                task.cancel()
-        self._waiting.clear()
+        if not connected:
+            self._fail_requests()
+
+    def _fail_requests(self) -> None:
+        for request in list(self._requests):
+            request.cancel()  # its caller (_request) raises _Disconnected
 
     def _close(self) -> None:
         client, self._client = self._client, None
+        self._up = False
         if client is not None:
+            # pymodbus does not report a connection we close ourselves: fail what waits on it
+            self._fail_requests()
             with contextlib.suppress(Exception):  # closing must not fail the caller
                 client.close()
 
@@ -335,15 +336,16 @@ class Device:
         t0 = clock.seconds()
         task = asyncio.current_task()
         assert task is not None
-        self._waiting.add(task)
+        # the pymodbus call in a task of its own, which a lost connection cancels
+        request = asyncio.ensure_future(getattr(client, call)(*args, **kwargs))
+        request.add_done_callback(_retrieved)
+        self._requests.add(request)
         try:
-            rr = await getattr(client, call)(*args, **kwargs)
+            rr = await request
         except asyncio.CancelledError:
-            if task in self._dropped:  # the hook: the connection was lost, not a stop()
-                self._dropped.discard(task)
-                task.uncancel()
-                raise _Disconnected("connection lost") from None
-            raise
+            if task.cancelling():  # we are cancelled ourselves (stop()): pass it on
+                raise
+            raise _Disconnected("connection lost") from None  # only the request was
         except ConnectionException as exc:
             raise _Disconnected(str(exc)) from None
         except (TimeoutError, ModbusIOException) as exc:
@@ -352,7 +354,7 @@ class Device:
                 raise _Timeout(str(exc)) from None
             raise _Disconnected(str(exc)) from None
         finally:
-            self._waiting.discard(task)
+            self._requests.discard(request)
         rtt = clock.seconds() - t0
         st = self.stats
         st.rtt_last = rtt
@@ -538,6 +540,13 @@ class Device:
             return
         if not rr.isError():
             self.store.apply(block.decode(self._array(block, rr), self.store.now_ns()))  # type: ignore[arg-type]
+
+
+def _retrieved(request: asyncio.Task[Any]) -> None:
+    """Mark a request's outcome seen: one finished while its caller was being stopped
+    must not be logged as "exception was never retrieved"."""
+    if not request.cancelled():
+        request.exception()
 
 
 def _done(value: Any) -> asyncio.Future[Any]:
