@@ -259,6 +259,8 @@ class Image:
         self.by_path: dict[str, list[Binding]] = {}
         for b in self.bindings:
             self.by_path.setdefault(b.entry.path, []).append(b)
+        # tags with more than one entry: a write covering two of them must agree (writeplan)
+        self.mapped_twice = frozenset(p for p, bs in self.by_path.items() if len(bs) > 1)
         self.tables: dict[Table, TableImage] = {}
         for table in Table:
             bits = table in BIT_TABLES
@@ -407,7 +409,10 @@ class Image:
             t.values[e.address:e.end] = 0
             return
         try:
-            data = b.encode(value)
+            if b.struct is not None and not e.count:  # a number: the hot path, inline
+                data = b.wire(_to_raw_number(b.scaling, b.limits, value))
+            else:
+                data = b.encode(value)
         except (ValueError, TypeError, struct.error) as exc:
             log.warn("modbus map {key}: cannot encode {path} = {v!r}: {exc}", key=e.key,
                      path=e.path, v=value, exc=str(exc))

@@ -130,15 +130,21 @@ def plan_register_write(image: Image, address: int, wire: bytes) -> Plan | Excep
                     return _ADDRESS
     plan: Plan = []
     claims: Claims = {}
+    twice = image.mapped_twice
+    base = 2 * address
     for b in covering:
-        data = _overlay(b, address, end, bytes(raw_image[b.start:b.stop]), wire)
-        if data is None:
-            return _ADDRESS
+        if b.address >= address and b.end <= end:  # the common case: wholly written
+            data = wire[b.start - base:b.stop - base]
+        else:
+            overlaid = _overlay(b, address, end, bytes(raw_image[b.start:b.stop]), wire)
+            if overlaid is None:
+                return _ADDRESS
+            data = overlaid
         tag = b.tag
         if b.kind is Kind.BIT:
             bit = b.unwire(data)
             if bit == b.unwire(bytes(raw_image[b.start:b.stop])):
-                if b.path in claims or len(image.by_path[b.path]) > 1:
+                if b.path in twice:
                     claims.setdefault(b.path, []).append((b, bit, data))
                 continue  # unchanged: not written (a read-only bit may share the register)
         if tag is None or b.problem or not tag.writable or not b.writable:
@@ -149,8 +155,9 @@ def plan_register_write(image: Image, address: int, wire: bytes) -> Plan | Excep
         except (CoerceError, UnicodeDecodeError, ValueError):
             return _VALUE
         plan.append((b, value))
-        claims.setdefault(b.path, []).append((b, value, data))
-    return _finish(plan, claims)
+        if b.path in twice:
+            claims.setdefault(b.path, []).append((b, value, data))
+    return _finish(plan, claims) if claims else plan
 
 
 def plan_bit_write(image: Image, address: int, values: Iterable[bool]) -> Plan | ExceptionCode:
@@ -179,8 +186,9 @@ def plan_bit_write(image: Image, address: int, values: Iterable[bool]) -> Plan |
         except CoerceError:
             return _VALUE
         plan.append((b, value))
-        claims.setdefault(b.path, []).append((b, value, b""))
-    return _finish(plan, claims)
+        if b.path in image.mapped_twice:
+            claims.setdefault(b.path, []).append((b, value, b""))
+    return _finish(plan, claims) if claims else plan
 
 
 def refused_read_after_write(image: Image, address: int, count: int,
