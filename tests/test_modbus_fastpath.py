@@ -159,7 +159,6 @@ def exchange(port: int, frames_: list[bytes]) -> tuple[list[bytes], bool]:
     return replies, False
 
 
-@pytest.mark.interop
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=requests)
