@@ -63,7 +63,9 @@ def _install_sighup(reactor: Any, core: Any) -> None:
     """SIGHUP re-reads users and ACLs without dropping connections that are still allowed."""
     import signal
 
-    loop = getattr(reactor, "_asyncioEventloop", None)
+    from iotserver.compat_twisted import event_loop
+
+    loop = event_loop(reactor)
     if loop is not None and hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, core.reload)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iotserver.modbus.codec import (
@@ -92,6 +92,7 @@ def test_frame_split_byte_by_byte() -> None:
     assert d.buffered == 0
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.data())
 def test_any_split_gives_same_frames(sizes: list[int], data: st.DataObject) -> None:
     pdus = [bytes([3]) + bytes(range(n % 200)) for n in sizes]
@@ -371,6 +372,7 @@ def test_unsupported_function_can_be_turned_off() -> None:
     )
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(st.binary(min_size=1, max_size=253))
 def test_parse_never_raises(pdu: bytes) -> None:
     r = parse_request(pdu)

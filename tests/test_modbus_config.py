@@ -190,3 +190,49 @@ def test_device_endpoint_forms() -> None:
     assert parse_device_endpoint("tcp:host=10.1.1.1:port=5020") == ("10.1.1.1", 5020)
     with pytest.raises(ValueError):
         parse_device_endpoint("plc:")
+
+
+def test_array_entries_and_fast_paths_switch() -> None:
+    cfg = modbus("""
+[modbus.server]
+fast_paths = false
+
+[[modbus.server.map]]
+path = "A/Curve"
+table = "holding"
+address = 10
+type = "float32"
+count = 4
+
+[[modbus.server.map]]
+path = "A/Valves"
+table = "coil"
+address = 0
+count = 8
+""")
+    s = cfg.server  # type: ignore[attr-defined]
+    assert s.fast_paths is False
+    curve, valves = s.map
+    assert (curve.count, curve.width, curve.end) == (4, 8, 18)
+    assert (valves.count, valves.width) == (8, 8)
+    assert config.parse("[modbus.server]\n", source="m.toml").sections["modbus"].server.fast_paths
+    e = error("""
+[[modbus.server.map]]
+path = "A/S"
+table = "holding"
+address = 0
+type = "string:4"
+count = 2
+""")
+    assert str(e).endswith("modbus.server.map[0].count: arrays are of numbers or bool, not string")
+    e = error("""
+[[modbus.server.map]]
+path = "A/S"
+table = "holding"
+address = 65530
+type = "float32"
+count = 4
+""")
+    assert "runs past address 65535" in str(e)
+    e = error('[modbus.server]\nfast_paths = "yes"\n')
+    assert "modbus.server.fast_paths" in str(e)

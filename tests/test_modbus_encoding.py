@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymodbus.client import ModbusTcpClient
 
@@ -359,6 +359,7 @@ VALUES = {
 # case on. Every property below therefore loops over all dtypes and orders inside one example.
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(data=st.data())
 def test_round_trip_numeric(data: st.DataObject) -> None:
     for dtype in NUMERIC:
@@ -371,6 +372,7 @@ def test_round_trip_numeric(data: st.DataObject) -> None:
             assert decode_batch(dtype, order, block, offsets).tolist() == values
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(text=st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=20))
 def test_round_trip_string(text: str) -> None:
     s = string(10)
@@ -378,6 +380,7 @@ def test_round_trip_string(text: str) -> None:
         assert decode_registers(s, order, encode_value(s, order, text)) == text
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(
     text=st.text(
         st.characters(min_codepoint=33, max_codepoint=0x10FFFF, exclude_categories=["Cs"]),
@@ -390,6 +393,7 @@ def test_round_trip_utf8_space_padded(text: str) -> None:
         assert decode_registers(s, order, encode_value(s, order, text)) == text
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(index=st.integers(0, 15), value=st.booleans(), current=st.integers(0, 0xFFFF))
 def test_round_trip_bit(index: int, value: bool, current: int) -> None:
     b = bit(index)
@@ -402,6 +406,7 @@ def test_round_trip_bit(index: int, value: bool, current: int) -> None:
         assert merged & ~mask == current & ~mask
 
 
+@settings(deadline=None)  # no timing assertions: the machine may be loaded
 @given(st.lists(st.booleans(), max_size=2000))
 def test_round_trip_coil_bits(bits: list[bool]) -> None:
     assert unpack_bits(pack_bits(bits), len(bits)).tolist() == bits

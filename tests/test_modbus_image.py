@@ -176,3 +176,42 @@ def test_exact_bindings_skip_coerce_only_where_it_changes_nothing(data: st.DataO
             assert [v for _, v in plan] == [expected]
             assert type(plan[0][1]) is type(expected)
         image.stop()
+
+
+def test_array_entries_encode_per_element_with_order_and_scaling() -> None:
+    """Element i sits at address + i * width, in the entry's order and scaling; a partial
+    write of whole elements keeps the others; a tag of another shape is a logged problem."""
+    store = TagStore(Clock())
+    store.register_owner("memory", MemoryOwner(store))
+    rw = Access.READ_WRITE
+    store.define(TagDef("A/F", DataType.FLOAT32, shape=(3,), access=rw, initial=[1.5, -2, 3]))
+    store.define(TagDef("A/S", DataType.FLOAT64, shape=(2,), access=rw, initial=[10.0, 20.5]))
+    store.define(TagDef("A/Wrong", DataType.UINT16, shape=(5,), access=rw, initial=[0] * 5))
+    f32 = ModbusType.parse("float32")
+    i16 = ModbusType.parse("int16")
+    entries = [
+        MapEntry("f", "A/F", Table.HOLDING_REGISTERS, 0, f32, Order.CDAB, count=3),
+        MapEntry("s", "A/S", Table.HOLDING_REGISTERS, 10, i16, Order.ABCD,
+                 scaling=Scaling(0, 10, 0, 1), count=2),
+        MapEntry("w", "A/Wrong", Table.HOLDING_REGISTERS, 20, ModbusType.parse("uint16"),
+                 Order.ABCD, count=4),
+    ]
+    image = Image(entries, store)
+    image.start()
+    regs = image.read_registers(Table.HOLDING_REGISTERS, 0, 6)
+    assert isinstance(regs, bytes)
+    want = b"".join(to_wire_bytes(encode_value(f32, Order.CDAB, v)) for v in (1.5, -2.0, 3.0))
+    assert regs == want
+    assert image.read_registers(Table.HOLDING_REGISTERS, 10, 2) == struct.pack(">2h", 100, 205)
+    # element 1 of the float array, element 0 of the scaled one
+    plan = image.plan_register_write(2, to_wire_bytes(encode_value(f32, Order.CDAB, 7.25)))
+    assert isinstance(plan, list) and len(plan) == 1
+    assert plan[0][1].tolist() == [1.5, 7.25, 3.0]
+    plan = image.plan_register_write(10, struct.pack(">h", -15))
+    assert isinstance(plan, list) and plan[0][1].tolist() == [-1.5, 20.5]
+    assert image.plan_register_write(3, b"\x00\x00") is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    # shape (5,) on an entry of count 4: not served, writes refused
+    binding = image.by_path["A/Wrong"][0]
+    assert binding.problem == "an array of shape (5,), not (4,)"
+    assert image.plan_register_write(20, b"\x00\x01") is ExceptionCode.ILLEGAL_DATA_ADDRESS
+    image.stop()

@@ -216,11 +216,22 @@ def test_multi_register_write_with_one_refused_value_writes_nothing() -> None:
 def test_tag_mapped_twice_in_one_range_is_written_once() -> None:
     rig = Rig()
     proto, tr = rig.connect()
-    proto.dataReceived(fc10(1, 7, [21, 22]))
+    proto.dataReceived(fc10(1, 7, [22, 22]))
     assert take(tr) == adu(1, struct.pack(">BHH", 0x10, 7, 2))
     assert rig.store.read("M/Twice").value == 22
     assert rig.hr(7, 2) == [22, 22]
     assert rig.store.stats.writes == 1
+
+
+def test_tag_written_twice_with_different_values_is_refused() -> None:
+    """One request, one tag, two values: 03, and nothing changes (not the last one wins)."""
+    rig = Rig()
+    proto, tr = rig.connect()
+    proto.dataReceived(fc10(1, 7, [21, 22]))
+    assert take(tr) == exc(1, 0x10, 3)
+    assert rig.store.read("M/Twice").value == 5
+    assert rig.hr(7, 2) == [5, 5]
+    assert rig.store.stats.writes == 0
 
 
 def test_plc_write_waits_for_the_owner_and_keeps_order() -> None:

@@ -315,10 +315,13 @@ def test_write_origin_is_not_notified_every_other_subscriber_is() -> None:
 
 
 def test_memory_owner_applies_and_persists(tmp_path: Any) -> None:
+    import queue
+
     from iotserver.tags.persist import MemoryTagPersistence
 
     store, _clock = make_store()
-    db = MemoryTagPersistence(tmp_path / "m.sqlite3")
+    done: queue.Queue[Any] = queue.Queue()  # the writer thread's results, for this thread
+    db = MemoryTagPersistence(tmp_path / "m.sqlite3", call_from_thread=lambda *a: done.put(a))
     store.register_owner("memory", MemoryOwner(store, db))
     store.define(
         TagDef(path="S/sp", data_type=DataType.FLOAT64, access=Access.READ_WRITE, persist=True)
@@ -332,8 +335,12 @@ def test_memory_owner_applies_and_persists(tmp_path: Any) -> None:
             persist=True,
         )
     )
-    assert result_of(store.write("S/sp", 12.5)) is Quality.GOOD
-    assert result_of(store.write("S/arr", [1, 2, 3])) is Quality.GOOD
+    results = [store.write("S/sp", 12.5), store.write("S/arr", [1, 2, 3])]
+    assert store.read("S/sp").value is None  # not before it is durable
+    while not all(d.called for d in results):
+        fn, *args = done.get(timeout=10)
+        fn(*args)
+    assert [result_of(d) for d in results] == [Quality.GOOD, Quality.GOOD]
     assert store.read("S/sp").value == 12.5
     db.close()
     again = MemoryTagPersistence(tmp_path / "m.sqlite3")

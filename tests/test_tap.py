@@ -159,23 +159,22 @@ def test_acknowledged_memory_write_survives_kill_9(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             f"""
-import sys, time
-from twisted.internet.task import Clock
+from twisted.internet import reactor
 from iotserver.tags.model import TagDef, DataType, Access
 from iotserver.tags.store import TagStore, MemoryOwner
 from iotserver.tags.persist import MemoryTagPersistence
 from pathlib import Path
-store = TagStore(Clock())
+store = TagStore(reactor)
 store.register_owner("memory", MemoryOwner(store, MemoryTagPersistence(Path({str(db)!r}))))
 store.define(TagDef(path="S/x", data_type=DataType.INT64, access=Access.READ_WRITE, persist=True))
-from iotserver.tags.model import Quality
-
-def ack(result, i):
-    if result is Quality.GOOD:
-        print(i, flush=True)  # the acknowledgement
-
-for i in range(1, 100_000):  # bounded: the parent kills it long before
-    store.write("S/x", i).addCallback(ack, i)
+def write(i):
+    store.write("S/x", i).addCallback(acked, i)
+def acked(quality, i):
+    print(i, quality.name, flush=True)  # the acknowledgement
+    if i < 100_000:  # bounded: the parent kills it long before
+        write(i + 1)
+reactor.callWhenRunning(write, 1)
+reactor.run()
 """,
         ],
         stdout=subprocess.PIPE,
@@ -185,7 +184,9 @@ for i in range(1, 100_000):  # bounded: the parent kills it long before
     acked = 0
     try:
         for line in child.stdout:
-            acked = int(line)
+            number, quality = line.split()
+            assert quality == "GOOD"  # only acknowledged writes are counted
+            acked = int(number)
             if acked >= 50:
                 break
     finally:

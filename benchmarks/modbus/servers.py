@@ -4,6 +4,9 @@
 registers 0..199 to 200 UInt16 memory tags (writes go through the tag store).
 ``python servers.py ours+audit PORT``: the same with the audit trail attached (every write
 recorded in a JSON-lines file in a temporary directory, as the server does).
+``python servers.py ours-persist PORT DIR``: the same with persisted memory tags (SQLite in DIR,
+group-committed on a writer thread); ``ours-persist-loop PORT DIR``: the same, but each write
+committed and fsynced on the event loop (how persisted writes worked before group commit).
 ``python servers.py pymodbus PORT``: pymodbus' asyncio ModbusTcpServer with 200 registers.
 ``python servers.py simplc PORT REGISTERS``: our simulated PLC (for the poller benchmark).
 Each prints "ready" once listening and runs until SIGTERM.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import sys
 
 
-def ours(port: int, audit: bool = False) -> None:
+def ours(port: int, persist: str = "", directory: str = "", audit: bool = False) -> None:
     from twisted.internet import asyncioreactor
 
     asyncioreactor.install()
@@ -31,7 +34,16 @@ def ours(port: int, audit: bool = False) -> None:
     from iotserver.tags.store import MemoryOwner, TagStore
 
     store = TagStore(reactor)  # type: ignore[arg-type]
-    store.register_owner("memory", MemoryOwner(store))
+    persistence: object = None
+    if persist:
+        from pathlib import Path
+
+        from iotserver.tags.persist import MemoryTagPersistence
+
+        persistence = MemoryTagPersistence(Path(directory) / "memory_tags.sqlite3")
+        if persist == "loop":
+            persistence = _OnTheLoop(persistence)
+    store.register_owner("memory", MemoryOwner(store, persistence))
     if audit:  # every write goes into the audit trail, as in the server
         import tempfile
         from pathlib import Path
@@ -44,7 +56,8 @@ def ours(port: int, audit: bool = False) -> None:
     entries = []
     for i in range(200):
         path = f"Bench/R{i}"
-        store.define(TagDef(path, DataType.UINT16, access=Access.READ_WRITE, initial=i))
+        store.define(TagDef(path, DataType.UINT16, access=Access.READ_WRITE, initial=i,
+                            persist=bool(persist)))
         entries.append(MapEntry(f"map[{i}]", path, Table.HOLDING_REGISTERS, i, UINT16,
                                 Order.ABCD))
     cfg = ServerConfig(endpoints=(f"tcp:{port}",), map=tuple(entries), max_connections=1000,
@@ -61,6 +74,19 @@ def ours(port: int, audit: bool = False) -> None:
     TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(
         guarded).addCallback(listening)
     reactor.run()  # type: ignore[attr-defined]
+
+
+class _OnTheLoop:
+    """Persistence committing (and fsyncing) each write on the event loop before answering."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def commit(self, path: str, value: object, quality: object, ts: int) -> object:
+        from twisted.internet.defer import succeed
+
+        self.inner.save(path, value, quality, ts)  # type: ignore[attr-defined]
+        return succeed(None)
 
 
 def pymodbus_server(port: int) -> None:
@@ -108,6 +134,10 @@ if __name__ == "__main__":
         ours(int(port_text))
     elif kind == "ours+audit":
         ours(int(port_text), audit=True)
+    elif kind == "ours-persist":
+        ours(int(port_text), "thread", sys.argv[3])
+    elif kind == "ours-persist-loop":
+        ours(int(port_text), "loop", sys.argv[3])
     elif kind == "pymodbus":
         pymodbus_server(int(port_text))
     elif kind == "simplc":

@@ -84,10 +84,15 @@ class MapEntry:
     order: Order
     scaling: Scaling | None = None
     writable: bool = True  # may Modbus clients write it (the tag must be writable too)
+    count: int = 0  # elements of an array tag on consecutive addresses; 0: a scalar tag
+
+    @property
+    def element_width(self) -> int:
+        return 1 if self.table in BIT_TABLES else self.mtype.width
 
     @property
     def width(self) -> int:
-        return 1 if self.table in BIT_TABLES else self.mtype.width
+        return self.element_width * (self.count or 1)
 
     @property
     def end(self) -> int:
@@ -136,6 +141,7 @@ class ServerConfig:
     max_requests_in_flight: int = 16
     bad_quality: str = "last"  # "last" | "exception" (04)
     unmapped_reads: str = "exception"  # "exception" (02) | "zero"
+    fast_paths: bool = True  # the shortcuts through Twisted's internals (compat_twisted)
     # TLS role (lower case) -> none | read | readwrite
     roles: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROLES)
     no_role: str = "none"  # access of a TLS client whose certificate carries no known role
@@ -349,7 +355,10 @@ def _map_entry(r: Reader) -> MapEntry:
         order=_order(r, Order.ABCD),
         scaling=_scaling(r, mtype),
         writable=r.bool("writable", table in WRITABLE_TABLES),
+        count=r.int("count", 0, min=1, max=65536) if r.has("count") else 0,
     )
+    if entry.count and mtype.kind in (Kind.BIT, Kind.STRING):
+        raise r.error("count", f"arrays are of numbers or bool, not {mtype.kind.value}")
     if entry.end > 65536:
         raise r.error("address", f"{mtype.kind.value} at {address} runs past address 65535")
     if entry.writable and table not in WRITABLE_TABLES:
@@ -434,6 +443,7 @@ def _server(r: Reader) -> ServerConfig:
                                      min=1, max=10_000),
         bad_quality=r.str("bad_quality", d.bad_quality, choices=("last", "exception")),
         unmapped_reads=r.str("unmapped_reads", d.unmapped_reads, choices=("exception", "zero")),
+        fast_paths=r.bool("fast_paths", d.fast_paths),
         roles=MappingProxyType(roles),
         no_role=r.str("no_role", d.no_role, choices=ACCESS_LEVELS),
         identity=_identity(r.table("identification")),

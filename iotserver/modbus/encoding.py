@@ -338,8 +338,11 @@ def encode_value(dtype: ModbusType, order: Order, value: Any) -> npt.NDArray[np.
     raise AssertionError(kind)  # pragma: no cover
 
 
-def decode_registers(dtype: ModbusType, order: Order, regs: npt.ArrayLike) -> Any:
-    """``dtype.width`` registers -> one Python value (int, float, bool or str)."""
+def decode_registers(dtype: ModbusType, order: Order, regs: npt.ArrayLike,
+                     errors: str = "replace") -> Any:
+    """``dtype.width`` registers -> one Python value (int, float, bool or str).
+
+    ``errors``: how string bytes invalid in the encoding are decoded (``str.decode``)."""
     kind = dtype.kind
     wire = _regs_to_wire(regs, dtype.width)
     if kind in _NUMERIC:
@@ -350,18 +353,18 @@ def decode_registers(dtype: ModbusType, order: Order, regs: npt.ArrayLike) -> An
         reg = int.from_bytes(wire, "little" if order.byte_swap else "big")
         return bool((reg >> dtype.bit) & 1)
     if kind is Kind.STRING:
-        return _decode_string(dtype, order, wire)
+        return _decode_string(dtype, order, wire, errors)
     raise AssertionError(kind)  # pragma: no cover
 
 
-def _decode_string(dtype: ModbusType, order: Order, wire: bytes) -> str:
+def _decode_string(dtype: ModbusType, order: Order, wire: bytes, errors: str = "replace") -> str:
     raw = _reorder(wire, Order.BADC) if order.byte_swap else wire
     nul = raw.find(b"\x00")
     if nul >= 0:
         raw = raw[:nul]
     if dtype.pad == " ":
         raw = raw.rstrip(b" ")
-    return raw.decode(dtype.encoding, errors="replace")
+    return raw.decode(dtype.encoding, errors=errors)
 
 
 def set_bit(current: int, dtype: ModbusType, order: Order, value: bool) -> int:

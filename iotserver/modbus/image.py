@@ -27,6 +27,7 @@ from iotserver.modbus.encoding import (
     INT_LIMITS,
     Kind,
     Order,
+    bit_masks,
     decode_registers,
     encode_value,
     from_wire,
@@ -34,7 +35,8 @@ from iotserver.modbus.encoding import (
     set_bit,
     to_wire_bytes,
 )
-from iotserver.tags.model import Change, CoerceError, Scaling, TagDef, TagValue, coerce
+from iotserver.modbus.writeplan import Plan, plan_bit_write, plan_register_write
+from iotserver.tags.model import Change, Scaling, TagDef, TagValue
 from iotserver.tags.store import Subscription, TagStore
 
 __all__ = ["SIZE", "Binding", "Image", "TableImage", "to_eng", "to_raw"]
@@ -102,8 +104,13 @@ class Binding:
         self.last = _UNSET
         if tag is None:
             self.problem = "not defined"
-        elif tag.is_array:
-            self.problem = "an array tag"
+        elif tag.is_array != bool(self.entry.count):
+            self.problem = (f"an array tag (give count = {tag.shape[0]})"
+                            if tag.is_array and len(tag.shape) == 1 else
+                            "an array tag" if tag.is_array else
+                            f"not an array (the entry has count = {self.entry.count})")
+        elif tag.is_array and tag.shape != (self.entry.count,):
+            self.problem = f"an array of shape {tag.shape}, not ({self.entry.count},)"
         elif not compatible(self.entry.mtype, tag.data_type):
             self.problem = f"a {tag.data_type.value} tag, not {self.entry.mtype.kind.value}"
         else:
@@ -113,6 +120,7 @@ class Binding:
         # needs no further validation (tested against coerce).
         self.exact = False
         if not self.problem and tag is not None and self.limits is not None \
+                and not self.entry.count \
                 and self.scaling is None and tag.low is None and tag.high is None \
                 and tag.data_type.is_integer:
             info = np.iinfo(tag.data_type.numpy_dtype)
@@ -129,8 +137,9 @@ class Binding:
             return self.reorder(data) if self.reorder is not None else data
         return to_wire_bytes(encode_value(self.entry.mtype, self.entry.order, raw))
 
-    def unwire(self, data: bytes) -> Any:
-        """Wire bytes -> the register value (before scaling)."""
+    def unwire(self, data: bytes, strict: bool = False) -> Any:
+        """Wire bytes -> the register value (before scaling). ``strict``: a string whose bytes
+        are not valid in its encoding raises UnicodeDecodeError instead of being replaced."""
         if self.struct is not None:
             if self.reorder is not None:
                 data = self.reorder(data)
@@ -141,7 +150,31 @@ class Binding:
             return bool((reg >> self.entry.mtype.bit) & 1)
         if kind is Kind.BOOL:
             return data != b"\x00\x00"
-        return decode_registers(self.entry.mtype, self.entry.order, from_wire(data))
+        return decode_registers(self.entry.mtype, self.entry.order, from_wire(data),
+                                errors="strict" if strict else "replace")
+
+    def to_eng(self, raw: Any) -> Any:
+        """Registers' number -> a value for the tag (see :func:`to_eng`)."""
+        assert self.tag is not None
+        return to_eng(self.entry, self.tag, raw)
+
+    def encode(self, value: Any) -> bytes:
+        """A tag value -> this register entry's wire bytes (scaled, clipped; arrays element by
+        element). Raises ValueError, TypeError or struct.error when it cannot be encoded."""
+        kind = self.kind
+        if self.entry.count:
+            items = value.tolist() if isinstance(value, np.ndarray) else list(value)
+            if len(items) != self.entry.count:
+                raise ValueError(f"{len(items)} elements, the entry has {self.entry.count}")
+            if kind is Kind.BOOL:
+                return b"".join(b"\x00\x01" if v else b"\x00\x00" for v in items)
+            return b"".join(self.wire(_to_raw_number(self.scaling, self.limits, v))
+                            for v in items)
+        if kind is Kind.STRING:
+            return to_wire_bytes(_encode_string(self.entry, str(value)))
+        if kind is Kind.BOOL:
+            return b"\x00\x01" if value else b"\x00\x00"
+        return self.wire(_to_raw_number(self.scaling, self.limits, value))
 
 
 def to_raw(entry: MapEntry, value: Any) -> Any:
@@ -226,6 +259,8 @@ class Image:
         self.by_path: dict[str, list[Binding]] = {}
         for b in self.bindings:
             self.by_path.setdefault(b.entry.path, []).append(b)
+        # tags with more than one entry: a write covering two of them must agree (writeplan)
+        self.mapped_twice = frozenset(p for p, bs in self.by_path.items() if len(bs) > 1)
         self.tables: dict[Table, TableImage] = {}
         for table in Table:
             bits = table in BIT_TABLES
@@ -262,10 +297,17 @@ class Image:
             if len(covering) != 1:
                 continue
             b = covering[0]
-            if b.end - b.address == 1 and b.writable and b.reorder is None \
+            if b.end - b.address == 1 and b.writable and b.reorder is None and not b.entry.count \
                     and b.kind in (Kind.UINT16, Kind.INT16) and len(self.by_path[b.path]) == 1:
                 self.single_registers[address] = b
         self._coils = self.tables[Table.COILS]
+        # holding register -> the bits that ``bit:`` entries map in it (writeplan: a write may
+        # not change the others)
+        self.bit_masks: dict[int, int] = {}
+        for b in self.bindings:
+            if b.kind is Kind.BIT and b.entry.table is Table.HOLDING_REGISTERS:
+                mask = bit_masks(b.entry.mtype, b.entry.order, True)[1]
+                self.bit_masks[b.address] = self.bit_masks.get(b.address, 0) | mask
         self._sub: Subscription | None = None
         self._undefine: Any = None
 
@@ -355,7 +397,10 @@ class Image:
         assert t is not None
         kind = b.kind
         if t.raw is None:
-            t.values[e.address] = 1 if value else 0
+            if e.count:
+                t.values[e.address:e.end] = 0 if value is None else np.asarray(value, np.bool_)
+            else:
+                t.values[e.address] = 1 if value else 0
             return
         if kind is Kind.BIT:
             t.values[e.address] = set_bit(int(t.values[e.address]), e.mtype, e.order, bool(value))
@@ -364,12 +409,10 @@ class Image:
             t.values[e.address:e.end] = 0
             return
         try:
-            if kind is Kind.STRING:
-                data = to_wire_bytes(_encode_string(e, str(value)))
-            elif kind is Kind.BOOL:
-                data = b"\x00\x01" if value else b"\x00\x00"
-            else:
+            if b.struct is not None and not e.count:  # a number: the hot path, inline
                 data = b.wire(_to_raw_number(b.scaling, b.limits, value))
+            else:
+                data = b.encode(value)
         except (ValueError, TypeError, struct.error) as exc:
             log.warn("modbus map {key}: cannot encode {path} = {v!r}: {exc}", key=e.key,
                      path=e.path, v=value, exc=str(exc))
@@ -401,82 +444,19 @@ class Image:
         """One register's current value (for FC16 mask write)."""
         return int(self.tables[table].values[address])
 
-    # -- write planning -------------------------------------------------------------------
-    def _covering(self, t: TableImage, address: int, end: int) -> list[Binding] | ExceptionCode:
-        if t.write_end[address] < end:
-            return ExceptionCode.ILLEGAL_DATA_ADDRESS  # not mapped, or mapped read-only
-        cover = t.cover
-        if end - address == 1:
-            return cover[address]
-        seen: dict[int, Binding] = {}
-        for a in range(address, end):
-            for b in cover.get(a, ()):
-                seen[id(b)] = b
-        return list(seen.values())
+    # -- write planning (iotserver.modbus.writeplan) ----------------------------------------
+    @property
+    def tables_hr(self) -> TableImage:
+        return self._hr
 
-    def plan_register_write(
-        self, address: int, wire: bytes
-    ) -> list[tuple[Binding, Any]] | ExceptionCode:
-        """Holding registers ``address..`` := ``wire`` (big-endian): the writes, validated.
+    @property
+    def tables_coils(self) -> TableImage:
+        return self._coils
 
-        02: an address is unmapped or read-only, a multi-register value is only partly
-        covered, or its tag is missing or not writable. 03: a value the tag refuses (type or
-        range, MB AP 6.12 "illegal data value"). A bit of a shared register is written only
-        when it changes.
-        """
-        t = self._hr
-        end = address + len(wire) // 2
-        covering = self._covering(t, address, end)
-        if type(covering) is not list:
-            return covering  # type: ignore[return-value]  # an ExceptionCode
-        plan: list[tuple[Binding, Any]] = []
-        base = 2 * address
-        for b in covering:
-            if b.address < address or b.end > end:
-                return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            raw = b.unwire(wire[b.start - base:b.stop - base])
-            if b.kind is Kind.BIT:
-                assert t.raw is not None
-                if raw == b.unwire(bytes(t.raw[b.start:b.stop])):
-                    continue
-            tag = b.tag
-            if tag is None or b.problem or not tag.writable or not b.writable:
-                return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            # the one validation of the value; the store does not coerce it again
-            if b.exact:
-                value = raw
-            else:
-                try:
-                    value = coerce(tag, raw if b.scaling is None else to_eng(b.entry, tag, raw))
-                except CoerceError:
-                    return ExceptionCode.ILLEGAL_DATA_VALUE
-            plan.append((b, value))
-        return plan
+    def plan_register_write(self, address: int, wire: bytes) -> Plan | ExceptionCode:
+        """Holding registers ``address..`` := ``wire`` (see ``writeplan``)."""
+        return plan_register_write(self, address, wire)
 
-    def plan_bit_write(
-        self, address: int, values: Iterable[bool]
-    ) -> list[tuple[Binding, Any]] | ExceptionCode:
-        """Coils ``address..`` := ``values`` (FC05/FC0F), validated like registers."""
-        t = self._coils
-        vals = list(values)
-        covering = self._covering(t, address, address + len(vals))
-        if type(covering) is not list:
-            return covering  # type: ignore[return-value]  # an ExceptionCode
-        plan: list[tuple[Binding, Any]] = []
-        for b in covering:
-            if not b.usable or b.tag is None or not b.tag.writable:
-                return ExceptionCode.ILLEGAL_DATA_ADDRESS
-            value = self._check(b.tag, bool(vals[b.entry.address - address]))
-            if isinstance(value, ExceptionCode):
-                return value
-            plan.append((b, value))
-        return plan
-
-    @staticmethod
-    def _check(tag: TagDef, value: Any) -> Any:
-        try:
-            return coerce(tag, value)
-        except CoerceError:
-            return ExceptionCode.ILLEGAL_DATA_VALUE
-
-
+    def plan_bit_write(self, address: int, values: Iterable[bool]) -> Plan | ExceptionCode:
+        """Coils ``address..`` := ``values`` (see ``writeplan``)."""
+        return plan_bit_write(self, address, values)

@@ -4,8 +4,14 @@ Each device polls its groups of blocks (see planner) on its own loop, so a dead 
 never delays another. Failures show in the tags within one poll: a timeout marks every tag of
 the device BadCommunicationError, a lost or refused connection BadNotConnected (last values
 kept). We reconnect ourselves (pymodbus' own reconnect is off) with exponential backoff and
-jitter, and tags are Good again on the first successful poll. An exception response marks just
-that block's tags Bad.
+jitter, also after a connection that was accepted and then lost: the backoff starts over only
+once the PLC has answered a request, so a PLC that accepts and closes at once is not hammered.
+Tags are Good again on the first successful poll. An exception response marks just that
+block's tags Bad. Timing uses the injected clock (``IReactorTime``; ``task.Clock`` in tests).
+
+Only pymodbus' public API is used: each request runs as a task of its own, which the
+``trace_connect`` hook cancels when the connection drops, so the request fails at once without
+reaching into pymodbus' transaction manager.
 
 The device also owns its writable tags (``modbus:<name>`` in the store): a write is encoded
 (scaling, type, order), sent as FC05/FC06/FC0F/FC10 (bits in registers: FC16 mask write, or
@@ -18,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +31,7 @@ import numpy as np
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from iotserver.clock import Clock
 from iotserver.modbus.codec import Table
 from iotserver.modbus.config import DeviceConfig, DeviceTag
 from iotserver.modbus.encoding import INT_LIMITS, Kind, bit_masks, encode_value, set_bit
@@ -86,6 +92,7 @@ class DeviceStats:
     timeouts: int = 0
     reconnects: int = 0
     connect_failures: int = 0
+    connections_lost: int = 0  # connected, then lost (also mid-request)
     polls: int = 0
     values: int = 0
     writes: int = 0
@@ -112,9 +119,15 @@ class Device:
     """One polled PLC."""
 
     def __init__(self, cfg: DeviceConfig, store: TagStore, *,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, clock: Clock | None = None) -> None:
         self.cfg = cfg
         self.store = store
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        assert clock is not None
+        self._clock: Clock = clock
         self.stats = DeviceStats()
         self.state = "stopped"
         self.last_error = ""
@@ -137,6 +150,9 @@ class Device:
         self._marked: Quality | None = None
         self._bit_write = cfg.bit_write
         self._ever_connected = False
+        self._generation = 0  # of the client; a closed client's late hook calls are ignored
+        self._up = False  # the link as pymodbus' trace_connect hook last reported it
+        self._requests: set[asyncio.Task[Any]] = set()  # pymodbus calls in flight
 
     @property
     def name(self) -> str:
@@ -144,7 +160,9 @@ class Device:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and bool(self._client.connected)
+        # pymodbus 3.16's ``connected`` stays True when the peer closed before ``connect()``
+        # returned (it keeps the dead transport): the trace_connect hook is the truth
+        return self._client is not None and self._up and bool(self._client.connected)
 
     @property
     def blocks(self) -> list[Block]:
@@ -188,11 +206,12 @@ class Device:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._wake = fut
-        handle = loop.call_later(max(seconds, 0.0), self._wakeup)
+        handle: Any = self._clock.callLater(max(seconds, 0.0), self._wakeup)
         try:
             await fut
         finally:
-            handle.cancel()
+            if handle.active():
+                handle.cancel()
             self._wake = None
 
     def _wakeup(self) -> None:
@@ -206,7 +225,7 @@ class Device:
         return max(0.0, float(delay * (1 + self._rng.uniform(-b.jitter, b.jitter))))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self._clock
         self.state = "connecting"
         while True:
             try:
@@ -215,15 +234,18 @@ class Device:
                     self.state = "backoff"
                     await self._sleep(self._backoff())
                     continue
-                now = loop.time()
+                now = clock.seconds()
                 for g in self.groups:
                     if g.next <= now and self.connected:
                         await self._poll(g)
                         g.next = max(g.next + g.interval, now)
                 if not self.connected:
+                    # lost (or dropped after timeouts): back off before connecting again
+                    self.state = "backoff"
+                    await self._sleep(self._backoff())
                     continue
                 if self.groups:
-                    await self._sleep(min(g.next for g in self.groups) - loop.time())
+                    await self._sleep(min(g.next for g in self.groups) - clock.seconds())
                 else:
                     await self._sleep(3600)
             except asyncio.CancelledError:
@@ -238,10 +260,13 @@ class Device:
 
         self._close()
         self.state = "connecting"
+        self._generation += 1
+        generation = self._generation
+        self._up = False
         client = AsyncModbusTcpClient(
             self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout,
             retries=self.cfg.retries, reconnect_delay=0,
-            trace_connect=self._on_connection_change,
+            trace_connect=lambda up: self._on_connection_change(up, generation),
         )
         # Our own timeout handling decides when to give up on a connection.
         client.set_max_no_responses(1_000_000)
@@ -251,6 +276,11 @@ class Device:
         except Exception as exc:  # pymodbus raises a variety on odd hosts
             ok = False
             self.last_error = str(exc)
+        if ok and client.connected and not self._up:  # accepted, and closed at once
+            self.stats.connections_lost += 1
+            self._failed(Quality.BAD_NOT_CONNECTED, "connection lost", [])
+            self._close()
+            return False
         if not ok or not client.connected:
             self.stats.connect_failures += 1
             if self._attempt == 0 or self._attempt % 10 == 0:
@@ -262,7 +292,8 @@ class Device:
         if self._ever_connected:
             self.stats.reconnects += 1
         self._ever_connected = True
-        self._attempt = 0
+        # the backoff starts over once the PLC has answered (_poll), not on connect: a PLC
+        # that accepts and closes at once would otherwise be reconnected every poll
         self._consecutive_timeouts = 0
         self.state = "connected"
         self.last_error = ""
@@ -270,19 +301,25 @@ class Device:
                  port=self.cfg.port)
         return True
 
-    def _on_connection_change(self, connected: bool) -> None:
-        """pymodbus trace hook: fail a request in flight at once when the connection drops."""
-        if connected:
+    def _on_connection_change(self, connected: bool, generation: int) -> None:
+        """pymodbus trace hook: fail the requests in flight at once when the connection drops
+        (their tasks are cancelled; :meth:`_request` turns that into _Disconnected)."""
+        if generation != self._generation:
             return
-        client = self._client
-        ctx = getattr(client, "ctx", None)
-        fut = getattr(ctx, "response_future", None)
-        if fut is not None and not fut.done():
-            fut.set_exception(_Disconnected("connection lost"))
+        self._up = connected
+        if not connected:
+            self._fail_requests()
+
+    def _fail_requests(self) -> None:
+        for request in list(self._requests):
+            request.cancel()  # its caller (_request) raises _Disconnected
 
     def _close(self) -> None:
         client, self._client = self._client, None
+        self._up = False
         if client is not None:
+            # pymodbus does not report a connection we close ourselves: fail what waits on it
+            self._fail_requests()
             with contextlib.suppress(Exception):  # closing must not fail the caller
                 client.close()
 
@@ -295,11 +332,20 @@ class Device:
         from pymodbus.exceptions import ConnectionException, ModbusIOException
 
         self.stats.requests += 1
-        t0 = time.perf_counter()
+        clock = self._clock
+        t0 = clock.seconds()
+        task = asyncio.current_task()
+        assert task is not None
+        # the pymodbus call in a task of its own, which a lost connection cancels
+        request = asyncio.ensure_future(getattr(client, call)(*args, **kwargs))
+        request.add_done_callback(_retrieved)
+        self._requests.add(request)
         try:
-            rr = await getattr(client, call)(*args, **kwargs)
-        except _Disconnected:
-            raise
+            rr = await request
+        except asyncio.CancelledError:
+            if task.cancelling():  # we are cancelled ourselves (stop()): pass it on
+                raise
+            raise _Disconnected("connection lost") from None  # only the request was
         except ConnectionException as exc:
             raise _Disconnected(str(exc)) from None
         except (TimeoutError, ModbusIOException) as exc:
@@ -307,7 +353,9 @@ class Device:
                 self.stats.timeouts += 1
                 raise _Timeout(str(exc)) from None
             raise _Disconnected(str(exc)) from None
-        rtt = time.perf_counter() - t0
+        finally:
+            self._requests.discard(request)
+        rtt = clock.seconds() - t0
         st = self.stats
         st.rtt_last = rtt
         st.rtt_sum += rtt
@@ -347,11 +395,13 @@ class Device:
                 if self._consecutive_timeouts >= 2:
                     self._close()
                 return
-            except _Disconnected as exc:
-                self._failed(Quality.BAD_NOT_CONNECTED, str(exc), updates)
+            except _Disconnected:
+                self.stats.connections_lost += 1
+                self._failed(Quality.BAD_NOT_CONNECTED, "connection lost", updates)
                 self._close()
                 return
             self._consecutive_timeouts = 0
+            self._attempt = 0  # the PLC answers: the next reconnect waits `initial` again
             if rr.isError():
                 code = int(rr.exception_code)
                 if code == 0x02 and block.has_gaps:
@@ -490,6 +540,13 @@ class Device:
             return
         if not rr.isError():
             self.store.apply(block.decode(self._array(block, rr), self.store.now_ns()))  # type: ignore[arg-type]
+
+
+def _retrieved(request: asyncio.Task[Any]) -> None:
+    """Mark a request's outcome seen: one finished while its caller was being stopped
+    must not be logged as "exception was never retrieved"."""
+    if not request.cancelled():
+        request.exception()
 
 
 def _done(value: Any) -> asyncio.Future[Any]:

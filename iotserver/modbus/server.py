@@ -25,10 +25,12 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from iotserver import compat_twisted
 from iotserver.modbus.codec import (
     ExceptionCode,
     ExceptionResponse,
@@ -51,7 +53,6 @@ from iotserver.modbus.codec import (
     encode_read_bits_response,
     encode_read_registers_response,
     encode_report_server_id_response,
-    encode_write_register_response,
     encode_write_response,
     parse_request,
 )
@@ -59,6 +60,7 @@ from iotserver.modbus.config import ServerConfig
 from iotserver.modbus.encoding import Kind
 from iotserver.modbus.image import Binding, Image
 from iotserver.ratelog import RateLimitedLog
+from iotserver.modbus.writeplan import refused_read_after_write
 from iotserver.tags.model import Quality
 from iotserver.tags.store import TagStore
 from iotserver.tags.writer import Writer
@@ -120,6 +122,10 @@ class ModbusServer:
         self.stats = ServerStats()
         # what peers do wrong (framing, certificates, roles): rate-limited, with a count
         self.ratelog = RateLimitedLog(cast(Any, clock), logger=log)
+        # the shortcuts through Twisted's internals and the FC06 short way (docs/modbus.md)
+        self.fast = cfg.fast_paths and compat_twisted.AVAILABLE
+        if cfg.fast_paths and not compat_twisted.AVAILABLE:
+            log.warn("modbus: {problem}", problem=compat_twisted.PROBLEM)
 
     def start(self) -> None:
         self.image.start()
@@ -177,9 +183,10 @@ class ModbusServerProtocol(Protocol):
         self._lost = False
         self._counted = False
         self._eager = False
+        self._short = False
         self._recv: Any = None  # the socket's recv, once _read_directly has hooked it
         self._deliver = self.dataReceived  # the transport's protocol (the edge guard, if any)
-        self._reactor: Any = None
+        self._reader: compat_twisted.DirectReader | None = None
 
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -192,9 +199,8 @@ class ModbusServerProtocol(Protocol):
         self.writer = Writer("", "modbus", self.peer)
         srv.connections.add(self)
         self._counted = True
-        from twisted.internet.tcp import Connection
-
-        self._eager = isinstance(self.transport, Connection)
+        self._eager = srv.fast and isinstance(self.transport, Connection)
+        self._short = srv.fast  # FC06's short way (_write_register_fast)
         # Replies are small and each goes out in one write: do not let Nagle hold one back
         # behind an unacknowledged earlier reply (pipelining clients).
         set_nodelay = getattr(transport, "setTcpNoDelay", None)
@@ -206,45 +212,30 @@ class ModbusServerProtocol(Protocol):
             self._read_directly()
 
     def _read_directly(self) -> None:
-        """Have the asyncio loop call :meth:`_readable` itself when the socket is readable.
+        """Have the asyncio loop call :meth:`_readable` itself when the socket is readable
+        (``compat_twisted.hook_reader``: plain TCP under the asyncio reactor only).
 
-        Under the asyncio reactor each readable event of a Twisted connection goes through
-        ``log.callWithLogger`` (a log-context dict copied and pushed), the reactor's
-        ``_readOrWrite`` and the transport's ``doRead`` before ``dataReceived``: per request
-        about as much CPU as answering it (benchmarks/modbus). For a plain TCP connection
-        whose reader is registered with the loop, the loop's callback for its descriptor is
-        replaced by :meth:`_readable`, which does what those layers do. Twisted's own
-        bookkeeping is untouched: ``stopReading`` (pause, close, connection lost) removes
-        the descriptor from the loop as usual, and a later ``startReading`` registers the
-        normal callback again (``_write_finished`` re-installs this one after a resume).
-        Anything else (TLS, other reactors, a descriptor asyncio cannot poll) keeps the
-        normal way.
+        Each readable event of a Twisted connection otherwise goes through a log context,
+        the reactor's ``_readOrWrite`` and ``doRead`` before ``dataReceived``: per request
+        about as much CPU as answering it (benchmarks/modbus). Pausing, closing and
+        connection loss still go through Twisted; ``_write_finished`` hooks the reader
+        again after a resume.
         """
-        t: Any = self.transport
-        reactor = getattr(t, "reactor", None)
-        loop = getattr(reactor, "_asyncioEventloop", None)
-        readers = getattr(reactor, "_readers", None)
-        if loop is None or type(readers) is not dict or t.disconnecting or not t.connected:
-            return
-        if not hasattr(reactor, "_disconnectSelectable"):
-            return
-        fd = readers.get(t)
-        if fd is None or fd != t.fileno():  # not reading, or polled by other means
-            return
-        self._reactor = reactor
-        self._recv = t.socket.recv
-        # data goes to whatever the transport delivers to: the edge guard sees it first
-        self._deliver = getattr(t.protocol, "dataReceived", self.dataReceived)
-        loop.add_reader(fd, self._readable)
+        reader = compat_twisted.hook_reader(self.transport, self._readable)
+        if reader is not None:
+            self._reader = reader
+            self._recv = reader.recv
+            # data goes to whatever the transport delivers to: the edge guard sees it first
+            self._deliver = getattr(reader.transport.protocol, "dataReceived", self.dataReceived)
 
     def _readable(self) -> None:
         """The socket is readable: ``_readOrWrite`` + ``doRead`` for this connection."""
         t: Any = self.transport
+        reader = self._reader
+        assert reader is not None
         if self._lost or t is None or not t.connected:  # not expected: the normal way
             if t is not None:
-                from twisted.python.log import callWithLogger
-
-                callWithLogger(t, self._reactor._readOrWrite, t, True)
+                reader.normal_read()
             return
         why: Any
         try:
@@ -263,7 +254,7 @@ class ModbusServerProtocol(Protocol):
                     why = exc
             else:
                 why = CONNECTION_DONE
-        self._reactor._disconnectSelectable(t, why, True)
+        reader.lost(why)
 
     def handshakeCompleted(self) -> None:
         """TLS is up: authorise by the client certificate's Modbus role."""
@@ -316,8 +307,8 @@ class ModbusServerProtocol(Protocol):
             assert self.transport is not None
             self.transport.abortConnection()
             return
-        if len(data) == 12 and data[7] == 6 and self.can_write and not self._busy \
-                and not self.decoder._buf:
+        if len(data) == 12 and data[7] == 6 and self._short and self.can_write \
+                and not self._busy and not self.decoder.buffered:
             # One whole FC06 request and nothing buffered: the most common write, short way
             out = self._write_register_fast(data)
             if out is not None:
@@ -365,26 +356,14 @@ class ModbusServerProtocol(Protocol):
             return
 
     def _send(self, data: bytes) -> None:
-        """Write a response, on plain TCP straight to the socket when nothing is queued.
-
-        Twisted's ``write`` only buffers and sends on the next reactor turn (an epoll_ctl pair
-        and a loop iteration per response); for one-request-one-response traffic that was
-        about half of the server's CPU time per request (benchmarks/modbus). Order is kept:
-        the shortcut is taken only while the transport's buffers are empty. ``socket.send``
-        is called directly (what ``writeSomeData`` does, minus a slice and a retry wrapper
-        that PEP 475 made redundant); anything unusual is left to ``write``.
-        """
-        t: Any = self.transport
-        if self._eager and not t.dataBuffer and not t._tempDataBuffer and t.connected \
-                and not t.disconnecting:
-            try:
-                sent = t.socket.send(data)
-            except OSError:  # EWOULDBLOCK, or a dead connection that Twisted will report
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        t.write(data)
+        """Write a response; on plain TCP straight to the socket when nothing is queued
+        (``compat_twisted.send_now``: about half of the server's CPU time per request was
+        Twisted's buffering until the next reactor turn, benchmarks/modbus)."""
+        if self._eager:
+            compat_twisted.send_now(self.transport, data)
+        else:
+            transport: Any = self.transport
+            transport.write(data)
 
     def _write_finished(self, response: bytes) -> None:
         self._busy = False
@@ -424,13 +403,6 @@ class ModbusServerProtocol(Protocol):
                 return None
             # MB TCP 4.4.2.1 / MB AP 7: as a gateway whose target did not answer
             return self._exc(tid, unit, fc, ExceptionCode.GATEWAY_TARGET_DEVICE_FAILED_TO_RESPOND)
-        if fc == 0x06 and len(pdu) == 5 and self.can_write:
-            # The most common write takes a shorter way (same checks, same answers).
-            try:
-                return self._write_register(tid, unit, pdu)
-            except Exception:
-                log.failure("modbus: request {fc:#04x} from {peer} failed", fc=fc, peer=self.peer)
-                return self._exc(tid, unit, fc, ExceptionCode.SERVER_DEVICE_FAILURE)
         req = parse_request(pdu)
         kind = type(req)
         try:
@@ -457,22 +429,6 @@ class ModbusServerProtocol(Protocol):
         except Exception:
             log.failure("modbus: request {fc:#04x} from {peer} failed", fc=fc, peer=self.peer)
             return self._exc(tid, unit, fc, ExceptionCode.SERVER_DEVICE_FAILURE)
-
-    def _write_register(self, tid: int, unit: int, pdu: bytes) -> bytes | Deferred[bytes]:
-        """FC06 Write Single Register (MB AP 6.6): any 16-bit value; the reply echoes the
-        request. ``_write`` without a request object: ``pdu`` is 5 bytes, fc 06."""
-        address, value = _U16x2.unpack_from(pdu, 1)
-        plan = self.server.image.plan_register_write(address, pdu[3:5])
-        if type(plan) is not list:
-            return self._exc(tid, unit, 0x06, plan)  # type: ignore[arg-type]
-        outcome = self._execute(plan)
-        if outcome is None:
-            return encode_write_register_response(tid, unit, address, value)
-        if type(outcome) is ExceptionCode:
-            return self._exc(tid, unit, 0x06, outcome)
-        d: Deferred[ExceptionCode | None] = outcome  # type: ignore[assignment]
-        return d.addCallback(self._answer, tid, unit, WriteRegister(address, value)).addErrback(
-            self._write_error, tid, unit, 0x06)
 
     def _write_register_fast(self, data: bytes) -> bytes | Deferred[bytes] | None:
         """FC06 on a register of a single one-register integer tag (``Image.single_registers``)
@@ -564,11 +520,14 @@ class ModbusServerProtocol(Protocol):
             current = image.register(Table.HOLDING_REGISTERS, req.address)
             plan = image.plan_register_write(req.address, _U16.pack(req.apply(current)))
         elif kind is ReadWriteRegisters:
-            # MB AP 6.17: both ranges are checked before the write, which precedes the read
-            check = image.read_registers(Table.HOLDING_REGISTERS, req.read_address, req.read_count)
-            if check is ExceptionCode.ILLEGAL_DATA_ADDRESS:
-                return self._exc(tid, unit, fc, check)
+            # MB AP 6.17: the write precedes the read; both are checked before anything is
+            # written, so a request refused (its read part too) changes nothing
             plan = image.plan_register_write(req.write_address, req.values)
+            if type(plan) is list:
+                refused = refused_read_after_write(image, req.read_address, req.read_count,
+                                                   plan)
+                if refused is not None:
+                    return self._exc(tid, unit, fc, refused)
         else:  # pragma: no cover - parse_request returns nothing else
             return self._exc(tid, unit, fc, ExceptionCode.ILLEGAL_FUNCTION)
         if type(plan) is not list:  # an ExceptionCode: refused before anything was written

@@ -68,6 +68,16 @@ class TagOwner(Protocol):
         """Carry out the write; fire with GOOD or a Bad quality, or raise WriteRefused."""
 
 
+class InlineOwner(TagOwner, Protocol):
+    """An owner that can answer some writes synchronously, in the writer's own turn, says so
+    by having ``write_inline`` (the store looks for it when the owner is registered)."""
+
+    def write_inline(self, tag: TagDef, value: Any,
+                     origin: Subscription | None) -> Quality | None:
+        """Carry out the write now and return its quality, or None: this one goes through
+        :meth:`write_tag`. ``origin`` must not be notified (see :meth:`TagStore.write_now`)."""
+
+
 class HistorySink(Protocol):
     def append(self, ts_ns: int, value: Any) -> None: ...
 
@@ -155,6 +165,8 @@ class TagStore:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._owners: dict[str, TagOwner] = {}
+        # owner name -> its write_inline (InlineOwner), looked up once at registration
+        self._inline: dict[str, Callable[[TagDef, Any, Subscription | None], Quality | None]] = {}
         self._subs: list[Subscription] = []
         self._flush_call: IDelayedCall | None = None
         self._dirty: set[Subscription] = set()
@@ -208,9 +220,15 @@ class TagStore:
 
     def register_owner(self, name: str, owner: TagOwner) -> None:
         self._owners[name] = owner
+        inline = getattr(owner, "write_inline", None)
+        if inline is not None:
+            self._inline[name] = inline
+        else:
+            self._inline.pop(name, None)
 
     def unregister_owner(self, name: str) -> None:
         self._owners.pop(name, None)
+        self._inline.pop(name, None)
 
     def __contains__(self, path: object) -> bool:
         return path in self._entries
@@ -471,14 +489,14 @@ class TagStore:
             return self._refused(Quality.BAD_NOT_CONNECTED)
         result: Quality | Deferred[Quality]
         try:
-            if type(owner) is MemoryOwner:
-                if not tag.persist or owner._persistence is None:
-                    # MemoryOwner.write_tag without persistence, inlined (the hot path)
-                    self.apply((Update(path, value, Quality.GOOD, 0),), origin=origin)
-                    return Quality.GOOD
-                result = owner.write_tag(tag, value, origin=origin)
-            else:
-                result = owner.write_tag(tag, value)
+            inline = self._inline.get(tag.owner)
+            if inline is not None:
+                answer = inline(tag, value, origin)
+                if answer is Quality.GOOD:  # the hot path (memory tags): nothing to count
+                    return answer
+                if answer is not None:
+                    return self._write_done(answer)
+            result = owner.write_tag(tag, value)
         except Exception:
             return self._write_done(self._write_failed(Failure(), path))
         if not isinstance(result, Deferred):
@@ -521,8 +539,11 @@ def _audited(quality: Quality, audit: AuditSink, writer: Writer, path: str, valu
 class MemoryOwner:
     """Owner of the server's own tags (setpoints and the like): a write simply becomes the value.
 
-    With a persistence backend, the value is committed to disk before the write is acknowledged,
-    so an acknowledged write survives kill -9.
+    A write is answered at once (``write_inline``), except for a ``persist`` tag with a
+    persistence backend: its value is committed to disk on the backend's writer thread
+    (group commit, see ``iotserver.tags.persist``) and applied, and the write acknowledged,
+    once it is durable, so an acknowledged write survives kill -9 and the event loop never
+    waits for the disk.
     """
 
     name = "memory"
@@ -531,13 +552,24 @@ class MemoryOwner:
         self._store = store
         self._persistence = persistence
 
-    def write_tag(self, tag: TagDef, value: Any, *, origin: Subscription | None = None) -> Quality:
-        """Always answers at once. ``origin`` is not notified (see :meth:`TagStore.write_now`)."""
-        store = self._store
+    def write_inline(self, tag: TagDef, value: Any,
+                     origin: Subscription | None) -> Quality | None:
         if tag.persist and self._persistence is not None:
-            ts = store.now_ns()
-            self._persistence.save(tag.path, value, Quality.GOOD, ts)
-            store.apply((Update(tag.path, value, Quality.GOOD, ts),), origin=origin)
-            return Quality.GOOD
-        store.apply((Update(tag.path, value, Quality.GOOD, 0),), origin=origin)
+            return None  # durable first: write_tag
+        self._store.apply((Update(tag.path, value, Quality.GOOD, 0),), origin=origin)
         return Quality.GOOD
+
+    def write_tag(self, tag: TagDef, value: Any) -> Quality | Deferred[Quality]:
+        store = self._store
+        if not (tag.persist and self._persistence is not None):
+            store.apply((Update(tag.path, value, Quality.GOOD, 0),))
+            return Quality.GOOD
+        ts = store.now_ns()
+        path = tag.path
+
+        def durable(_: None) -> Quality:
+            store.apply((Update(path, value, Quality.GOOD, ts),))
+            return Quality.GOOD
+
+        d: Deferred[None] = self._persistence.commit(path, value, Quality.GOOD, ts)
+        return d.addCallback(durable)
