@@ -15,7 +15,9 @@ PINGRESP: that round trip is how long the event loop takes to answer a client. P
 * ``console``: OpenSSH clients (2 at once) with wrong passwords (SSH_ASKPASS);
 * ``all``: the three floods at once.
 
-Printed per phase: ping p50 / p99 / max (ms) and the ratio to the baseline, failed login
+The MQTT phases are then repeated against mosquitto (the peer: a password file, anonymous
+pinger), with the same clients, and the p99 ratios printed. Printed per phase: ping p50 / p99 /
+max (ms) and the ratio to the baseline, failed login
 attempts per second seen by the clients, the server's password checks (hashed, refused by
 the throttle), and the server's CPU. ``--server-root DIR`` runs the server of another checkout
 (e.g. the previous release) for a before/after comparison in the same run conditions.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import os
 import shutil
 import socket
@@ -57,7 +60,7 @@ USER, PASSWORD = "eng", "engineer-password"
 PING_INTERVAL = 0.01
 
 
-def write_config(data: Path, ports: dict[str, int]) -> Path:
+def write_config(data: Path, ports: dict[str, int], login: str = "") -> Path:
     from iotserver.security.users import Role, User, hash_password, save_users
 
     data.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,7 @@ security_policies = ["None"]
 [console]
 endpoint = "tcp:{ports['console']}:interface=127.0.0.1"
 password_login = true
+{login}
 """)
     return path
 
@@ -254,6 +258,90 @@ def logins(server: ServerProcess) -> dict[str, int]:
     return server.stats().get("logins", {})  # type: ignore[no-any-return]
 
 
+def run_phases(pinger: Pinger, stat: ProcStat, makers: dict[str, Callable[[], list[Flood]]],
+               phases: list[str], seconds: float,
+               counters: Callable[[], dict[str, int]]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    base_p99 = None
+    for phase in phases:
+        floods = makers[phase]()
+        before = counters()
+        cpu0 = stat.cpu()
+        for f in floods:
+            f.start()
+        samples = pinger.window(seconds)
+        for f in floods:
+            f.stop()
+        cpu = (stat.cpu() - cpu0) / seconds * 100
+        after = counters()
+        delta: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0)
+                                 for k in ("failed", "throttled", "busy")} if after else {}
+        p50, p99 = pct(samples, 50), pct(samples, 99)
+        if base_p99 is None:
+            base_p99 = p99
+        attempts = sum(f.count for f in floods)
+        rows.append([phase, f"{p50:.2f}", f"{p99:.2f}", f"{max(samples or [0]):.1f}",
+                     f"{p99 / base_p99:.1f}x", f"{attempts / seconds:.0f}",
+                     delta.get("failed", "-"), delta.get("throttled", "-"),
+                     delta.get("busy", "-"), f"{cpu:.0f}%", len(samples)])
+        print(f"{phase}: done", flush=True)
+        for f in floods:
+            if f.errors:
+                print(f"  {f.name}: {f.errors} attempts raised", flush=True)
+    return rows
+
+
+def stop_pinger(pinger: Pinger) -> None:
+    pinger.stopped.set()
+    pinger.join(5)
+    with contextlib.suppress(OSError):
+        pinger.sock.close()
+
+
+def mosquitto_rows(binary: str, tmp: Path, phases: list[str], seconds: float
+                   ) -> list[list[Any]]:
+    """The MQTT phases against mosquitto (password file, anonymous pinger), same clients."""
+    port = free_port()
+    passwd = tmp / "mosquitto.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), USER, PASSWORD], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf = tmp / "mosquitto.conf"
+    # started as root, mosquitto would switch to its own user, who cannot read our temp dir
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"password_file {passwd}\nmax_connections -1\nuser {getpass.getuser()}\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("mosquitto did not start") from None
+                time.sleep(0.05)
+        pinger = Pinger(port)
+        pinger.start()
+        makers: dict[str, Callable[[], list[Flood]]] = {
+            "baseline": lambda: [],
+            "mqtt": lambda: [Flood("mqtt", mqtt_attempt(port, True))],
+            "mqtt-1-address": lambda: [Flood("mqtt", mqtt_attempt(port, False))],
+        }
+        try:
+            return run_phases(pinger, ProcStat(proc.pid), makers,
+                              [p for p in phases if p in makers], seconds, dict)
+        finally:
+            stop_pinger(pinger)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
@@ -261,20 +349,26 @@ def main() -> None:
     parser.add_argument("--server-root", type=Path, default=None,
                         help="run the server of another checkout (before/after comparisons)")
     parser.add_argument("--phases", default="baseline,mqtt,mqtt-1-address,opcua,console,all")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="[login] max_concurrent of our server (default: its default)")
+    parser.add_argument("--mosquitto", default=shutil.which("mosquitto") or "",
+                        help="the peer broker for the MQTT phases ('' to skip)")
     args = parser.parse_args()
     seconds = 3.0 if args.quick else args.seconds
+    phases = args.phases.split(",")
     print_header("login flood: event-loop responsiveness (MQTT PINGREQ round trip)")
     ports = {"mqtt": free_port(), "opcua": free_port(), "console": free_port()}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        cfg = write_config(data, ports)
+        login = (f"\n[login]\nmax_concurrent = {args.max_concurrent}\n"
+                 if args.max_concurrent else "")
+        cfg = write_config(data, ports, login)
         askpass = Path(tmp) / "askpass.sh"
         askpass.write_text("#!/bin/sh\necho wrong\n")
         askpass.chmod(0o700)
         server = (ServerProcess(cfg, Path(tmp) / "server.log") if args.server_root is None
                   else OtherServer(args.server_root, cfg, Path(tmp) / "server.log"))
         server.start()
-        stat = ProcStat(server.pid)
         pinger = Pinger(ports["mqtt"])
         pinger.start()
         makers: dict[str, Callable[[], list[Flood]]] = {
@@ -287,44 +381,27 @@ def main() -> None:
                             Flood("opcua", opcua_attempt(ports["opcua"])),
                             Flood("console", console_attempt(ports["console"], askpass))],
         }
-        rows: list[list[Any]] = []
-        base_p99 = None
         try:
-            for phase in args.phases.split(","):
-                floods = makers[phase]()
-                before = logins(server)
-                cpu0 = stat.cpu()
-                for f in floods:
-                    f.start()
-                samples = pinger.window(seconds)
-                for f in floods:
-                    f.stop()
-                cpu = (stat.cpu() - cpu0) / seconds * 100
-                after = logins(server)
-                delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-                p50, p99 = pct(samples, 50), pct(samples, 99)
-                if base_p99 is None:
-                    base_p99 = p99
-                attempts = sum(f.count for f in floods)
-                rows.append([phase, f"{p50:.2f}", f"{p99:.2f}", f"{max(samples or [0]):.1f}",
-                             f"{p99 / base_p99:.1f}x", f"{attempts / seconds:.0f}",
-                             delta.get("failed", 0), delta.get("throttled", 0),
-                             delta.get("busy", 0), f"{cpu:.0f}%", len(samples)])
-                print(f"{phase}: done", flush=True)
-                for f in floods:
-                    if f.errors:
-                        print(f"  {f.name}: {f.errors} attempts raised", flush=True)
+            rows = run_phases(pinger, ProcStat(server.pid), makers, phases, seconds,
+                              lambda: logins(server))
         finally:
-            pinger.stopped.set()
-            pinger.join(5)
-            with contextlib.suppress(OSError):
-                pinger.sock.close()
+            stop_pinger(pinger)
             server.stop()
+        peer = mosquitto_rows(args.mosquitto, Path(tmp), phases, seconds) \
+            if args.mosquitto else []
+    headers = ["phase", "ping p50 ms", "ping p99 ms", "max ms", "p99 / baseline",
+               "attempts/s", "checked", "throttled", "busy", "server CPU", "pings"]
     print()
     print(f"{seconds:g} s per phase; ping every {PING_INTERVAL * 1000:g} ms; "
           "checked = passwords hashed and refused; throttled = refused without hashing")
-    print(table(["phase", "ping p50 ms", "ping p99 ms", "max ms", "p99 / baseline",
-                 "attempts/s", "checked", "throttled", "busy", "server CPU", "pings"], rows))
+    print("\niotserver" + (f" ({args.server_root})" if args.server_root else ""))
+    print(table(headers, rows))
+    if peer:
+        print("\nmosquitto (peer; PBKDF2 password file, no throttle), same clients")
+        print(table(headers, peer))
+        ours = {r[0]: float(r[2]) for r in rows}
+        print("\nping p99, iotserver / mosquitto: " + ", ".join(
+            f"{r[0]} {ours[r[0]] / max(float(r[2]), 1e-9):.1f}x" for r in peer if r[0] in ours))
 
 
 if __name__ == "__main__":

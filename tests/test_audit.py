@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from iotserver.security.audit import AuditConfig, AuditLog, RotatingFile, _line
 from iotserver.tags.model import Access, DataType, Quality, TagDef
@@ -109,7 +110,16 @@ async def test_audit_log_buffers_on_the_loop_and_writes_in_its_thread(tmp_path: 
             audit.write_done(w, "A/B", i, Quality.GOOD)
         audit.login("console", "127.0.0.1", "admin", "key", "ok", "SHA256:x")
         assert path.read_text() == ""  # nothing written by the loop itself
-        clock.advance(1.0)  # the flush timer hands the batch to the writer thread
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            clock.advance(1.0)  # the flush timer hands the batch to the writer thread
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "iotserver.audit"]
+        assert lines == ["audit: alice (mqtt 127.0.0.1:1) wrote A/B = 0: Good",
+                         "audit: alice (mqtt 127.0.0.1:1) wrote A/B = 1: Good",
+                         "audit: 4 more records in this interval (all are in the audit file)"]
         await audit.sync()
         lines = [json.loads(x) for x in path.read_text().splitlines()]
         assert [x["value"] for x in lines if x["event"] == "write"] == [0, 1, 2, 3, 4]

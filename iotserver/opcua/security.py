@@ -385,8 +385,8 @@ class IotUserManager:
         self._trust = trust
         self.allow_anonymous = allow_anonymous
         self._logins = logins
-        # (username, password) -> verdict, left by precheck_activation for get_user
-        self._verdicts: dict[tuple[str, str], User | None] = {}
+        # (username, sha256 of the password) -> verdict, left by precheck_activation
+        self._verdicts: dict[tuple[str, bytes], User | None] = {}
 
     @property
     def logins(self) -> Logins:
@@ -415,7 +415,7 @@ class IotUserManager:
                  certificate: Any = None) -> User | None:
         """asyncua's synchronous hook (see the class docstring)."""
         if username is not None:
-            key = (username, password or "")
+            key = _verdict_key(username, password or "")
             if key in self._verdicts:
                 return self._verdicts.pop(key)
             # not prechecked (a dispatch that did not await login()): verified here, blocking
@@ -472,7 +472,12 @@ class IotUserManager:
         """A verdict for the next ``get_user(username, password)`` (bounded)."""
         if len(self._verdicts) > 1000:
             self._verdicts.clear()
-        self._verdicts[(username, password)] = user
+        self._verdicts[_verdict_key(username, password)] = user
+
+
+def _verdict_key(username: str, password: str) -> tuple[str, bytes]:
+    """No clear-text password is kept while a verdict waits for ``get_user``."""
+    return username, hashlib.sha256(password.encode("utf-8", "surrogatepass")).digest()
 
 
 _ACTIVATE = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)

@@ -227,6 +227,8 @@ class AuditLog:
         self.cfg = cfg or AuditConfig()
         self.path = path
         self._pending: list[tuple[Any, ...]] = []
+        self._append = self._pending.append
+        self._now = clock.seconds
         self._call: Any = None
         self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | threading.Event | None] = \
             queue.SimpleQueue()
@@ -274,7 +276,8 @@ class AuditLog:
 
     # -- sinks (event loop) -------------------------------------------------------------------
     def write_done(self, writer: Writer, path: str, value: Any, quality: Quality) -> None:
-        self._pending.append(("write", self.clock.seconds(), writer, path, value, quality))
+        # the fast paths call this once per write: one bound call and one list append
+        self._append(("write", self._now(), writer, path, value, quality))
         if self._call is None:
             self._call = self.clock.callLater(self.cfg.flush_interval, self.flush)
 
@@ -291,6 +294,7 @@ class AuditLog:
         if call is not None and call.active():
             call.cancel()
         batch, self._pending = self._pending, []
+        self._append = self._pending.append
         if not batch:
             return
         self._log_writes(batch)

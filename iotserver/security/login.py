@@ -62,7 +62,9 @@ class LoginConfig:
     max_delay: float = 60.0
     forget_after: float = 600.0  # an idle failure record is dropped after this long
     max_records: int = 10_000  # failure records kept (oldest dropped first)
-    max_concurrent: int = 2  # scrypt checks running at once (threads)
+    # scrypt checks running at once (threads): each takes a core for tens of ms, and on a
+    # 2-core machine a second one measurably slows the event loop (bench_login_flood.py)
+    max_concurrent: int = 1
     max_queued: int = 64  # checks waiting; beyond: refused as busy
 
     def summary(self) -> list[str]:
@@ -81,7 +83,7 @@ def parse(r: Any) -> LoginConfig:
         max_delay=r.float("max_delay", 60.0, positive=True, max=86400),
         forget_after=r.float("forget_after", 600.0, positive=True, max=7 * 86400),
         max_records=r.int("max_records", 10_000, min=100, max=10_000_000),
-        max_concurrent=r.int("max_concurrent", 2, min=1, max=64),
+        max_concurrent=r.int("max_concurrent", 1, min=1, max=64),
         max_queued=r.int("max_queued", 64, min=0, max=100_000),
     )
     if cfg.max_delay < cfg.base_delay:
