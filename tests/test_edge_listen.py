@@ -5,6 +5,7 @@ trickling socket, a churn of short connections, one-line startup errors and a sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -18,7 +19,6 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from iotserver import app, config
-import contextlib
 
 TIMEOUT = 10.0
 
@@ -337,3 +337,44 @@ async def test_mqtt_listener_limit_is_counted_in_sys(tmp_path: Path, free_port: 
         for s in hogs:
             s.close()
         await root.stopService()
+
+
+@pytest.mark.interop
+@pytest_twisted.ensureDeferred
+async def test_modbus_tls_endpoint_with_its_own_files_requires_client_certificates(
+        tmp_path: Path) -> None:
+    first = await start(tmp_path)  # creates the local CA and server certificate
+    ctx = client_tls(tmp_path, first)
+    await stop(first, [])
+    tls = tmp_path / "data" / "tls"
+    own = (f"tls:0:interface=127.0.0.1:cert={tls / 'server.pem'}:key={tls / 'server.key'}"
+           f":ca={tls / 'ca.pem'}")
+    text = CONFIG.format(data=tmp_path / "data", max_connections=4, extra="").replace(
+        '["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]',
+        f'["tcp:0:interface=127.0.0.1", "{own}"]')
+    root, core = app.build(config.parse(text, source="t.toml"), reactor)
+    root.startService()
+    await core.services["modbus"].started
+    m = Modbus(root, core, tmp_path / "data")
+    try:
+        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+        anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        anonymous.load_verify_locations(tls / "ca.pem")
+        anonymous.check_hostname = False
+
+        async def without_certificate() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", m.tls_port,
+                                                           ssl=anonymous)
+            try:
+                writer.write(bytes.fromhex("000100000006010300000002"))
+                return await asyncio.wait_for(reader.read(100), TIMEOUT)
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await writer.wait_closed()
+
+        # refused by the TLS layer (alert 116, RFC 8446), not only by the role check after it
+        with pytest.raises(ssl.SSLError, match=r"(?i)certificate.required"):
+            await aw(without_certificate())
+    finally:
+        await stop(m, [])
