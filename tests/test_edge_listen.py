@@ -206,7 +206,8 @@ async def test_trickling_socket_is_closed_when_its_frame_is_late(tmp_path: Path)
         assert len(s.recv(100)) == 13
         sent = 0
         while not closed_by_server(s) and sent < 100:  # one byte every 0.2 s, never done
-            s.send(frame[sent % 11:sent % 11 + 1])
+            with contextlib.suppress(OSError):  # closed meanwhile
+                s.send(frame[sent % 11:sent % 11 + 1])
             sent += 1
             await sleep(0.2)
         assert closed_by_server(s), "a trickling socket was never closed"
@@ -378,3 +379,31 @@ async def test_modbus_tls_endpoint_with_its_own_files_requires_client_certificat
             await aw(without_certificate())
     finally:
         await stop(m, [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_mqtt_trickled_connect_is_closed(tmp_path: Path, free_port: int) -> None:
+    from test_mqtt_persistence import mqtt_config
+    from test_mqtt_persistence import start as start_mqtt
+
+    text = mqtt_config(tmp_path / "d", free_port).replace(
+        f'endpoint = "tcp:{free_port}:interface=127.0.0.1"',
+        f'endpoint = "tcp:{free_port}:interface=127.0.0.1"\nframe_timeout = 1.0\n'
+        'login_timeout = 60')
+    root = await start_mqtt(text)
+    listener = root.core.services["mqtt"].listeners.listeners[0]
+    s = idle_sockets(free_port, 1)[0]
+    connect = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03abc"
+    try:
+        await wait_for(lambda: listener.stats.open == 1, "the connection")
+        sent = 0
+        while not closed_by_server(s) and sent < len(connect) - 1:  # never the last byte
+            with contextlib.suppress(OSError):  # closed meanwhile
+                s.send(connect[sent:sent + 1])
+            sent += 1
+            await sleep(0.2)
+        await wait_for(lambda: closed_by_server(s), "the close")
+        assert listener.stats.frame_timeouts == 1 and listener.stats.login_timeouts == 0
+    finally:
+        s.close()
+        await root.stopService()
