@@ -195,3 +195,18 @@ def test_check_config_accepts_what_startup_accepts(tmp_path: Path,
     out = capsys.readouterr().out
     assert "listener tls:8883:interface=127.0.0.1 (loopback only" in out
     assert "at most 50 connections, 50 per peer" in out
+
+
+def test_exposure_warnings() -> None:
+    from iotserver.edge.listen import exposure_warnings
+
+    assert exposure_warnings("MQTT", parse_endpoint("tcp:1883:interface=127.0.0.1")) == []
+    assert exposure_warnings("MQTT", parse_endpoint("tls:8883")) == []
+    lines = exposure_warnings("MQTT", parse_endpoint("tcp:1883"), anonymous=True,
+                              consequence="passwords travel unencrypted")
+    assert lines == ["MQTT listener tcp:1883 is plain text and REACHABLE OFF-HOST: passwords "
+                     "travel unencrypted",
+                     "MQTT listener tcp:1883 accepts anonymous clients (REACHABLE OFF-HOST)"]
+    assert exposure_warnings("MQTT", parse_endpoint("unix:/run/m.sock"), anonymous=True) == [
+        "MQTT listener unix:/run/m.sock accepts anonymous clients (loopback only)"]
+    assert exposure_warnings("SSH console", parse_endpoint("tcp:22"), encrypted=True) == []

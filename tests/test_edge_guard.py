@@ -235,3 +235,44 @@ def test_mqtt_probe_trickled_connect_and_slow_login() -> None:
     fine.send_raw(connect_bytes)
     h.advance(50)  # well past the login timeout, within its keepalive (60 s x 1.5)
     assert not fine.closed and f.stats.login_timeouts == 1
+
+
+class PausableTransport(StringTransport):
+    """A StringTransport that looks like a TCP connection whose reading can be paused."""
+
+    def __init__(self) -> None:
+        import socket
+
+        super().__init__()
+        self.socket = socket.socket()
+        self.reactor = self
+        self.reading = True
+
+    def getReaders(self) -> list[Any]:
+        return [self] if self.reading else []
+
+    def pauseProducing(self) -> None:
+        self.reading = False
+
+    def resumeProducing(self) -> None:
+        self.reading = True
+
+
+def test_paused_reading_is_not_the_peers_fault() -> None:
+    """While the protocol has stopped reading (flow control), an unfinished frame and the
+    silence are ours: neither the frame nor the idle timeout closes the connection."""
+    f, clock = guarded()
+    proto = f.buildProtocol(addr())
+    transport = PausableTransport()
+    try:
+        proto.makeConnection(transport)
+        proto.dataReceived(b"ok\n")
+        proto.dataReceived(b"half a fra")
+        transport.pauseProducing()  # e.g. a write waits for a slow PLC
+        clock.advance(35)  # past frame_timeout (4) and idle_timeout (30)
+        assert not transport.disconnecting
+        transport.resumeProducing()
+        clock.advance(4)  # a fresh frame period once we read again: the peer is late now
+        assert transport.disconnecting and f.stats.frame_timeouts == 1
+    finally:
+        transport.socket.close()

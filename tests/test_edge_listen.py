@@ -5,6 +5,7 @@ trickling socket, a churn of short connections, one-line startup errors and a sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -18,7 +19,6 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from iotserver import app, config
-import contextlib
 
 TIMEOUT = 10.0
 
@@ -206,7 +206,8 @@ async def test_trickling_socket_is_closed_when_its_frame_is_late(tmp_path: Path)
         assert len(s.recv(100)) == 13
         sent = 0
         while not closed_by_server(s) and sent < 100:  # one byte every 0.2 s, never done
-            s.send(frame[sent % 11:sent % 11 + 1])
+            with contextlib.suppress(OSError):  # closed meanwhile
+                s.send(frame[sent % 11:sent % 11 + 1])
             sent += 1
             await sleep(0.2)
         assert closed_by_server(s), "a trickling socket was never closed"
@@ -336,4 +337,73 @@ async def test_mqtt_listener_limit_is_counted_in_sys(tmp_path: Path, free_port: 
     finally:
         for s in hogs:
             s.close()
+        await root.stopService()
+
+
+@pytest.mark.interop
+@pytest_twisted.ensureDeferred
+async def test_modbus_tls_endpoint_with_its_own_files_requires_client_certificates(
+        tmp_path: Path) -> None:
+    first = await start(tmp_path)  # creates the local CA and server certificate
+    ctx = client_tls(tmp_path, first)
+    await stop(first, [])
+    tls = tmp_path / "data" / "tls"
+    own = (f"tls:0:interface=127.0.0.1:cert={tls / 'server.pem'}:key={tls / 'server.key'}"
+           f":ca={tls / 'ca.pem'}")
+    text = CONFIG.format(data=tmp_path / "data", max_connections=4, extra="").replace(
+        '["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]',
+        f'["tcp:0:interface=127.0.0.1", "{own}"]')
+    root, core = app.build(config.parse(text, source="t.toml"), reactor)
+    root.startService()
+    await core.services["modbus"].started
+    m = Modbus(root, core, tmp_path / "data")
+    try:
+        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+        anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        anonymous.load_verify_locations(tls / "ca.pem")
+        anonymous.check_hostname = False
+
+        async def without_certificate() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", m.tls_port,
+                                                           ssl=anonymous)
+            try:
+                writer.write(bytes.fromhex("000100000006010300000002"))
+                return await asyncio.wait_for(reader.read(100), TIMEOUT)
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await writer.wait_closed()
+
+        # refused by the TLS layer (alert 116, RFC 8446), not only by the role check after it
+        with pytest.raises(ssl.SSLError, match=r"(?i)certificate.required"):
+            await aw(without_certificate())
+    finally:
+        await stop(m, [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_mqtt_trickled_connect_is_closed(tmp_path: Path, free_port: int) -> None:
+    from test_mqtt_persistence import mqtt_config
+    from test_mqtt_persistence import start as start_mqtt
+
+    text = mqtt_config(tmp_path / "d", free_port).replace(
+        f'endpoint = "tcp:{free_port}:interface=127.0.0.1"',
+        f'endpoint = "tcp:{free_port}:interface=127.0.0.1"\nframe_timeout = 1.0\n'
+        'login_timeout = 60')
+    root = await start_mqtt(text)
+    listener = root.core.services["mqtt"].listeners.listeners[0]
+    s = idle_sockets(free_port, 1)[0]
+    connect = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03abc"
+    try:
+        await wait_for(lambda: listener.stats.open == 1, "the connection")
+        sent = 0
+        while not closed_by_server(s) and sent < len(connect) - 1:  # never the last byte
+            with contextlib.suppress(OSError):  # closed meanwhile
+                s.send(connect[sent:sent + 1])
+            sent += 1
+            await sleep(0.2)
+        await wait_for(lambda: closed_by_server(s), "the close")
+        assert listener.stats.frame_timeouts == 1 and listener.stats.login_timeouts == 0
+    finally:
+        s.close()
         await root.stopService()

@@ -289,11 +289,30 @@ class Guard(Protocol):
         if quiet < limits.idle_timeout:
             self._idle = clock.callLater(limits.idle_timeout - quiet, self._idle_check)
             return
+        if not self._reading():  # we stopped reading it (flow control): not its silence
+            self._idle = clock.callLater(limits.idle_timeout, self._idle_check)
+            return
         self._timed_out("idle")
+
+    def _reading(self) -> bool:
+        """False while the protocol has paused reading from the socket (flow control: a
+        Modbus write waiting for a PLC, MQTT's Receive Maximum), when an unfinished frame or
+        a silence is our doing, not the peer's."""
+        tcp = _tcp_of(self.transport)
+        get_readers = getattr(getattr(tcp, "reactor", None), "getReaders", None)
+        if tcp is None or get_readers is None:
+            return True
+        return tcp in get_readers()
 
     def _timed_out(self, what: str) -> None:
         setattr(self, f"_{what}", None)
         if self._closed:
+            return
+        if what == "frame" and not self._reading():
+            # the rest of the frame is waiting in the socket because we paused it: the frame
+            # gets a fresh period once we read again
+            self._frame = self.gfactory.clock.callLater(self.gfactory.limits.frame_timeout,
+                                                        self._timed_out, "frame")
             return
         if what == "login" and self.gfactory.probe.greeted is not None \
                 and self.gfactory.probe.greeted(self.inner):
@@ -337,13 +356,18 @@ class Guard(Protocol):
         return not data
 
 
-def _socket_of(transport: Any) -> socket.socket | None:
-    """The TCP socket under a transport (through a TLS layer), if there is one."""
+def _tcp_of(transport: Any) -> Any:
+    """The TCP transport under a transport (through a TLS layer), if there is one."""
     for _ in range(3):
-        sock = getattr(transport, "socket", None)
-        if isinstance(sock, socket.socket):
-            return sock
+        if isinstance(getattr(transport, "socket", None), socket.socket):
+            return transport
         transport = getattr(transport, "transport", None)
         if transport is None:
             return None
     return None
+
+
+def _socket_of(transport: Any) -> socket.socket | None:
+    """The TCP socket under a transport (through a TLS layer), if there is one."""
+    tcp = _tcp_of(transport)
+    return tcp.socket if tcp is not None else None

@@ -91,12 +91,15 @@ class Listeners:
 
     async def listen(self, label: str, endpoint: Endpoint | str, factory: Any, limits: Limits,
                      *, probe: Probe = DEFAULT_PROBE,
-                     default_tls: Callable[[], Any] | None = None) -> Listener:
+                     default_tls: Callable[[], Any] | None = None,
+                     require_client_cert: bool = False) -> Listener:
         """Listen on ``endpoint`` with ``factory`` behind the limits; one-line StartupError.
 
         ``label`` names the listener in errors and the log ("MQTT", "Modbus/TCP Security").
         ``default_tls`` builds the reloadable context of a ``tls:`` endpoint that names no
-        certificate of its own (the server's ``[tls]`` material).
+        certificate of its own (the server's ``[tls]`` material). ``require_client_cert``:
+        a ``tls:`` endpoint with its own files requires client certificates whatever its
+        ``clientAuth`` says (Modbus/TCP Security).
         """
         from twisted.internet.error import CannotListenError
 
@@ -106,7 +109,8 @@ class Listeners:
             raise StartupError(f"{label} listener: {exc}") from None
         name = f"{label} {ep.text}"
         try:
-            context = self._tls_context(ep, default_tls) if ep.is_tls else None
+            context = (self._tls_context(ep, default_tls, require_client_cert)
+                       if ep.is_tls else None)
         except StartupError:
             raise
         except Exception as exc:  # ValueError/OSError from the PKI: the message names the file
@@ -126,12 +130,15 @@ class Listeners:
         self.listeners.append(listener)
         return listener
 
-    def _tls_context(self, ep: Endpoint, default_tls: Callable[[], Any] | None) -> Any:
+    def _tls_context(self, ep: Endpoint, default_tls: Callable[[], Any] | None,
+                     require_client_cert: bool) -> Any:
         from iotserver.security.tls import reloadable_server_context
 
         if ep.own_certificate:
             assert ep.cert is not None and ep.key is not None
             mode = ep.client_auth or ("optional" if ep.ca else "none")
+            if require_client_cert:
+                mode = "required"
             return reloadable_server_context(ep.cert, ep.key, ca_path=ep.ca,
                                              require_client_cert=mode == "required",
                                              verify_client_cert=mode != "none")

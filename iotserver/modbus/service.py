@@ -75,7 +75,7 @@ class ModbusService(AsyncService):
             what = "Modbus/TCP Security" if secure else "Modbus TCP"
             listener = await self.listeners.listen(
                 what, ep, self.server.factory(secure), scfg.limits, probe=PROBE,
-                default_tls=self._context_factory)
+                default_tls=self._context_factory, require_client_cert=True)
             self.ports.append(listener.port)
             self.core.listening(what, listener.address)
             for warning in exposure_warnings(

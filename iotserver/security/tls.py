@@ -4,8 +4,9 @@ Listeners are configured with endpoint strings. Twisted's own ``ssl:`` server en
 (``ssl:8883:privateKey=...:certKey=...``) serves a certificate but cannot verify or require
 client certificates, which Modbus/TCP Security (port 802) and certificate login for MQTT need.
 Rather than register a Twisted endpoint plugin (a drop-in in ``twisted/plugins/`` would import
-pyOpenSSL during twistd's plugin scan, see facts.md), ``server_endpoint`` recognises our own
-``tls:`` prefix and passes every other description to ``serverFromString`` unchanged::
+pyOpenSSL during twistd's plugin scan, which must stay import-free), ``server_endpoint``
+recognises our own ``tls:`` prefix and passes every other description to ``serverFromString``
+unchanged::
 
     tls:PORT[:interface=ADDR][:backlog=N][:cert=PATH:key=PATH][:ca=PATH]
         [:clientAuth=none|optional|required]
@@ -13,8 +14,10 @@ pyOpenSSL during twistd's plugin scan, see facts.md), ``server_endpoint`` recogn
 ``cert``/``key`` may be omitted when the caller supplies a context factory (built from
 ``server_context_factory``). ``clientAuth`` defaults to ``optional`` when ``ca`` is given.
 Escape ``:`` and ``\\`` in values with a backslash, as in Twisted's strings
-(``interface=\\:\\:1``). A ``tls:`` listener is an ``SSL4ServerEndpoint``, i.e. TLS via
-``TLSMemoryBIOFactory`` over TCP; it accepts IPv6 interfaces too.
+(``interface=\\:\\:1``). The services listen through ``iotserver.edge.listen``, which
+parses these strings with the one endpoint parser and layers TLS (``TLSMemoryBIOProtocol``)
+over TCP itself, behind the connection limits; ``server_endpoint`` builds the bare
+``SSL4ServerEndpoint`` for tools and tests. Both accept IPv6 interfaces.
 
 All server contexts follow one policy (``SERVER_CIPHERS``): TLS 1.2 or newer, TLS 1.3 preferred
 (OpenSSL picks the highest version both sides have); on TLS 1.2 only ECDHE key exchange with
