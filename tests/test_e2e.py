@@ -1,4 +1,4 @@
-"""One plant through all three protocols, with real clients (issue 7).
+"""One plant through all three protocols, with real clients.
 
 A simulated Modbus PLC is polled by the server; an OPC UA client (asyncua), an MQTT client
 (paho-mqtt) and a Modbus client (pymodbus) are connected at once. Changes, writes, refusals and

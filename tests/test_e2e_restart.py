@@ -1,5 +1,5 @@
 """A server restart (SIGTERM, and kill -9) keeps memory tags, retained messages and
-persistent MQTT sessions (issue 7). The server runs as users run it: twistd in a subprocess."""
+persistent MQTT sessions. The server runs as users run it: twistd in a subprocess."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt import client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from tools import twistd
 
 from iotserver.security.users import Role, User, hash_password, save_users
 
@@ -65,8 +66,7 @@ access = "readwrite"
     def start(self) -> None:
         out = self.log.open("a")
         self.proc = subprocess.Popen(
-            ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver",
-             "--config", str(self.cfg)], stdout=out, stderr=subprocess.STDOUT, text=True)
+            twistd("--config", str(self.cfg)), stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if "iotserver ready" in self.log.read_text():
