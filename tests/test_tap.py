@@ -118,7 +118,7 @@ def test_bad_config_names_key_without_traceback(tmp_path: Path) -> None:
         env=_env(tmp_path),
         cwd=tmp_path,
     )
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert f"{cfg}:6: tags[0].type: expected one of" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 
@@ -141,7 +141,7 @@ def test_check_config_command(tmp_path: Path) -> None:
         timeout=TIMEOUT,
         env=_env(tmp_path),
     )
-    assert bad.returncode == 2
+    assert bad.returncode == 1
     assert bad.stderr.strip() == (
         f"iotserver: configuration error: {cfg}:2: simulator.enabeld: unknown key"
     )
