@@ -111,6 +111,14 @@ class CoreService(Service):
             except UserFileError as exc:
                 raise StartupError(str(exc)) from None
             log.info("{n} users loaded from {path}", n=len(self.core.users), path=str(users_file))
+        elif cfg.server.users_file_configured:
+            # named in the configuration but missing: a typo here quietly turns logins off
+            log.warn(
+                "{source}: server.users_file = {path} does not exist: password logins are off "
+                "until 'iotserver users add' creates it",
+                source=cfg.source,
+                path=str(users_file),
+            )
         else:
             log.info(
                 "no user file at {path}: password logins are off until "

@@ -106,6 +106,10 @@ class OpcUaService(AsyncService):
         if app.created:
             log.info("OPC UA: created application certificate %s", app.cert_path)
         self.trust = TrustList(pki_dir, [ca_cert] if ca_cert is not None else [])
+        if not cfg.server:
+            # [opcua] with clients only: no server on 4840 that nobody asked for
+            await self._start_clients()
+            return
         users = IotUserManager(lambda: self.core.users, self.trust,
                                allow_anonymous=cfg.allow_anonymous)
         self.iserver = iserver = IotInternalServer(
