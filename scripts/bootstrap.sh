@@ -4,7 +4,7 @@
 #     own python3 is "externally managed" (PEP 668) and refuses pip installs outside a venv;
 #   - the package in it (editable, in a mode twistd's plugin scan can see) with its test extras,
 #     at the versions CI tested (scripts/constraints.txt);
-#   - the third-party peers the interop tests drive: mosquitto, mbpoll, ssh, openssl (apt) and
+#   - the third-party peers the interop tests drive: mosquitto, mbpoll, ssh, openssl, systemd (apt) and
 #     node-opcua (npm, exact version from scripts/nodeopcua/package-lock.json).
 # Afterwards `.venv/bin/twistd -n --reactor=asyncio iotserver` runs the server and
 # `.venv/bin/python -m pytest` the tests; no activation needed. Any install that fails stops
@@ -33,11 +33,14 @@ done
 # node and npm: any installation will do (Debian's nodejs/npm, or NodeSource's bundled npm).
 command -v node >/dev/null 2>&1 || need="$need nodejs"
 command -v npm >/dev/null 2>&1 || need="$need npm"
+# systemd-analyze checks scripts/iotserver.service (containers may lack systemd).
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 # shellcheck disable=SC2086
 if [ -n "$need" ]; then apt_install $need; fi
 # mosquitto's Debian package starts a broker on 1883; tests start their own on free ports.
 $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
-for tool in mosquitto mosquitto_pub mosquitto_sub mosquitto_rr mbpoll ssh ssh-keygen openssl node npm; do
+for tool in mosquitto mosquitto_pub mosquitto_sub mosquitto_rr mbpoll ssh ssh-keygen openssl node npm \
+        systemd-analyze; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is not on PATH after the install"
 done
 

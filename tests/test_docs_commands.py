@@ -77,7 +77,8 @@ NOT_ON_DEFAULT: dict[tuple[str, str], str] = {
     ("docs/operations.md", "sudo -u iotserver sqlite3"): "backup of a production data dir",
     ("docs/operations.md", "iotserver users add"): "the service user's production data dir",
     ("docs/security.md", "sudo -u iotserver"): "a production config in /etc",
-    ("docs/opcua.md", "iotserver certs list"): "needs a rejected client: test_certcli covers it",
+    ("docs/opcua.md", "iotserver certs list"):
+        "a production config; needs a rejected client (test_trustcli, test_opcua_nodeopcua)",
     ("docs/operations.md", "nft "): "firewall rules (root)",
     ("docs/modbus.md", "iotserver sim-plc"): "a simulated PLC, not the server (test_sim_plc)",
     ("docs/performance.md", "python benchmarks/"): "benchmarks (test_benchmarks runs --help)",
