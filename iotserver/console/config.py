@@ -33,6 +33,7 @@ class ConsoleConfig:
     authorized_keys: Path | None = None
     password_login: bool = False
     host_key: Path | None = None
+    max_script_bytes: int = 1 << 20  # a script piped on stdin (ssh host < script.py)
 
     def authorized_keys_path(self, data_dir: Path) -> Path:
         return self.authorized_keys or data_dir / "console" / "authorized_keys"
@@ -67,6 +68,7 @@ def parse(r: Reader) -> ConsoleConfig:
         authorized_keys=r.path("authorized_keys", None),
         password_login=r.bool("password_login", False),
         host_key=r.path("host_key", None),
+        max_script_bytes=r.int("max_script_bytes", 1 << 20, min=1024, max=64 << 20),
     )
     r.done()
     return cfg
