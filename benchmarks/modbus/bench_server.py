@@ -76,7 +76,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-pinned", action="store_true",
                         help="skip the 1-connection rows with server and client on one CPU")
+    parser.add_argument("--quick", action="store_true", help="a short run: 1 s per measurement")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds = min(args.seconds, 1.0)
     cells: list[tuple[str, int, int | None]] = []
     for op in ("read100", "write1"):
         cells += [(op, 1, None), (op, 10, None)]

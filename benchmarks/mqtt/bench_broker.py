@@ -423,13 +423,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=2, help="runs per scenario and broker")
     ap.add_argument("--startup", type=float, default=30.0, help="seconds a broker may take")
-    ap.add_argument("--twistd", default=shutil.which("twistd") or "twistd")
+    # this Python's twistd (the venv's), not the first one on PATH (another Python's)
+    ap.add_argument("--twistd", default=str(Path(sys.executable).parent / "twistd"))
     ap.add_argument("--mosquitto", dest="mosquitto_bin",
                     default=shutil.which("mosquitto") or "/usr/sbin/mosquitto")
     venv_amqtt = "/tmp/amqtt-venv/bin/amqtt"
     amqtt = venv_amqtt if Path(venv_amqtt).exists() else shutil.which("amqtt")
     ap.add_argument("--amqtt", dest="amqtt_bin", default=amqtt)
+    ap.add_argument("--quick", action="store_true", help="a short run: one run of 1 s per scenario")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.repeat = min(args.seconds, 1.0), 1
 
     wanted = [b.strip() for b in args.brokers.split(",") if b.strip()]
     scenarios = []

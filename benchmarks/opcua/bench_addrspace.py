@@ -180,7 +180,12 @@ def main() -> None:
     parser.add_argument("--monitored", type=int, default=10_000)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 10,000 tags, 1,000 monitored, 2 batches")
     args = parser.parse_args()
+    if args.quick:
+        args.tags, args.monitored, args.batches = (min(args.tags, 10_000),
+                                                   min(args.monitored, 1000), 2)
     if args.child:
         child(*args.child)
         return

@@ -360,7 +360,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    main_table(parser.parse_args())
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 1,000 tags, one client, 1 s (after 0.5 s warm-up)")
+    args = parser.parse_args()
+    if args.quick:
+        args.tags, args.clients, args.seconds, args.warmup = [1000], [1], 1.0, 0.5
+    main_table(args)
 
 
 def serve(kind: type, tags: int, clients: int, seconds: float, warmup: float) -> None:
