@@ -7,7 +7,7 @@ benchmarks/mqtt for that.
 
     python benchmarks/bench_signals.py [--channels 64] [--seconds 3]
 
-Target (issue 7): >= 64 channels at 51.2 kS/s using < 50% of one core, no samples lost.
+Target (the project's): >= 64 channels at 51.2 kS/s using < 50% of one core, no samples lost.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tuple), so the figure can be read against what this machine does at all.
 
     python benchmarks/bench_store.py [--tags 10000] [--batch 1000] [--seconds 2]
 
-Target (issue 2): >= 500k tag updates/s with one subscriber.
+Target (the project's): >= 500k tag updates/s with one subscriber.
 """
 
 from __future__ import annotations

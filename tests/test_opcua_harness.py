@@ -80,7 +80,8 @@ def free_port() -> int:
 
 
 def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    """Await asyncio code from a Twisted-style test (facts.md bridging rule)."""
+    """Await asyncio code from a Twisted-style test (``Deferred.fromFuture`` of a task: awaiting
+    a bare coroutine there raises "Task got bad yield")."""
     return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 

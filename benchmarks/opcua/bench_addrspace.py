@@ -13,7 +13,7 @@ benchmarks/e2e/bench_scale.py polls them), then the OPC UA service is started ov
   notifications dropped after each batch as a publish would. Reported as microseconds per
   change and as the share of one core at 100,000 changes/s.
 
-No peer: this measures our adapter against its own budget (issue 7: about 1-1.5 KB per
+No peer: this measures our adapter against its own budget (the project's target: about 1-1.5 KB per
 variable, the pump well below 0.4 core at 100k changes/s).
 
     python benchmarks/opcua/bench_addrspace.py [--tags 100000] [--monitored 10000]

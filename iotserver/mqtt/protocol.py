@@ -159,7 +159,7 @@ class MqttServerProtocol(Protocol):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             with contextlib.suppress(Exception):
-                set_nodelay(True)  # QoS 1 tail latency (facts.md)
+                set_nodelay(True)  # Nagle's delay on small acks showed in QoS 1 tail latency
         self.transport.registerProducer(self, True)
         _set_write_buffer(self.transport, self.limits.write_buffer_bytes)
         self._last_rx = self.clock.seconds()

@@ -1,8 +1,9 @@
 """The OPC UA service: an asyncua server over the tag store, plus the southbound clients.
 
 ``make_service(core, cfg)`` is registered in ``app.SERVICE_FACTORIES``. Everything asyncua is
-created inside a running asyncio coroutine (facts.md: the loop is not running yet in
-``startService``). ``stop`` is idempotent and also cleans up after a failed start: asyncua leaves
+created inside a running asyncio coroutine (the loop is not running yet in
+``startService``; asyncua and pymodbus call ``asyncio.get_running_loop()``). ``stop`` is
+idempotent and also cleans up after a failed start: asyncua leaves
 per-connection tasks, session watchdogs and subscription loops behind unless they are closed
 one by one.
 
