@@ -166,14 +166,12 @@ def test_history_over_budget_is_one_line(tmp_path: Path) -> None:
         in lines[0], out
 
 
-def test_port_in_use_is_the_one_cause_logged(tmp_path: Path) -> None:
-    with socket.socket() as busy, socket.socket() as free:
+def test_port_in_use_is_the_one_cause_logged(tmp_path: Path, free_port: int) -> None:
+    ua_port = free_port
+    with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        free.bind(("127.0.0.1", 0))
-        ua_port = free.getsockname()[1]
-        free.close()
         res = _run_server(tmp_path, f"""
 [modbus.server]
 endpoints = ["tcp:{port}:interface=127.0.0.1"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,8 @@ type = "float64"
 """
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_opcua_clients_only_asks_for_no_server(tmp_path: Path) -> None:
-    cfg = config.parse(CLIENTS_ONLY.format(data=tmp_path, port=_dead_port()))
+    cfg = config.parse(CLIENTS_ONLY.format(data=tmp_path, port=4841))
     opcua = cfg.sections["opcua"]
     assert opcua.server is False and opcua.warnings() == []
     assert opcua.summary()[0] == "server: off (only [[opcua.clients]] configured)"
@@ -63,8 +56,9 @@ class _Log:
 
 
 @pytest_twisted.ensureDeferred
-async def test_opcua_clients_only_starts_the_client_and_no_server(tmp_path: Path) -> None:
-    cfg = config.parse(CLIENTS_ONLY.format(data=tmp_path / "data", port=_dead_port()))
+async def test_opcua_clients_only_starts_the_client_and_no_server(tmp_path: Path,
+                                                                 free_port: int) -> None:
+    cfg = config.parse(CLIENTS_ONLY.format(data=tmp_path / "data", port=free_port))
     root, core = app.build(cfg, reactor)
     with _Log() as log:
         root.startService()
