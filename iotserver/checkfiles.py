@@ -36,6 +36,13 @@ def check_files(config: Config) -> list[str]:
         _check_pair("tls.cert", tls.cert, "tls.key", tls.key, add)
     if tls.ca is not None:
         _check_cert("tls.ca", tls.ca, add)
+    if tls.generated:
+        # the material the server generated on an earlier start, loaded the same way at start
+        tls_dir = config.server.data_dir / "tls"
+        if (tls_dir / "server.pem").exists():
+            _check_pair("tls (generated)", tls_dir / "server.pem", "tls (generated)",
+                        tls_dir / "server.key", add)
+            _check_cert("tls (generated)", tls_dir / "ca.pem", add)
     _check_users(config, add)
     mqtt = config.section("mqtt")
     if mqtt is not None:

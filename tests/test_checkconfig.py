@@ -185,3 +185,18 @@ endpoint = "opc.tcp://127.0.0.1:{ua_port}/iotserver"
     critical = [ln for ln in out.splitlines() if "#critical]" in ln]
     assert len(critical) == 1, out
     assert f"tcp:{port}:interface=127.0.0.1" in critical[0] and "in use" in critical[0], out
+
+
+def test_generated_material_of_an_earlier_start_is_checked(tmp_path: Path,
+                                                           material: dict[str, Path]) -> None:
+    tls = tmp_path / "data" / "tls"
+    tls.mkdir(parents=True)
+    (tls / "ca.pem").write_bytes(material["expired"].read_bytes())
+    (tls / "server.pem").write_bytes(material["cert"].read_bytes())
+    (tls / "server.key").write_bytes(material["other_key"].read_bytes())
+    problems = _problems(tmp_path, f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    assert len(problems) == 2, problems
+    assert problems[0] == f"c.toml: tls (generated): {tls / 'server.key'} is not the private key " \
+        f"of tls (generated) {tls / 'server.pem'}"
+    assert problems[1].startswith(f"c.toml: tls (generated): certificate {tls / 'ca.pem'}") \
+        and "expired on" in problems[1]
