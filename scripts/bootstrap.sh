@@ -65,6 +65,10 @@ PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || apt_install python3
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$("$PY" --version 2>&1) is too old: iotserver needs Python 3.11 or newer"
+# A .venv left without pip (a venv attempt before python3-venv was installed) is made anew.
+if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv >/dev/null 2>&1; then
         # Debian and Ubuntu ship venv's ensurepip in a separate package.
