@@ -84,5 +84,7 @@ $VPY -m pip install -q --disable-pip-version-check -c scripts/constraints.txt \
     -e '.[test]' --config-settings editable_mode=compat || die "pip install into .venv failed"
 # Write twisted's dropin.cache now so the first twistd run does not have to.
 $VPY -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
-.venv/bin/twistd --help | grep -q iotserver || die "twistd in .venv does not list the iotserver plugin"
+# (the help text is read whole: `| grep -q` would close the pipe early and fail under pipefail)
+twistd_help=$(.venv/bin/twistd --help) || die "twistd in .venv does not start"
+grep -q iotserver <<<"$twistd_help" || die "twistd in .venv does not list the iotserver plugin"
 echo "bootstrap: done ($($VPY --version) in .venv)"
