@@ -200,6 +200,13 @@ def _pymodbus() -> dict[str, float]:
 
 
 def main() -> None:
+    import argparse
+
+    global REPEATS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="a short run: 2 repeats instead of 7")
+    if ap.parse_args().quick:
+        REPEATS = 2
     ours = _ours()
     peer = _pymodbus()
     print("Modbus TCP server codec and float32 register decoding; operations/s")

@@ -106,6 +106,13 @@ def _paho(version: int, qos: int) -> dict[str, float]:
 
 
 def main() -> None:
+    import argparse
+
+    global REPEATS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="a short run: 2 repeats instead of 7")
+    if ap.parse_args().quick:
+        REPEATS = 2
     print(f"PUBLISH, topic {len(TOPIC)} chars, payload {len(PAYLOAD)} bytes; packets/s")
     print(f"{'version':>7} {'qos':>3} {'operation':<14} {'ours':>12} {'paho':>12} {'ratio':>6}")
     for version in (4, 5):

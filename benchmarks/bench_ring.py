@@ -1,6 +1,6 @@
 """Ring buffer ingest rate against a raw numpy copy of the same bytes, measured in the same run.
 
-Run: ``python benchmarks/bench_ring.py``. For each block size it times
+Run: ``python benchmarks/bench_ring.py [--quick]``. For each block size it times
 ``RingBuffer.append_block`` (start+period timestamps, and explicit timestamps) into a ring of
 2**22 float32 samples, and beside it the raw copy ``dst[...] = src`` of the same timestamp and
 value bytes into equally large arrays. Runs are interleaved; the best of several repeats is
@@ -120,6 +120,16 @@ def bench_single(calls: int = 200_000) -> dict[str, tuple[float, float]]:
 
 
 def main() -> int:
+    import argparse
+
+    global REPEATS, BLOCK_SIZES, CAPACITY
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run: 2 repeats, blocks of 1024 and 8192, a 2**20 ring")
+    args = ap.parse_args()
+    single_calls = 200_000
+    if args.quick:
+        REPEATS, BLOCK_SIZES, CAPACITY, single_calls = 2, (1024, 8192), 2**20, 20_000
     t_start = time.perf_counter()
     print(f"numpy {np.__version__}, ring {CAPACITY} float32 samples + int64 ns timestamps")
     print("samples/s: best (median) of", REPEATS, "interleaved repeats; raw = dst[...] = src")
@@ -145,7 +155,7 @@ def main() -> int:
             f"{block:>6} | {cell('period'):>16} | {cell('explicit'):>16} | {cell('raw'):>16} | "
             f"{r['raw'][0] * 12 / 1e9:8.1f} | {ratio_p:10.0%} | {ratio_x:12.0%}"
         )
-    s = bench_single()
+    s = bench_single(single_calls)
     print()
     print(
         f"one-sample append: {s['append'][0] / 1e6:.2f} M calls/s "

@@ -23,7 +23,7 @@ from iotserver.lifecycle import AsyncService, StartupError
 from iotserver.security.users import UserDB, UserFileError
 from iotserver.tags.model import DataType, Quality, TagDef, TagValue, coerce
 from iotserver.tags.persist import MemoryTagPersistence
-from iotserver.tags.ring import RingRegistry
+from iotserver.tags.ring import RingMemoryError, RingRegistry
 from iotserver.tags.signals import SignalHub
 from iotserver.tags.store import MemoryOwner, TagStore
 
@@ -114,6 +114,14 @@ class CoreService(Service):
             except UserFileError as exc:
                 raise StartupError(str(exc)) from None
             log.info("{n} users loaded from {path}", n=len(self.core.users), path=str(users_file))
+        elif cfg.server.users_file_configured:
+            # named in the configuration but missing: a typo here quietly turns logins off
+            log.warn(
+                "{source}: server.users_file = {path} does not exist: password logins are off "
+                "until 'iotserver users add' creates it",
+                source=cfg.source,
+                path=str(users_file),
+            )
         else:
             log.info(
                 "no user file at {path}: password logins are off until "
@@ -207,7 +215,11 @@ class CoreService(Service):
             store.define(tag, initial)
             self._attach_history(tag)
         for sig in core.config.signals:
-            for tag in core.signals.add(sig).derived_tags():
+            try:
+                channel = core.signals.add(sig)
+            except RingMemoryError as exc:
+                raise StartupError(_history_budget_message(core.config, exc)) from None
+            for tag in channel.derived_tags():
                 self._attach_history(tag)
         log.info(
             "tag store: {n} tags, {r} memory values restored, "
@@ -220,7 +232,12 @@ class CoreService(Service):
 
     def _attach_history(self, tag: TagDef) -> None:
         if tag.historize and _historizable(tag):
-            ring = self.core.rings.create(f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag))
+            try:
+                ring = self.core.rings.create(
+                    f"tag:{tag.path}", tag.history_capacity, _ring_dtype(tag)
+                )
+            except RingMemoryError as exc:
+                raise StartupError(_history_budget_message(self.core.config, exc)) from None
             self.core.store.set_history(tag.path, ring)
 
     def stopService(self) -> Any:
@@ -293,6 +310,15 @@ class ServerRoot(MultiService):
         return d
 
 
+def _history_budget_message(config: Config, exc: RingMemoryError) -> str:
+    """One line naming the ring, what it needs and the key that caps it."""
+    return (
+        f"{config.source}: history.max_bytes = {exc.max_bytes} is too small: ring "
+        f"{exc.name!r} needs {exc.requested} bytes and {exc.in_use} are already allocated "
+        "(raise history.max_bytes, or lower the tag's history / the signal's capacity)"
+    )
+
+
 def _tune_gc() -> None:
     """Move start-up objects out of the collector's sight and collect young objects less often.
 
@@ -362,7 +388,23 @@ def build(
         core.services[section_name] = service
         service.setServiceParent(root)
 
+    first_failure: list[str] = []
+
     def on_failure(service: AsyncService, failure: Failure) -> None:
+        import asyncio
+
+        from twisted.internet.defer import CancelledError
+
+        if first_failure or failure.check(CancelledError, asyncio.CancelledError):
+            # The first failure stops the server; starts still under way are cancelled and
+            # fail too. Their errors are consequences, not causes: the log keeps the one cause.
+            log.info(
+                "{name}: start abandoned ({why})",
+                name=service.name,
+                why=f"after {first_failure[0]} failed" if first_failure else "cancelled",
+            )
+            return
+        first_failure.append(str(service.name))
         if failure.check(StartupError):
             log.critical("{name}: {msg}", name=service.name, msg=str(failure.value))
         else:

@@ -1,12 +1,14 @@
 """The ``iotserver`` command: run the server, check a configuration, and operator tools.
 
 ``iotserver run`` is the twistd line for people who do not know twistd; ``check-config`` parses a
-file and prints what it would start, or one line naming the key that is wrong.
+file, opens every file it names (certificates, keys, user and ACL files, the data directory) and
+prints what it would start, or one line per problem naming the key (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -39,11 +41,18 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from iotserver import app, config
     from iotserver.confparse import ConfigError
 
+    from iotserver.checkfiles import check_files
+
     try:
         cfg = config.load(args.file)
     except ConfigError as exc:
         print(f"iotserver: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return 1
+    problems = check_files(cfg)
+    for problem in problems:
+        print(f"iotserver: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     print(f"{args.file or '<default>'}: OK")
     for line in app.summary_lines(cfg):
         print(f"  {line}")
@@ -103,9 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`iotserver check-config | head`): not worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        print("iotserver: output closed early (broken pipe)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class ServerConfig:
     write_timeout: float
     shutdown_timeout: float
     users_file: Path
+    users_file_configured: bool = False  # named in the file (a missing one is then a warning)
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ def parse(text: str, *, source: str = "<default>", base_dir: Path | None = None)
         write_timeout=s.float("write_timeout", 10.0, positive=True, max=3600),
         shutdown_timeout=s.float("shutdown_timeout", 4.0, positive=True, max=60),
         users_file=s.path("users_file", None) or data_dir / "users.toml",
+        users_file_configured=s.has("users_file"),
     )
     s.done()
 

@@ -34,7 +34,8 @@ class AsyncService(Service):
     """A service whose start and stop are coroutines (via ``Deferred.fromCoroutine``).
 
     Inside them, await Deferreds directly and asyncio code through ``as_deferred(coro)``
-    (facts.md: mixing the two styles raises "await wasn't used with future").
+    (mixing the two styles raises RuntimeError: "await wasn't used with future" or "Task got
+    bad yield").
 
     Subclasses implement ``async def start(self)`` and ``async def stop(self)``; ``stop`` must cope
     with a partial start. A failed start calls ``on_start_failure`` (the application stops the

@@ -50,7 +50,7 @@ def makeService(options: Options) -> MultiService:
         cfg = config.load(options["config"])
     except ConfigError as exc:
         sys.stderr.write(f"iotserver: configuration error: {exc}\n")
-        raise SystemExit(2) from None
+        raise SystemExit(1) from None
     forward_stdlib_logging()
     root, core = app.build(cfg, reactor, stop_reactor=lambda: _fail(reactor))
     root.shutdown_timeout = cfg.server.shutdown_timeout

@@ -43,7 +43,8 @@ def _reactor_running() -> None:
 def no_leaks(request: pytest.FixtureRequest, _reactor_running: None) -> Iterator[None]:
     """Fail a test that leaves asyncio tasks running or file descriptors open.
 
-    Neither pytest nor trial notices a leaked asyncio server, so we count.
+    Neither pytest nor trial notices a leaked asyncio server (a listening asyncio server or a
+    pending task outlives its test silently), so we count.
     A test that legitimately keeps something (a module-scoped server) opts out with
     ``@pytest.mark.allow_leaks``.
     """
@@ -77,6 +78,37 @@ def no_leaks(request: pytest.FixtureRequest, _reactor_running: None) -> Iterator
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_leaks: skip the task/fd leak check for this test")
+    config.addinivalue_line(
+        "markers", "ci_may_skip: a skip of this test is not a failure under CI=true")
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _skip_is_failure(report: pytest.CollectReport | pytest.TestReport) -> None:
+    """Under CI=true a skip fails the run: every skip site is a missing peer (mosquitto,
+    mosquitto_pub/sub, mbpoll, node/node-opcua, ssh, openssl), and a green CI must mean that
+    every real peer ran. A test that may skip in CI for another reason is marked ci_may_skip."""
+    if not (report.skipped and _ci()) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"CI=true: a skip is a failure (missing peer?): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not item.get_closest_marker("ci_may_skip"):
+        _skip_is_failure(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _skip_is_failure(outcome.get_result())  # type: ignore[attr-defined]
 
 
 @pytest.fixture

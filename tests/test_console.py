@@ -405,3 +405,75 @@ async def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
     finally:
         await root.stopService()
         await blocker.stopListening()
+
+
+async def ssh_stdin(console: Console, script: bytes) -> tuple[str, str, int]:
+    """``ssh host < script``: no command, stdin is not a terminal (the script travels on it)."""
+    import asyncio
+
+    from twisted.internet.defer import Deferred
+
+    async def run() -> tuple[str, str, int]:
+        proc = await asyncio.create_subprocess_exec(
+            shutil.which("ssh") or "ssh", *SSH_COMMON, "-p", str(console.port),
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(console.key),
+            "admin@127.0.0.1", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={"PATH": os.environ.get("PATH", "")})
+        out, err = await asyncio.wait_for(proc.communicate(script), 30)
+        return out.decode(), err.decode(), int(proc.returncode or 0)
+
+    return await Deferred.fromFuture(asyncio.ensure_future(run()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_fails_when_any_write_failed(console: Console) -> None:
+    """Not only the last value counts: a refused write earlier in the script exits 1."""
+    out, err, code = await console.ssh(
+        "tags.write('Site/Setpoint', 500); tags.write('Site/Setpoint', 20)")
+    assert code == 1, (out, err)
+    assert out == "Site/Setpoint <- 20: Good\n"
+    assert err == "write failed: Site/Setpoint <- 500: BadOutOfRange\n"
+    out, err, code = await console.ssh(
+        "for v in (30, 40): tags.write('Site/Setpoint', v)\nprint('done')")
+    assert (out, err, code) == ("done\n", "", 0)
+    assert console.core.store.read("Site/Setpoint").value == pytest.approx(40)
+    # a raise after a good write: the short error, exit 1, and the write stays done
+    out, err, code = await console.ssh("tags.write('Site/Setpoint', 41); tags.read('No/Such')")
+    assert (out, code) == ("", 1) and err == "NotFound: unknown tag 'No/Such'\n"
+    assert console.errors == []
+
+
+SCRIPT = b"""\
+def ramp(path, values):
+    for v in values:
+        tags.write(path, v)
+    return len(values)
+
+n = ramp('Site/Setpoint', [11, 12, 13])
+print('wrote', n)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_script_piped_on_stdin(console: Console) -> None:
+    out, err, code = await ssh_stdin(console, SCRIPT)
+    assert (out, err, code) == ("wrote 3\n", "", 0)
+    assert console.core.store.read("Site/Setpoint").value == pytest.approx(13)
+    out, err, code = await ssh_stdin(console, SCRIPT.replace(b"13]", b"999]"))
+    assert code == 1 and out == "wrote 3\n", (out, err)
+    assert err == "write failed: Site/Setpoint <- 999: BadOutOfRange\n"
+    out, err, code = await ssh_stdin(console, b"x = 1\nraise ValueError('bad recipe')\n")
+    assert (out, err, code) == ("", "ValueError: bad recipe\n", 1)
+    out, err, code = await ssh_stdin(console, b"def f(:\n")
+    assert code == 1 and "SyntaxError" in err and "<stdin>" in err and "Traceback" not in err
+    assert console.errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_script_on_stdin_is_bounded(tmp_path: Path, free_port: int) -> None:
+    c = await start_console(tmp_path, free_port, "max_script_bytes = 1024")
+    try:
+        _, err, code = await ssh_stdin(c, b"x = 1\n" * 400)
+    finally:
+        await stop_console(c)
+    assert code == 1 and err == "script longer than console.max_script_bytes (1024)\n", err

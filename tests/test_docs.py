@@ -17,15 +17,14 @@ def toml_blocks() -> list[tuple[str, int, str]]:
     for doc in sorted(DOCS.glob("*.md")):
         text = doc.read_text()
         for m in re.finditer(r"```toml\n(.*?)```", text, re.S):
-            out.append((doc.name, text[: m.start()].count("\n") + 1, m.group(1)))
+            if "# not a full config" not in m.group(1):  # a fragment of a larger file
+                out.append((doc.name, text[: m.start()].count("\n") + 1, m.group(1)))
     return out
 
 
 @pytest.mark.parametrize(("doc", "line", "block"), toml_blocks(),
                          ids=[f"{d}:{n}" for d, n, _ in toml_blocks()])
 def test_toml_examples_parse(doc: str, line: int, block: str, tmp_path: Path) -> None:
-    if "# not a full config" in block:
-        pytest.skip("fragment")
     # Examples reference files that exist on the user's machine, not here.
     block = re.sub(r'^(\s*(cert|key|ca|users_file|authorized_keys|host_key)\s*=).*$', r"",
                    block, flags=re.M)

@@ -18,6 +18,7 @@ from helpers import free_port, wait_for_sync
 from paho.mqtt import client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from tools import twistd
 
 from iotserver.security.users import Role, User, hash_password, save_users
 
@@ -59,8 +60,7 @@ access = "readwrite"
     def start(self) -> None:
         out = self.log.open("a")
         self.proc = subprocess.Popen(
-            ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver",
-             "--config", str(self.cfg)], stdout=out, stderr=subprocess.STDOUT, text=True)
+            twistd("--config", str(self.cfg)), stdout=out, stderr=subprocess.STDOUT, text=True)
         proc = self.proc
         wait_for_sync(lambda: "iotserver ready" in self.log.read_text() or proc.poll() is not None,
                       30, "the server")

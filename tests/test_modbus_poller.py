@@ -445,3 +445,36 @@ access = "readwrite"
     finally:
         await aw(device.stop())
         await aw(server.shutdown())
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_address_is_a_warning_naming_tag_and_address() -> None:
+    """A wrong register address in the config (the PLC answers 02) is logged once, by name."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    tags = """
+[[modbus.devices.tags]]
+path = "P/Wrong"
+table = "holding"
+address = 150
+type = "uint16"
+"""
+    r = await make_rig(tags)
+    r.plc.fail("holding", 150, 151, 2)
+    try:
+        await until(lambda: r.q("plc1/Wrong") is Quality.BAD_CONFIGURATION_ERROR)
+        polls = r.device.stats.polls
+        await until(lambda: r.device.stats.polls >= polls + 2)  # refused again, not logged again
+    finally:
+        await close_rig(r)
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import LogLevel, formatEvent
+
+    warnings = [formatEvent(e) for e in events
+                if e.get("log_level") is LogLevel.warn and "refused reading" in formatEvent(e)]
+    assert warnings == [
+        "modbus plc1: unit 1 refused reading holding 150+1 with exception 02 "
+        "(illegal data address: check the tags' addresses); tags plc1/Wrong at "
+        "holding 150 are BadConfigurationError"], warnings

@@ -642,7 +642,9 @@ def test_end_to_end_with_mosquitto_clients(tmp_path: Any, free_port: int) -> Non
 
     from iotserver.security.users import hash_password, save_users
 
-    for tool in ("twistd", "mosquitto_sub", "mosquitto_pub", "mosquitto_rr"):
+    from tools import twistd
+
+    for tool in ("mosquitto_sub", "mosquitto_pub", "mosquitto_rr"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
     data = tmp_path / "data"
@@ -662,8 +664,7 @@ def test_end_to_end_with_mosquitto_clients(tmp_path: Any, free_port: int) -> Non
 
     with open(tmp_path / "server.log", "wb") as log:
         server = subprocess.Popen(
-            ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config",
-             str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+            twistd("--config", str(config)), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         def ready() -> bool:
             return b"iotserver ready" in (tmp_path / "server.log").read_bytes()

@@ -20,6 +20,7 @@ import pytest_twisted
 from helpers import free_port
 from helpers.opcua import aio, make_config, start
 
+from iotserver import cli
 from iotserver.tags.model import Update
 
 pytestmark = pytest.mark.interop
@@ -162,7 +163,14 @@ async def test_node_opcua_client_sign_and_encrypt(tmp_path: Path) -> None:
         assert "BadCertificateUntrusted" in first.get("error", ""), first
         rejected = list((running.pki / "rejected" / "certs").iterdir())
         assert len(rejected) == 1
-        shutil.move(str(rejected[0]), running.pki / "trusted" / "certs" / rejected[0].name)
+        # the operator's way: list, then trust by thumbprint (iotserver certs list / trust)
+        from iotserver.security.trustcli import entries
+
+        (entry,) = [e for e in entries(running.pki) if e.state == "rejected"]
+        assert entry.application_uri == "urn:test:nodeopcua"
+        assert cli.main(["certs", "trust", entry.thumbprint[:10],
+                         "--opcua-pki", str(running.pki)]) == 0
+        assert (running.pki / "trusted" / "certs" / rejected[0].name).is_file()
         out = await _run_node(script, args, changes)
         assert "error" not in out, out
         assert out["read"] == 10 and out["readType"] == "Float"

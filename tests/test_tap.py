@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools import our, twistd
 
 TIMEOUT = 30
 
@@ -40,7 +41,7 @@ def test_twistd_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     )  # warm import caches so the timed part below is the server alone
     proc.wait(TIMEOUT)
     proc = subprocess.Popen(
-        ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config", str(cfg)],
+        twistd("--config", str(cfg)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,7 +69,7 @@ def test_iotserver_run_is_the_twistd_line(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[simulator]\nenabled = true\n")
     proc = subprocess.Popen(
-        ["iotserver", "run", "--config", str(cfg)],
+        [our("iotserver"), "run", "--config", str(cfg)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -91,7 +92,7 @@ def test_iotserver_run_is_the_twistd_line(tmp_path: Path) -> None:
 
 def test_wrong_reactor_is_one_clear_line(tmp_path: Path) -> None:
     res = subprocess.run(
-        ["twistd", "-n", "--pidfile=", "iotserver"],
+        [our("twistd"), "-n", "--pidfile=", "iotserver"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -106,21 +107,21 @@ def test_bad_config_names_key_without_traceback(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[server]\nname = "x"\n\n[[tags]]\npath = "A/B"\ntype = "float99"\n')
     res = subprocess.run(
-        ["twistd", "-n", "--reactor=asyncio", "--pidfile=", "iotserver", "--config", str(cfg)],
+        twistd("--config", str(cfg)),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         env=_env(tmp_path),
         cwd=tmp_path,
     )
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert f"{cfg}:6: tags[0].type: expected one of" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 
 
 def test_check_config_command(tmp_path: Path) -> None:
     good = subprocess.run(
-        ["iotserver", "check-config"],
+        [our("iotserver"), "check-config"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -130,20 +131,21 @@ def test_check_config_command(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[simulator]\nenabeld = true\n")
     bad = subprocess.run(
-        ["iotserver", "check-config", str(cfg)],
+        [our("iotserver"), "check-config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         env=_env(tmp_path),
     )
-    assert bad.returncode == 2
+    assert bad.returncode == 1
     assert bad.stderr.strip() == (
         f"iotserver: configuration error: {cfg}:2: simulator.enabeld: unknown key"
     )
 
 
 def test_plugin_is_listed_by_twistd() -> None:
-    res = subprocess.run(["twistd", "--help"], capture_output=True, text=True, timeout=TIMEOUT)
+    res = subprocess.run([our("twistd"), "--help"], capture_output=True, text=True,
+                         timeout=TIMEOUT)
     assert "iotserver" in res.stdout
 
 

@@ -40,7 +40,7 @@ Peers in the same run (no load on them):
     python benchmarks/e2e/bench_latency.py [--quick] [--samples 200] [--poll 0.1]
         [--bg-tags 1000] [--bg-poll 0.1]
 
-Target (issue 7): write path p99 < 20 ms with 10k tags/s of background polling.
+Target (the project's): write path p99 < 20 ms with 10k tags/s of background polling.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ received), and the startup time. The CPU of the PLC and subscriber processes is 
 (they share the machine's cores with the server).
 
 No peer is measured: no comparable open-source gateway (Modbus poller + OPC UA server + MQTT
-broker in one) runs on this machine. Context (facts.md): Neuron, commercial edition on 4 cores,
+broker in one) runs on this machine. Context (published): Neuron, commercial edition on 4 cores,
 100k Modbus points/s at 30 % CPU and 497 MB.
 
     python benchmarks/e2e/bench_scale.py [--quick] [--seconds 20] [--opcua-items 10000]
 
-Targets (issue 7): 100k values/s ingested using < 1 core and < 500 MB RSS.
+Targets (the project's): 100k values/s ingested using < 1 core and < 500 MB RSS.
 """
 
 from __future__ import annotations

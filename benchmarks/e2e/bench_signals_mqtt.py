@@ -30,7 +30,7 @@ largest sustained count is reported.
     python benchmarks/e2e/bench_signals_mqtt.py [--quick] [--channels 64] [--seconds 10]
         [--sweep 128,192,256,320,384,448,512] [--sweep-seconds 8]
 
-Target (issue 7): >= 64 channels with the server under 50 % of one core, no samples lost.
+Target (the project's): >= 64 channels with the server under 50 % of one core, no samples lost.
 """
 
 from __future__ import annotations

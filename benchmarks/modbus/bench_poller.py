@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--per-tag", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ports", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="a short run: one PLC, 1 s")
     args = parser.parse_args()
+    if args.quick:
+        args.plcs, args.seconds = 1, min(args.seconds, 1.0)
     if args.ports:  # child: one plan, one reactor per process
         import os
 

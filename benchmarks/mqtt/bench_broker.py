@@ -451,7 +451,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=2, help="runs per scenario and broker")
     ap.add_argument("--startup", type=float, default=30.0, help="seconds a broker may take")
-    ap.add_argument("--twistd", default=shutil.which("twistd") or "twistd")
+    # this Python's twistd (the venv's), not the first one on PATH (another Python's)
+    ap.add_argument("--twistd", default=str(Path(sys.executable).parent / "twistd"))
     ap.add_argument("--mosquitto", dest="mosquitto_bin",
                     default=shutil.which("mosquitto") or "/usr/sbin/mosquitto")
     venv_amqtt = "/tmp/amqtt-venv/bin/amqtt"

@@ -35,6 +35,7 @@ class ConsoleConfig:
     authorized_keys: Path | None = None
     password_login: bool = False
     host_key: Path | None = None
+    max_script_bytes: int = 1 << 20  # a script piped on stdin (ssh host < script.py)
     #: connection limits and timeouts; ``login_timeout`` is the SSH login grace time
     limits: edge_limits.Limits = edge_limits.CONSOLE
 
@@ -72,6 +73,7 @@ def parse(r: Reader) -> ConsoleConfig:
         password_login=r.bool("password_login", False),
         host_key=r.path("host_key", None),
         limits=edge_limits.read_limits(r, edge_limits.CONSOLE),
+        max_script_bytes=r.int("max_script_bytes", 1 << 20, min=1024, max=64 << 20),
     )
     r.done()
     return cfg

@@ -159,12 +159,43 @@ def cancel_if_owned(d: Deferred[Any]) -> None:
         d.cancel()
 
 
+class RecordedWrite:
+    """A ``tags.write`` of a script: its outcome once the owner answered (``done`` fires)."""
+
+    def __init__(self, path: str, value: Any, result: Deferred[WriteResult]) -> None:
+        self.path = path
+        self.value = value
+        self.result = result
+        self.outcome: WriteResult | Failure | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def note(self, outcome: Any) -> Any:
+        self.outcome = outcome
+        self.done.callback(None)
+        return outcome  # unchanged: whoever else waits for the write gets it too
+
+    @property
+    def failed(self) -> bool:
+        return not isinstance(self.outcome, WriteResult) or not self.outcome.ok
+
+    def describe(self) -> str:
+        if isinstance(self.outcome, Failure):
+            return f"{self.path} <- {self.value!r}: {type(self.outcome.value).__name__}: " \
+                f"{self.outcome.value}"
+        if self.outcome is None:
+            return f"{self.path} <- {self.value!r}: no answer"
+        return repr(self.outcome)
+
+
 class Tags:
     """Tag helpers bound to the store: ``read``, ``write``, ``find`` and ``show``."""
 
     def __init__(self, core: Any, writer: Writer | None = None) -> None:
         self._core = core
         self._writer = writer or Writer("", "console", "")
+        # Set by a script session: every write is recorded, so a failed write that is not the
+        # script's last value still fails the script (exit status 1).
+        self.record: list[RecordedWrite] | None = None
 
     @property
     def _store(self) -> Any:
@@ -183,7 +214,13 @@ class Tags:
     def write(self, path: str, value: Any) -> Deferred[WriteResult]:
         """Write through the tag's owner (a PLC, the server's memory...); fires with the result."""
         d: Deferred[Quality] = self._store.write(path, value, writer=self._writer)
-        return d.addCallback(lambda q: WriteResult(path, value, Quality(q)))
+        result: Deferred[WriteResult] = d.addCallback(
+            lambda q: WriteResult(path, value, Quality(q)))
+        if self.record is not None:
+            entry = RecordedWrite(path, value, result)
+            self.record.append(entry)
+            result.addBoth(entry.note)
+        return result
 
     def find(self, pattern: str = "**") -> list[str]:
         """Sorted paths of the tags matching the glob ``pattern``."""

@@ -30,6 +30,8 @@ from zope.interface import implementer
 
 from iotserver.console.namespace import (
     ConsoleExit,
+    RecordedWrite,
+    Tags,
     WriteResult,
     as_deferred,
     cancel_if_owned,
@@ -158,6 +160,8 @@ class ConsoleSession:
         self._closed = False
         self._call: Any = None  # IDelayedCall of a scheduled exec
         self._pending: Deferred[Any] | None = None  # an exec result being waited for
+        self._script: bytearray | None = None  # a script arriving on stdin (no pty shell)
+        self._writes: list[RecordedWrite] = []  # tags.write calls of the running script
         self.context.sessions.add(self)
 
     # -- ISession ---------------------------------------------------------------------------
@@ -166,6 +170,9 @@ class ConsoleSession:
         self.size = (window_size[0] or 24, window_size[1] or 80)
 
     def openShell(self, pp: Any) -> None:
+        if not self.pty:
+            self._open_script(pp)
+            return
         from twisted.conch.insults import insults
 
         self._pp = pp
@@ -175,6 +182,28 @@ class ConsoleSession:
         pp.makeConnection(_Input(self._terminal.dataReceived, self._terminal_lost))
         rows, cols = self.size
         self._terminal.terminalProtocol.terminalSize(cols, rows)
+
+    def _open_script(self, pp: Any) -> None:
+        """A shell without a terminal (``ssh host < script.py``): stdin is the script, run at
+        EOF like an exec request."""
+        self._pp = pp
+        self._script = bytearray()
+        pp.makeConnection(_Input(self._script_data, lambda: None))
+
+    def _script_data(self, data: bytes) -> None:
+        if self._script is None or self._finished:
+            return
+        self._script += data
+        limit = self._max_script_bytes()
+        if len(self._script) > limit:
+            self._script = None
+            self.send(self._text(f"script longer than console.max_script_bytes ({limit})"),
+                      stderr=True)
+            self.finish(1)
+
+    def _max_script_bytes(self) -> int:
+        cfg = self.context.core.config.sections.get("console")
+        return int(getattr(cfg, "max_script_bytes", 1 << 20))
 
     def execCommand(self, pp: Any, command: bytes) -> None:
         self._pp = pp
@@ -191,9 +220,14 @@ class ConsoleSession:
             proto.terminalSize(self.size[1], self.size[0])
 
     def eofReceived(self) -> None:
-        # The client's stdin ended. An exec request still answers; a shell is over.
+        # The client's stdin ended. An exec request still answers; a shell is over; a script
+        # read from stdin is complete and runs now.
         if self._terminal is not None:
             self.finish(0)
+        elif self._script is not None and not self._finished:
+            source, self._script = bytes(self._script), None
+            self._call = self.context.clock.callLater(
+                0, self._run_exec, source.decode("utf-8", "replace"), "<stdin>")
 
     def closed(self) -> None:
         self._closed = True
@@ -250,15 +284,18 @@ class ConsoleSession:
             text = text.replace("\r\n", "\n").replace("\n", "\r\n")
         return text.encode("utf-8", "replace")
 
-    def _run_exec(self, source: str) -> None:
+    def _run_exec(self, source: str, filename: str = "<ssh>") -> None:
         self._call = None
         if self._closed:
             return
         out = io.StringIO()
         namespace = make_namespace(self.context.core, writer=self.avatar.writer)
+        tags = namespace.get("tags")
+        if isinstance(tags, Tags):
+            tags.record = self._writes
         try:
             with redirect_stdout(out):
-                value = evaluate(source, namespace)
+                value = evaluate(source, namespace, filename)
         except (ConsoleExit, SystemExit) as exc:  # SystemExit must never reach the event loop
             self.send(self._text(out.getvalue()))
             code = exc.code
@@ -282,13 +319,37 @@ class ConsoleSession:
         if value is not None:
             self.send(self._text(display(value)))
         failed = isinstance(value, WriteResult) and not value.ok
-        self.finish(1 if failed else 0)
+        self._after_writes(1 if failed else 0, value)
 
     def _fail(self, output: str, exc: BaseException) -> None:
         self._pending = None
         self.send(self._text(output))
         self.send(self._text(error_line(exc)), stderr=True)
-        self.finish(1)
+        self._after_writes(1, None)
+
+    def _after_writes(self, status: int, value: Any) -> None:
+        """Wait for every write the script made; any that failed makes the exit status 1 and
+        is named on stderr (the script's last value was printed already)."""
+        from twisted.internet.defer import DeferredList
+
+        if self._closed:
+            return
+        writes = self._writes
+        waiting = [w.done for w in writes if w.outcome is None]
+
+        def report(_: object) -> None:
+            self._pending = None
+            failed = [w for w in writes if w.failed]
+            for w in failed:
+                if w.result is not value and w.outcome is not value:
+                    self.send(self._text(f"write failed: {w.describe()}"), stderr=True)
+            self.finish(1 if failed or status else 0)
+
+        if not waiting:
+            report(None)
+            return
+        self._pending = with_timeout(DeferredList(waiting), EXEC_TIMEOUT, self.context.clock)
+        self._pending.addBoth(report)
 
 
 components.registerAdapter(ConsoleSession, ConsoleAvatar, ISession)

@@ -1,6 +1,7 @@
 """Poll planning: merge a device's tags into as few Modbus reads as possible, decode in batches.
 
-One 100-register read costs about as much as a one-register read (facts.md), so tags of the
+One 100-register read costs about as much as a one-register read (a request round trip is the
+cost, measured with pymodbus against the simulated PLC), so tags of the
 same unit and table that lie close together are read as one block: up to 125 registers or 2000
 bits per request (MB AP 6.1-6.4), optionally spanning gaps of up to ``max_gap`` unused
 addresses. Inside a block, tags of one Modbus type and order are decoded by one

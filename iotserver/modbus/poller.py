@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from iotserver.clock import Clock
 from iotserver.modbus.codec import Table
-from iotserver.modbus.config import DeviceConfig, DeviceTag
+from iotserver.modbus.config import TABLE_SHORT, DeviceConfig, DeviceTag
 from iotserver.modbus.encoding import INT_LIMITS, Kind, bit_masks, encode_value, set_bit
 from iotserver.modbus.planner import Block, bad_updates, plan_blocks
 from iotserver.tags.model import Quality, TagDef
@@ -148,6 +148,7 @@ class Device:
         self._attempt = 0
         self._consecutive_timeouts = 0
         self._marked: Quality | None = None
+        self._refusals: set[tuple[Any, ...]] = set()  # blocks refused, warned once each
         self._bit_write = cfg.bit_write
         self._ever_connected = False
         self._generation = 0  # of the client; a closed client's late hook calls are ignored
@@ -411,6 +412,8 @@ class Device:
                              a=block.address, n=block.count)
                     i = group.blocks.index(block)
                     group.blocks[i:i + 1] = block.split()
+                else:
+                    self._refused(block, code)
                 paths = block.paths
                 updates += bad_updates(paths, self._last(paths), read_quality(code), now)
                 continue
@@ -425,6 +428,21 @@ class Device:
         self._marked = None
         self.stats.values += len(updates)
         self.store.apply(updates)  # type: ignore[arg-type]
+
+    def _refused(self, block: Block, code: int) -> None:
+        """Warn once per block and exception code: a wrong address in the configuration (02)
+        otherwise shows only as the tags' Bad quality."""
+        key = (block.unit, block.table, block.address, block.count, code)
+        if key in self._refusals:
+            return
+        self._refusals.add(key)
+        table = TABLE_SHORT[block.table]  # as the configuration spells it
+        where = ", ".join(f"{t.tag.path} at {table} {t.address}" for t in block.tags)
+        log.warn("modbus {dev}: unit {unit} refused reading {table} {a}+{n} with exception "
+                 "{code:02X}{hint}; tags {where} are {q}", dev=self.name, unit=block.unit,
+                 table=table, a=block.address, n=block.count, code=code,
+                 hint=" (illegal data address: check the tags' addresses)" if code == 2 else "",
+                 where=where, q=read_quality(code).text)
 
     def _failed(self, quality: Quality, why: str, updates: list[tuple[Any, ...]]) -> None:
         if self.last_error != why:

@@ -5,7 +5,8 @@ username/password or an X509 user token), subscribe to the mapped nodes (and to 
 below a browsed folder), apply the values with their status codes and source timestamps, and
 carry writes back (the source is the tags' owner ``opcua:<name>``).
 
-Robustness (the pains users report most, facts.md): the connection is supervised; on loss the
+Robustness (gateway users' most reported pain: connections that never come back after a PLC
+restart): the connection is supervised; on loss the
 tags go Bad_NotConnected (keeping their last value), and reconnection runs with exponential
 backoff plus jitter, re-creating the session and subscription from scratch, so a restarted PLC
 or server comes back without operator action. ``reconnect()`` (the Reconnect method in the

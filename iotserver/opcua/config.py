@@ -114,6 +114,8 @@ class OpcUaConfig:
     min_publishing_interval_ms: float = 10.0
     max_history_values: int = 10_000
     clients: tuple[ClientConfig, ...] = ()
+    #: run the OPC UA server; false for an [opcua] section of clients only (see ``parse``)
+    server: bool = True
 
     @property
     def host(self) -> str:
@@ -136,7 +138,9 @@ class OpcUaConfig:
 
     def warnings(self) -> list[str]:
         """Security trade-offs to log at startup (the None policy, anonymous access)."""
-        out = []
+        out: list[str] = []
+        if not self.server:
+            return out
         where = "on loopback" if self.loopback else f"on {self.host}, reachable off-host"
         if "None" in self.security_policies:
             out.append(f"OPC UA security policy None is enabled {where}: traffic is neither "
@@ -149,7 +153,7 @@ class OpcUaConfig:
         return out
 
     def summary(self) -> list[str]:
-        lines = [
+        lines = ["server: off (only [[opcua.clients]] configured)"] if not self.server else [
             f"endpoint {self.endpoint} (ApplicationUri {self.application_uri})",
             "security policies: " + ", ".join(
                 p if p == "None" else f"{p} ({'/'.join(self.security_modes)})"
@@ -289,7 +293,14 @@ def _parse_client(r: Reader, index: int) -> ClientConfig:
 
 
 def parse(r: Reader) -> OpcUaConfig:
-    """Parse the ``[opcua]`` table."""
+    """Parse the ``[opcua]`` table.
+
+    A configuration starts only what it asks for: an ``[opcua]`` table holding nothing but
+    ``[[opcua.clients]]`` runs those clients and no server. Any server key (or ``server = true``)
+    asks for the server; ``server = false`` turns it off explicitly.
+    """
+    asks_server = any(r.has(k) for k in _SERVER_KEYS) or not r.has("clients")
+    server = r.bool("server", asks_server)
     endpoint = r.str("endpoint", "opc.tcp://127.0.0.1:4840/iotserver")
     problem = _check_endpoint_url(endpoint)
     if problem:
@@ -331,6 +342,16 @@ def parse(r: Reader) -> OpcUaConfig:
         min_publishing_interval_ms=r.float("min_publishing_interval_ms", 10.0, min=1, max=10_000),
         max_history_values=r.int("max_history_values", 10_000, min=10, max=10_000_000),
         clients=tuple(clients),
+        server=server,
     )
     r.done()
     return cfg
+
+
+_SERVER_KEYS = (
+    # application_uri and pki_dir serve the clients too
+    "endpoint", "namespace_uri", "security_policies", "security_modes",
+    "allow_anonymous", "max_sessions", "max_subscriptions", "max_monitored_items",
+    "max_browse_continuation_points", "publish_yield_ms", "min_publishing_interval_ms",
+    "max_history_values",
+)

@@ -1,7 +1,7 @@
 """Data-change monitored items done per spec, and fast.
 
 asyncua 2.1's server-side data-change handling deviates from OPC UA in ways clients notice
-(facts.md): the deadband compares against the previous *sample* instead of the last *reported*
+(asyncua 2.1.0): the deadband compares against the previous *sample* instead of the last *reported*
 value (a slow ramp never notifies), Percent deadband is ignored, QueueSize 0 becomes 10,000,
 discardOldest is ignored and the Overflow bit is never set. It also deep-copies every DataValue
 per monitored item, which caps throughput at a few thousand changes/s.

@@ -1,8 +1,9 @@
 """The OPC UA service: an asyncua server over the tag store, plus the southbound clients.
 
 ``make_service(core, cfg)`` is registered in ``app.SERVICE_FACTORIES``. Everything asyncua is
-created inside a running asyncio coroutine (facts.md: the loop is not running yet in
-``startService``). ``stop`` is idempotent and also cleans up after a failed start: asyncua leaves
+created inside a running asyncio coroutine (the loop is not running yet in
+``startService``; asyncua and pymodbus call ``asyncio.get_running_loop()``). ``stop`` is
+idempotent and also cleans up after a failed start: asyncua leaves
 per-connection tasks, session watchdogs and subscription loops behind unless they are closed
 one by one.
 
@@ -114,6 +115,10 @@ class OpcUaService(AsyncService):
             except OSError as exc:
                 raise StartupError(f"OPC UA PKI {pki_dir}: {exc}") from None
         self.trust = TrustList(pki_dir, [ca_cert] if ca_cert is not None else [])
+        if not cfg.server:
+            # [opcua] with clients only: no server on 4840 that nobody asked for
+            await self._start_clients()
+            return
         users = IotUserManager(lambda: self.core.users, self.trust,
                                allow_anonymous=cfg.allow_anonymous,
                                logins=logins_of(self.core))

@@ -8,7 +8,8 @@ the same DataValue synchronously (:mod:`.monitoring`; no copy, no coroutine).
 
 asyncua has no sampling: values go straight into the monitored item queues, and a long batch
 would starve the publish loops and the sockets (clients then time out with zero notifications,
-facts.md). So a batch is processed in slices of ``yield_ms``; between slices control returns to
+seen with asyncua 2.1). So a batch is processed in slices of ``yield_ms``; between slices
+control returns to
 the event loop. While a batch is in progress the store sees a busy subscriber (our callback
 returned a Deferred) and conflates further changes per tag, so the backlog is bounded by the
 number of tags.

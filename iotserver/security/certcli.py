@@ -400,6 +400,10 @@ def setup(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
                    help=f"warn about certificates expiring within this many days ({WARN_DAYS})")
     p.set_defaults(certs_handler=_cmd_show)
 
+    from iotserver.security.trustcli import add_commands
+
+    add_commands(sub, _common)  # list / trust / untrust OPC UA client certificates
+
     def handler(args: argparse.Namespace) -> int:
         run = getattr(args, "certs_handler", None)
         if run is None:

@@ -4,9 +4,9 @@ Listeners are configured with endpoint strings. Twisted's own ``ssl:`` server en
 (``ssl:8883:privateKey=...:certKey=...``) serves a certificate but cannot verify or require
 client certificates, which Modbus/TCP Security (port 802) and certificate login for MQTT need.
 Rather than register a Twisted endpoint plugin (a drop-in in ``twisted/plugins/`` would import
-pyOpenSSL during twistd's plugin scan, which must stay import-free), ``server_endpoint``
-recognises our own ``tls:`` prefix and passes every other description to ``serverFromString``
-unchanged::
+pyOpenSSL during twistd's plugin scan, which runs before twistd installs the reactor the user
+asked for), ``server_endpoint`` recognises our own
+``tls:`` prefix and passes every other description to ``serverFromString`` unchanged::
 
     tls:PORT[:interface=ADDR][:backlog=N][:cert=PATH:key=PATH][:ca=PATH]
         [:clientAuth=none|optional|required]

@@ -1,5 +1,6 @@
 # Import-free drop-in: twistd imports every drop-in before it installs the reactor the user asked
-# for (facts.md), so nothing here may import a reactor or a heavy module.
+# for, so nothing here may import a reactor or a heavy module (it would break --reactor for
+# every plugin).
 from twisted.application.service import ServiceMaker
 
 iotserver = ServiceMaker(
