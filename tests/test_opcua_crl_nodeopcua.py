@@ -7,22 +7,16 @@ only ``ca.pem`` (no automatic acceptance): without ``ca.crl`` it is refused, wit
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 from cryptography import x509
-from test_opcua_harness import aio, free_port, make_config, start
-from test_opcua_nodeopcua import NODE_DIR, _available
+from helpers import free_port
+from helpers.nodeopcua import NODE_MISSING, node_client_pki, run_node
+from helpers.opcua import aio, make_config, start
 
 from iotserver.security import pki, pki_crl
-
-NODE_MISSING = not _available() and os.environ.get("CI") != "true"  # CI: a missing peer fails
 
 STRICT_CLIENT = r"""
 const { OPCUAClient, MessageSecurityMode, SecurityPolicy, AttributeIds, UserTokenType } =
@@ -62,41 +56,6 @@ const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
   console.log(JSON.stringify(out));
 })();
 """
-
-
-def node_client_pki(tmp_path: Path, tls: Path, *, with_crl: bool) -> list[str]:
-    """A node-opcua PKI that trusts our ca.pem (and ca.crl), and a client certificate from
-    our CA, which the server trusts: [pki folder, certificate file, key file]."""
-    ca_cert, ca_key = pki.load_cert(tls / "ca.pem"), pki.load_key(tls / "ca.key")
-    cert, key = pki.issue_opcua_app_cert(ca_cert, ca_key, "urn:test:nodeopcua",  # type: ignore[arg-type]
-                                         common_name="nodeopcua-test", dns_names=["localhost"],
-                                         ip_addresses=[])
-    pki.write_cert_pem(cert, tmp_path / "client.pem", force=True)
-    pki.write_key_pem(key, tmp_path / "client.key", force=True)
-    node_pki = tmp_path / "node-pki"
-    (node_pki / "trusted" / "certs").mkdir(parents=True, exist_ok=True)
-    (node_pki / "trusted" / "crl").mkdir(parents=True, exist_ok=True)
-    shutil.copy(tls / "ca.pem", node_pki / "trusted" / "certs" / "ca.pem")  # as docs/opcua.md
-    if with_crl:
-        shutil.copy(tls / "ca.crl", node_pki / "trusted" / "crl" / "ca.crl")
-    return [str(node_pki), str(tmp_path / "client.pem"), str(tmp_path / "client.key")]
-
-
-async def run_node(script: Path, args: list[str]) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        "node", "--security-revert=CVE-2023-46809", str(script), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "NODE_PATH": str(NODE_DIR / "node_modules")})
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 90)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    lines = [line for line in out.decode().splitlines() if line.startswith("{")]
-    assert lines, out.decode()[-2000:]
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from asyncua import ua
-from test_opcua_harness import aio, client, free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import OPCUA_CLIENT_SOURCE as SOURCE
+from helpers.opcua import aio, client, make_config, start
 
 from iotserver.opcua.methods import GET_MONITORED_ITEMS
 
@@ -18,20 +20,6 @@ SERVER = ua.NodeId(ua.ObjectIds.Server)
 U32 = ua.VariantType.UInt32
 
 # an OPC UA client source whose server is not there: its folder gets a Reconnect method
-SOURCE = f"""
-[[opcua.clients]]
-name = "plc1"
-endpoint = "opc.tcp://127.0.0.1:{free_port()}/plc"
-reconnect_min_s = 5
-reconnect_max_s = 10
-
-[[opcua.clients.nodes]]
-node_id = "nsu=urn:test:plc;s=Temp"
-path = "PLC1/Temp"
-type = "float64"
-"""
-
-
 def config(tmp_path: Path) -> Any:
     return make_config(tmp_path / "data", free_port(), extra=SOURCE)
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from asyncua import ua
-from test_opcua_crl_nodeopcua import NODE_MISSING, node_client_pki, run_node
-from test_opcua_harness import aio, free_port, make_config, start
-from test_opcua_methods import SOURCE
+from helpers import free_port
+from helpers.nodeopcua import NODE_MISSING, node_client_pki, run_node
+from helpers.opcua import OPCUA_CLIENT_SOURCE as SOURCE
+from helpers.opcua import aio, make_config, start
 
 from iotserver.opcua import capabilities as caps
 

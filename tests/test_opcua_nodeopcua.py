@@ -11,24 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from helpers import free_port
+from helpers.nodeopcua import NODE_DIR, available
 from helpers.opcua import aio, make_config, start
 
 from iotserver import cli
 from iotserver.tags.model import Update
 
 pytestmark = pytest.mark.interop
-
-# scripts/bootstrap.sh installs it into .interop/nodeopcua (git-ignored) when npm is present.
-_REPO_NODE_DIR = Path(__file__).resolve().parent.parent / ".interop" / "nodeopcua"
-NODE_DIR = Path(os.environ.get("IOTSERVER_NODE_OPCUA_DIR") or (
-    _REPO_NODE_DIR if _REPO_NODE_DIR.is_dir() else "/tmp/nodeopcua"))
 
 SCRIPT = r"""
 const {
@@ -113,11 +108,6 @@ const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
 """
 
 
-def _available() -> bool:
-    return shutil.which("node") is not None and (
-        NODE_DIR / "node_modules" / "node-opcua-client").is_dir()
-
-
 async def _run_node(script: Path, args: list[str], on_subscribed: Any) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         "node", "--security-revert=CVE-2023-46809", str(script), *args,
@@ -140,7 +130,7 @@ async def _run_node(script: Path, args: list[str], on_subscribed: Any) -> dict[s
     return result
 
 
-@pytest.mark.skipif(not _available(), reason="node-opcua-client not installed (see docstring)")
+@pytest.mark.skipif(not available(), reason="node-opcua-client not installed (see docstring)")
 @pytest_twisted.ensureDeferred
 async def test_node_opcua_client_sign_and_encrypt(tmp_path: Path) -> None:
     running = await start(make_config(tmp_path / "data", free_port(),

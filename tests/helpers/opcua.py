@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers import aio as aio  # re-exported: the OPC UA tests await clients through it
-from helpers import wait_for_aio
+from helpers import free_port, wait_for_aio
 from twisted.internet import reactor
 
 from iotserver import app, config
@@ -181,3 +181,18 @@ def make_client_cert(folder: Path, name: str, app_uri: str = "urn:test:client"
     cert_path = pki.write_cert_der(cert, folder / f"{name}.der", force=True)
     key_path = pki.write_key_pem(key, folder / f"{name}.pem", force=True)
     return cert_path, key_path
+
+
+#: An OPC UA client source (a PLC that is never reachable): its reconnect method is callable.
+OPCUA_CLIENT_SOURCE = f"""
+[[opcua.clients]]
+name = "plc1"
+endpoint = "opc.tcp://127.0.0.1:{free_port()}/plc"
+reconnect_min_s = 5
+reconnect_max_s = 10
+
+[[opcua.clients.nodes]]
+node_id = "nsu=urn:test:plc;s=Temp"
+path = "PLC1/Temp"
+type = "float64"
+"""
