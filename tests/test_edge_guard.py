@@ -208,7 +208,7 @@ def test_refusals_are_logged_rate_limited() -> None:
 def test_mqtt_probe_trickled_connect_and_slow_login() -> None:
     """The MQTT broker protocol behind the guard: a CONNECT trickled byte by byte is closed by
     the frame timeout; one held by a slow authenticator by the login timeout."""
-    from test_mqtt_protocol_harness import FakeAuth, Harness
+    from helpers.mqtt_harness import FakeAuth, Harness
 
     from iotserver.mqtt.codec import encode
     from iotserver.mqtt.packets import MQTT_3_1_1, Connect

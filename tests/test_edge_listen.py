@@ -8,42 +8,28 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from helpers import aio, sleep
+from helpers.modbus_edge import (
+    CONFIG,
+    TIMEOUT,
+    Modbus,
+    client_tls,
+    closed_by_server,
+    idle_sockets,
+    pymodbus_read,
+    start,
+    stop,
+)
+from twisted.internet import reactor
 
 from iotserver import app, config
-
-TIMEOUT = 10.0
-
-CONFIG = """
-[server]
-data_dir = "{data}"
-
-[[tags]]
-path = "T/Count"
-type = "int32"
-access = "readwrite"
-initial = 7
-
-[modbus.server]
-endpoints = ["tcp:0:interface=127.0.0.1", "tls:0:interface=127.0.0.1"]
-max_connections = {max_connections}
-max_connections_per_peer = {max_connections}
-{extra}
-
-[[modbus.server.map]]
-path = "T/Count"
-table = "holding"
-address = 0
-type = "int32"
-"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,108 +40,8 @@ def _listener_reservation() -> None:
     _reservedFD.reserve()
 
 
-def aw(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait (bounded) until ``condition()`` holds."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.02)
-
-
-class Modbus:
-    def __init__(self, root: Any, core: Any, data: Path) -> None:
-        self.root, self.core, self.data = root, core, data
-        self.service = core.services["modbus"]
-        plain, secure = self.service.listeners.listeners
-        self.plain, self.secure = plain, secure
-        self.plain_port = plain.port.getHost().port
-        self.tls_port = secure.port.getHost().port
-
-
-async def start(tmp_path: Path, max_connections: int = 64, extra: str = "") -> Modbus:
-    text = CONFIG.format(data=tmp_path / "data", max_connections=max_connections, extra=extra)
-    root, core = app.build(config.parse(text, source="test.toml"), reactor)
-    root.startService()
-    await core.services["modbus"].started
-    return Modbus(root, core, tmp_path / "data")
-
-
-def client_tls(tmp_path: Path, m: Modbus) -> ssl.SSLContext:
-    """A client certificate with the Engineer role, issued by the server's local CA."""
-    from iotserver.security import pki
-
-    tls_dir = m.data / "tls"
-    ca_cert, ca_key = pki.load_cert(tls_dir / "ca.pem"), pki.load_key(tls_dir / "ca.key")
-    cert, key = pki.issue_client_cert(ca_cert, ca_key, "eng", role="Engineer")  # type: ignore[arg-type]
-    pki.write_cert_pem(cert, tmp_path / "eng.pem")
-    pki.write_key_pem(key, tmp_path / "eng.key")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(tls_dir / "ca.pem")
-    ctx.check_hostname = False  # the server certificate is checked against the CA
-    ctx.load_cert_chain(tmp_path / "eng.pem", tmp_path / "eng.key")
-    return ctx
-
-
-async def pymodbus_read(port: int, sslctx: ssl.SSLContext | None = None) -> list[int]:
-    """Read holding registers 0-1 with pymodbus (over TLS when sslctx: its TLS framer keeps
-    the MBAP header, as Modbus/TCP Security does)."""
-    from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
-
-    client: Any
-    if sslctx is None:
-        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=3, retries=0)
-    else:
-        client = AsyncModbusTlsClient("127.0.0.1", port=port, sslctx=sslctx, timeout=3,
-                                      retries=0)
-    sock: Any = None
-    try:
-        assert await client.connect(), "pymodbus could not connect"
-        sock = client.ctx.transport.get_extra_info("socket")
-        rr = await client.read_holding_registers(0, count=2, device_id=1)
-        assert not rr.isError(), rr
-        return list(rr.registers)
-    finally:
-        client.close()
-        # asyncio closes the socket once the TLS close_notify exchange is over: wait for it
-        deadline = time.monotonic() + TIMEOUT
-        while sock is not None and sock.fileno() != -1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-
-
-def idle_sockets(port: int, n: int) -> list[socket.socket]:
-    out = []
-    for _ in range(n):
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect(("127.0.0.1", port))
-        out.append(s)
-    return out
-
-
-def closed_by_server(s: socket.socket) -> bool:
-    try:
-        return s.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-async def stop(m: Modbus, sockets: list[socket.socket]) -> None:
-    for s in sockets:
-        s.close()
-    await m.root.stopService()
-
+    await helpers.wait_for(condition, what=what)
 
 
 @pytest.mark.interop
@@ -168,7 +54,7 @@ async def test_idle_plain_sockets_leave_tls_clients_served(tmp_path: Path) -> No
         await wait_for(lambda: m.plain.stats.accepted + m.plain.stats.refused_listener_full == 70,
                        "the plain listener to take or refuse all 70")
         assert m.plain.stats.open == 64 and m.plain.stats.refused_listener_full == 6
-        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+        assert await aio(pymodbus_read(m.tls_port, ctx)) == [0, 7]
         assert m.secure.stats.refused_listener_full == 0
     finally:
         await stop(m, hogs)
@@ -184,12 +70,12 @@ async def test_silent_tls_sockets_leave_plain_clients_served(tmp_path: Path) -> 
         await wait_for(lambda: m.secure.stats.accepted + m.secure.stats.refused_listener_full
                        >= 70, "the TLS listener to take or refuse all 70")
         assert m.secure.stats.refused_listener_full == 6
-        assert await aw(pymodbus_read(m.plain_port)) == [0, 7]
+        assert await aio(pymodbus_read(m.plain_port)) == [0, 7]
         # the TLS handshake timeout frees the TLS slots: the TLS client gets in again
         await wait_for(lambda: m.secure.stats.handshake_timeouts == 64, "handshake timeouts")
         assert m.secure.stats.open == 0
         await wait_for(lambda: sum(closed_by_server(s) for s in hogs) == 70, "all closed")
-        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+        assert await aio(pymodbus_read(m.tls_port, ctx)) == [0, 7]
     finally:
         await stop(m, hogs)
 
@@ -245,7 +131,7 @@ async def test_churn_of_short_connections_is_never_refused_below_the_limit(
 
     try:
         # 12 clients at a time (below the limit of 16), 600 connections in all
-        await aw(asyncio.gather(*(worker(50) for _ in range(12))))
+        await aio(asyncio.gather(*(worker(50) for _ in range(12))))
         assert done == {"ok": 600, "failed": 0}
         assert m.plain.stats.refused_listener_full == 0
     finally:
@@ -304,9 +190,8 @@ async def test_stop_stops_every_port_even_when_one_fails(tmp_path: Path) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_mqtt_listener_limit_is_counted_in_sys(tmp_path: Path, free_port: int) -> None:
-    from test_mqtt_persistence import mqtt_config
-    from test_mqtt_persistence import start as start_mqtt
-    from test_mqtt_protocol_harness import net_connect
+    from helpers.mqtt_harness import mqtt_config, net_connect
+    from helpers.mqtt_harness import start as start_mqtt
 
     from iotserver.mqtt.packets import MQTT_5, Publish, Subscribe, SubscriptionOptions
 
@@ -358,7 +243,7 @@ async def test_modbus_tls_endpoint_with_its_own_files_requires_client_certificat
     await core.services["modbus"].started
     m = Modbus(root, core, tmp_path / "data")
     try:
-        assert await aw(pymodbus_read(m.tls_port, ctx)) == [0, 7]
+        assert await aio(pymodbus_read(m.tls_port, ctx)) == [0, 7]
         anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         anonymous.load_verify_locations(tls / "ca.pem")
         anonymous.check_hostname = False
@@ -376,15 +261,15 @@ async def test_modbus_tls_endpoint_with_its_own_files_requires_client_certificat
 
         # refused by the TLS layer (alert 116, RFC 8446), not only by the role check after it
         with pytest.raises(ssl.SSLError, match=r"(?i)certificate.required"):
-            await aw(without_certificate())
+            await aio(without_certificate())
     finally:
         await stop(m, [])
 
 
 @pytest_twisted.ensureDeferred
 async def test_mqtt_trickled_connect_is_closed(tmp_path: Path, free_port: int) -> None:
-    from test_mqtt_persistence import mqtt_config
-    from test_mqtt_persistence import start as start_mqtt
+    from helpers.mqtt_harness import mqtt_config
+    from helpers.mqtt_harness import start as start_mqtt
 
     text = mqtt_config(tmp_path / "d", free_port).replace(
         f'endpoint = "tcp:{free_port}:interface=127.0.0.1"',

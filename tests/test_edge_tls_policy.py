@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.utils import getProcessOutputAndValue
 
-from test_edge_listen import client_tls, start, stop
+from helpers.modbus_edge import client_tls, start, stop
 
 pytestmark = [
     pytest.mark.interop,

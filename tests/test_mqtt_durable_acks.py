@@ -5,8 +5,8 @@ store whose commits the test triggers; the real kill -9 runs are in test_mqtt_ki
 
 from __future__ import annotations
 
-from test_mqtt_persistence_fakes import FakeStore
-from test_mqtt_protocol_harness import Harness
+from helpers.mqtt_fakes import FakeStore
+from helpers.mqtt_harness import Harness
 
 from iotserver.mqtt.packets import (
     MQTT_3_1_1,
@@ -158,6 +158,6 @@ def test_restart_restores_inbound_qos2_ids() -> None:
 
 
 def _expiry(seconds: int) -> object:
-    from test_mqtt_protocol_harness import props
+    from helpers.mqtt_harness import props
 
     return props(session_expiry_interval=seconds)

@@ -10,7 +10,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_mqtt_protocol_harness import Harness, props
+from helpers.mqtt_harness import Harness, props
 
 from iotserver.mqtt.acl import Access, Acl, AclRule
 from iotserver.mqtt.bridge import TagBridge
