@@ -425,3 +425,39 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert a.can_receive("u", "c", f"t/{i}")
     ident = a._identity("u", "c")
     assert len(ident.read_cache) <= 4096
+
+
+# --------------------------------------------------------------------------- subscribe vs delivery
+
+_LEVELS = ("a", "b")
+# every topic of up to 4 levels over a, b and c (c: a level no rule or filter names)
+_UNIVERSE = ["/".join(p) for n in range(1, 5)
+             for p in __import__("itertools").product(("a", "b", "c"), repeat=n)]
+
+
+@st.composite
+def _small_filters(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(st.sampled_from((*_LEVELS, "+")), min_size=0, max_size=3))
+    if not levels or draw(st.booleans()):
+        levels.append("#")
+    return "/".join(levels)
+
+
+_rules = st.lists(st.tuples(_small_filters(), st.sampled_from([R, W, RW, D])), max_size=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_rules, _small_filters())
+def test_subscribe_is_granted_exactly_when_delivery_can_pass(
+        rules: list[tuple[str, Access]], topic_filter: str) -> None:
+    """A filter is granted when some topic it matches is readable (delivery checks each
+    message with can_receive), refused when none is; with one deny rule at most the
+    filter check is exact, with more it may grant a filter whose readable part several
+    denies cover together (harmless: delivery still refuses every message)."""
+    a = acl(*(AclRule(t, access) for t, access in rules))
+    readable = [t for t in _UNIVERSE if matches(topic_filter, t) and a.can_receive("u", "c", t)]
+    granted = a.can_subscribe("u", "c", topic_filter)
+    if readable:
+        assert granted, (rules, topic_filter, readable[:3])
+    elif sum(access is D for _, access in rules) <= 1:
+        assert not granted, (rules, topic_filter)

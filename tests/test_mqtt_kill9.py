@@ -32,10 +32,10 @@ START_TIMEOUT = 60.0
 class Server:
     """The server process, killed and started again on the same port and data directory."""
 
-    def __init__(self, tmp: Path, port: int) -> None:
+    def __init__(self, tmp: Path, port: int, text: str | None = None) -> None:
         self.port = port
         self.cfg = tmp / "server.toml"
-        self.cfg.write_text(mqtt_config(tmp / "data", port))
+        self.cfg.write_text(text if text is not None else mqtt_config(tmp / "data", port))
         self.log = tmp / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -252,3 +252,95 @@ def test_new_session_and_subscription_survive_kill_9_right_after_suback(
         sub.close()
         if pub is not None:
             pub.close()
+
+
+def test_a_will_on_a_set_topic_is_a_write_after_kill_9(tmp_path: Path, free_port: int) -> None:
+    """A will stored by the killed process is published by the next one through the tag
+    bridge: a will on <tag>/set writes the tag (as the will's owner), never reaches
+    subscribers as a message."""
+    import sqlite3
+
+    from iotserver.security.users import Role, User, hash_password, save_users
+
+    data = tmp_path / "data"
+    data.mkdir()
+    save_users(data / "users.toml", [User("erik", Role.ENGINEER, hash_password("pw", n=2**10))])
+    server = Server(tmp_path, free_port, f"""
+[server]
+data_dir = "{data}"
+
+[[tags]]
+path = "Site/Setpoint"
+type = "float64"
+access = "readwrite"
+range = [0, 100]
+initial = 10
+
+[mqtt]
+sys_interval = 0
+
+[[mqtt.listeners]]
+endpoint = "tcp:{free_port}:interface=127.0.0.1"
+""")
+    topic = "iotserver/tags/Site/Setpoint"
+    server.start()
+    dev = watcher = None
+    try:
+        dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev", protocol=V5)
+        dev.username_pw_set("erik", "pw")
+        dev.will_set(topic + "/set", b"37", qos=1)
+        dev.connect("127.0.0.1", free_port)
+        dev.loop_start()
+        db = data / "mqtt" / "broker.sqlite3"
+
+        def will_stored() -> bool:
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                try:
+                    return bool(con.execute("SELECT 1 FROM wills WHERE client_id = 'dev'")
+                                .fetchall())
+                finally:
+                    con.close()
+            except sqlite3.Error:
+                return False
+
+        wait(will_stored, 10, "the will on disk")
+        server.kill()
+        dev.loop_stop()
+        dev._reset_sockets()
+        dev = None
+        server.start()
+        got: list[tuple[str, bytes]] = []
+        lock = threading.Lock()
+        watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="watcher", protocol=V5)
+        watcher.username_pw_set("erik", "pw")
+
+        def on_message(c: Any, u: Any, m: Any) -> None:
+            with lock:
+                got.append((m.topic, m.payload))
+
+        watcher.on_message = on_message
+        watcher.on_connect = lambda c, u, f, rc, p: c.subscribe("iotserver/tags/Site/#", 1)
+        watcher.connect("127.0.0.1", free_port)
+        watcher.loop_start()
+
+        def value() -> Any:
+            import json
+
+            with lock:
+                values = [json.loads(p)["v"] for t, p in got if t == topic]
+            return values[-1] if values else None
+
+        wait(lambda: value() == 37.0, 20, "the tag written by the will")
+        with lock:
+            assert (topic + "/set") not in [t for t, _ in got]
+    finally:
+        for c in (dev, watcher):
+            if c is not None:
+                c.disconnect()
+                c.loop_stop()
+                c._reset_sockets()
+        server.stop()
+        server.kill()
+    text = server.log.read_text(errors="replace")
+    assert "Traceback" not in text, text

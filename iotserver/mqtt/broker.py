@@ -455,7 +455,8 @@ class Broker:
         if self.acl is not None:
             for session in list(self.sessions.values()):
                 if session.conn is not None:
-                    ownership.purge_unreadable(session, self._reader(session), self.stats)
+                    ownership.purge_unreadable(session, self._reader(session), self.stats,
+                                               inflight=False)
 
     def _reader(self, session: Session) -> Callable[[str], bool]:
         acl, user, cid = self.acl, session.user, session.client_id

@@ -39,13 +39,16 @@ def log_new_owner(client_id: str, old_user: str | None, new_user: str | None,
              how=" (its connection is closed)" if connected else "")
 
 
-def purge_unreadable(session: Session, may_read: Callable[[str], bool], stats: Any) -> int:
+def purge_unreadable(session: Session, may_read: Callable[[str], bool], stats: Any, *,
+                     inflight: bool = True) -> int:
     """Drop what ``session`` holds for topics its user may no longer read: queued messages,
-    last-value messages and unacknowledged PUBLISHes (not yet released QoS 2 messages too:
-    their packet ids stay reserved, the client may still hold them). PUBRELs stay (no
-    content). Returns the number dropped."""
+    last-value messages and, with ``inflight`` (a new connection, which would get them
+    again), unacknowledged PUBLISHes (not yet released QoS 2 ones too: their packet ids stay
+    reserved, the client may still hold them). PUBRELs stay (no content). On the connection
+    that already has them, in-flight messages are left to their acknowledgement. Returns the
+    number dropped."""
     dropped = 0
-    for pid, d in list(session.inflight.items()):
+    for pid, d in list(session.inflight.items()) if inflight else ():
         if d.state != RELEASED and not may_read(d.msg.topic):
             del session.inflight[pid]
             if d.qos == 2:
