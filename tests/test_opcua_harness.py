@@ -127,10 +127,9 @@ class Running:
 
     async def wait_idle(self) -> None:
         """Wait (asyncio) until the server holds no client connection (leak check)."""
-        bserver = self.service.server.bserver if self.service.server else None
+        layer = self.service.layer
         for _ in range(200):
-            if bserver is None or (not bserver.clients and
-                                   all(t.done() for t in bserver.closing_tasks)):
+            if layer is None or not layer.listener.channels:
                 break
             await asyncio.sleep(0.01)
         for _ in range(3):

@@ -54,22 +54,3 @@ def test_builtin_default_offers_loopback_only_with_warnings() -> None:
     assert opcua.loopback and opcua.host == "127.0.0.1"
     assert "None" in opcua.security_policies and opcua.allow_anonymous
     assert len(opcua.warnings()) == 2
-
-
-def test_clear_text_password_on_unsecured_channel_is_refused(tmp_path: Path) -> None:
-    from asyncua import ua
-    from asyncua.common.utils import ServiceError
-
-    from iotserver.opcua.security import IotUserManager, TrustList
-    from iotserver.opcua.session import IotInternalServer
-    from iotserver.security.users import UserDB
-
-    users = IotUserManager(UserDB, TrustList(tmp_path), allow_anonymous=False)
-    iserver = IotInternalServer(users, max_items=10, min_interval_ms=10)
-    session = iserver.create_session("test")
-    params = ua.ActivateSessionParameters()
-    params.UserIdentityToken = ua.UserNameIdentityToken(UserName="alice", Password=b"secret")
-    with pytest.raises(ServiceError) as info:
-        session.activate_session(params, None)
-    assert info.value.code == ua.StatusCodes.BadIdentityTokenInvalid
-    iserver.method_service.stop()

@@ -22,11 +22,12 @@ import logging
 from typing import Any
 
 from asyncua import ua
-from asyncua.server.binary_server_asyncio import BinaryServer
 from twisted.internet.defer import Deferred
 
 from iotserver.lifecycle import AsyncService, StartupError, as_deferred
+from iotserver.opcua import compat
 from iotserver.opcua.addrspace import TagSpace
+from iotserver.opcua.layer import SessionLayer
 from iotserver.opcua.config import POLICIES, OpcUaConfig
 from iotserver.opcua.convert import VARIANT_TYPES
 from iotserver.opcua.history import HistoryReader, Series, stepped
@@ -39,7 +40,8 @@ from iotserver.opcua.security import (
 )
 from iotserver.opcua.session import IotInternalServer, Services
 from iotserver.opcua.status import ServerInfo
-from iotserver.opcua.uaserver import IotUaServer
+from iotserver.opcua.sessions import LoopClock
+from iotserver.opcua.uaserver import IotUaServer, prepare
 from iotserver.opcua.values import ValuePump
 
 log = logging.getLogger("iotserver.opcua")
@@ -75,7 +77,8 @@ class OpcUaService(AsyncService):
         self.pump: ValuePump | None = None
         self.trust: TrustList | None = None
         self.clients: dict[str, Any] = {}
-        self._bserver_started = False
+        self._iserver_started = False
+        self.layer: SessionLayer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,13 +111,8 @@ class OpcUaService(AsyncService):
         self.trust = TrustList(pki_dir, [ca_cert] if ca_cert is not None else [])
         users = IotUserManager(lambda: self.core.users, self.trust,
                                allow_anonymous=cfg.allow_anonymous)
-        self.iserver = iserver = IotInternalServer(
-            users, max_items=cfg.max_monitored_items,
-            min_interval_ms=cfg.min_publishing_interval_ms)
-        iserver.max_subscriptions = cfg.max_subscriptions
-        iserver.max_sessions = cfg.max_sessions
+        self.iserver = iserver = IotInternalServer(users, max_items=cfg.max_monitored_items)
         iserver.max_browse_continuation_points = cfg.max_browse_continuation_points
-        iserver.clear_text_passwords = cfg.security_policies == ("None",)
         iserver.certificate_validator = ClientCertificateValidator(self.trust)
         self.server = server = IotUaServer(iserver=iserver)
         if ca_cert is not None and app.cert.issuer == ca_cert.subject:
@@ -124,7 +122,7 @@ class OpcUaService(AsyncService):
         server.product_uri = "urn:iotserver"
         server.manufacturer_name = "iotserver"
         server.application_type = ua.ApplicationType.Server
-        server._application_uri = cfg.application_uri
+        compat.set_application_uri(server, cfg.application_uri)
         await server.init()
         await server.load_certificate(str(app.cert_path))
         await server.load_private_key(str(app.key_path))
@@ -152,12 +150,15 @@ class OpcUaService(AsyncService):
 
         self.pump = ValuePump(store, space, cfg.publish_yield_ms)
         self.pump.start()
+        policies = await prepare(server)
+        self._iserver_started = True
+        self.layer = layer = SessionLayer(iserver, cfg, policies, LoopClock(loop))
         try:
-            await server.start()
+            await layer.listener.start(cfg.host, cfg.port)
         except OSError as exc:
             raise StartupError(f"OPC UA cannot listen on {cfg.endpoint}: {exc.strerror or exc}"
                                ) from None
-        self._bserver_started = True
+        layer.table.start()
         # asyncua's standard address space is ~100k long-lived objects; every cyclic GC pass
         # walked them, which cost 3-4x in notification throughput (measured: 12 us -> 3 us per
         # change). Freezing moves what exists now out of the collector's reach. (app._tune_gc
@@ -199,29 +200,18 @@ class OpcUaService(AsyncService):
         if server is None or iserver is None:
             return
         iserver.services = None
-        # sessions with subscriptions outlive their connection (Part 4 6.7): close them all
-        for session in list(iserver._external_sessions.values()):
-            try:
-                await session.close_session(True)
-            except Exception:
-                log.exception("closing OPC UA session %s", session)
-        for sub_id in list(iserver.subscription_service.subscriptions):
-            await iserver.subscription_service.delete_subscriptions([sub_id])
+        layer, self.layer = self.layer, None
+        if layer is not None:
+            await layer.stop()
         # the ServerStatus clock sleeps a second between updates; InternalServer.stop would
         # wait for that sleep to end
-        clock, iserver.time_task = iserver.time_task, None
+        clock = compat.take_time_task(iserver)
         if clock is not None and not clock.done():
             clock.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await clock
-        try:
-            if self._bserver_started:
-                await server.stop()
-            else:
-                await _stop_iserver(iserver)
-        finally:
-            await _reap(server.bserver)
-        self._bserver_started = False
+        await _stop_iserver(iserver)
+        self._iserver_started = False
         if self.space is not None:
             self.space = None
         log.info("OPC UA server stopped")
@@ -284,30 +274,3 @@ async def _stop_iserver(iserver: IotInternalServer) -> None:
         await iserver.stop()
     except Exception:
         log.exception("stopping the OPC UA internal server")
-
-
-async def _reap(bserver: BinaryServer | None) -> None:
-    """Cancel what asyncua's binary server leaves behind after ``stop``.
-
-    Closing a transport only schedules ``connection_lost``; the per-connection message task,
-    activation watchdog and processor cleanup run a loop turn later.
-    """
-    if bserver is None:
-        return
-    for _ in range(3):
-        await asyncio.sleep(0)
-    for proto in list(bserver.clients):
-        if proto.transport is not None:
-            proto.transport.abort()
-    await asyncio.sleep(0)
-    tasks = []
-    for proto in list(bserver.clients):
-        for task in (proto._task, proto._activation_watchdog_task):
-            if task is not None and not task.done():
-                task.cancel()
-                tasks.append(task)
-    tasks += [t for t in bserver.closing_tasks if not t.done()]
-    bserver.closing_tasks.clear()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
-
