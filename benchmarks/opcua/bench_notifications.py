@@ -15,7 +15,7 @@ as the server takes it:
 Measured: notifications received per second by each client over a fixed window.
 
     python benchmarks/opcua/bench_notifications.py [--tags 1000 10000] [--clients 1 2]
-        [--seconds 5]
+        [--seconds 5] [--quick]
 
 Target: >= 3x plain asyncua with one client; two clients without halving.
 """
@@ -360,7 +360,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    main_table(parser.parse_args())
+    parser.add_argument("--quick", action="store_true",
+                        help="10,000 tags only, 3 s windows (1 and 2 clients)")
+    args = parser.parse_args()
+    if args.quick:
+        args.tags, args.seconds, args.warmup = [10000], 3.0, 1.0
+    main_table(args)
 
 
 def serve(kind: type, tags: int, clients: int, seconds: float, warmup: float) -> None:
