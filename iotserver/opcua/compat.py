@@ -2,9 +2,10 @@
 
 Everything the OPC UA package needs from asyncua beyond the public ``ua`` types, the binary
 codec (``asyncua.ua.ua_binary``), the security policies and the standard address space goes
-through this module. At import it checks that every class attribute it relies on exists; the
-instance attributes are checked by :func:`check_server` when the service starts. Either check
-stops startup with one line naming the installed asyncua version (``AsyncuaIncompatible``).
+through this module. At import it checks that every attribute it relies on exists (methods on the
+classes, instance attributes in the names their ``__init__`` assigns) and records what is
+missing; the OPC UA service calls :func:`check` first thing at startup, which stops it with one
+line naming the installed asyncua version (``AsyncuaIncompatible`` -> StartupError).
 
 What is used, and why:
 
@@ -12,7 +13,9 @@ What is used, and why:
   ``Server._setup_server_nodes`` (where the endpoints are made): our listener needs the
   factories, and the server certificate chain goes into the endpoints there (Part 6 6.7.2).
 * ``Server._application_uri``: asyncua has no setter for the ApplicationUri.
-* ``AddressSpace._nodes``: the virtual tag nodes (``nodecache.py``) live in that dict.
+* ``AddressSpace._nodes`` and ``_handle_to_attribute_map``: the virtual tag nodes
+  (``nodecache.py``) live in that dict; :func:`retype` turns the AddressSpace asyncua's services
+  already share into our subclass (only methods differ, no new instance state).
 * ``MonitoredItemService._monitored_item_counter`` / ``_monitored_items`` and the per-item
   helpers ``_create_events_monitored_item`` / ``_modify_monitored_item`` /
   ``_delete_monitored_items``: our data-change items share the id counter with asyncua's event
@@ -41,12 +44,13 @@ class AsyncuaIncompatible(RuntimeError):
     """The installed asyncua lacks something this package relies on."""
 
 
+PROBLEMS: list[str] = []
+
+
 def _require(owner: Any, names: tuple[str, ...]) -> None:
     missing = [n for n in names if not hasattr(owner, n)]
     if missing:
-        raise AsyncuaIncompatible(
-            f"asyncua {ASYNCUA_VERSION} is not supported: {owner.__name__} has no "
-            f"{', '.join(missing)} (iotserver needs asyncua 2.1)")
+        PROBLEMS.append(f"{owner.__name__} has no {', '.join(missing)}")
 
 
 _require(Server, ("_setup_server_nodes", "init", "load_certificate", "load_private_key",
@@ -60,9 +64,32 @@ _require(InternalServer, ("get_endpoints", "get_new_channel_id", "decrypt_user_t
                           "verify_x509_token", "start", "stop"))
 _require(AddressSpace, ("add_datachange_callback", "delete_datachange_callback",
                         "read_attribute_value"))
+
+
+def _assigned(func: Any, names: tuple[str, ...]) -> None:
+    """Instance attributes that ``func`` (an ``__init__``) sets, checked without an instance."""
+    code = func.__code__
+    missing = [n for n in names if n not in code.co_names]
+    if missing:
+        PROBLEMS.append(f"{func.__qualname__} sets no {', '.join(missing)}")
+
+
+_assigned(Server.__init__, ("_policies", "_application_uri", "iserver"))
+_assigned(InternalServer.__init__, ("time_task", "aspace", "certificate_validator",
+                                    "user_manager"))
+_assigned(AddressSpace.__init__, ("_nodes", "_handle_to_attribute_map"))
+_assigned(MonitoredItemService.__init__, ("_monitored_item_counter", "_monitored_items"))
+
 __all__ = ["ASYNCUA_VERSION", "AsyncuaIncompatible", "SecureConnection", "TransportLimits",
-           "check_server", "node_table", "policy_factories", "set_application_uri",
-           "set_node_table", "take_time_task"]
+           "check", "check_server", "node_table", "policy_factories", "retype",
+           "set_application_uri", "set_node_table", "take_time_task"]
+
+
+def check() -> None:
+    """Raise :class:`AsyncuaIncompatible` (one line) if the import-time checks failed."""
+    if PROBLEMS:
+        raise AsyncuaIncompatible(f"asyncua {ASYNCUA_VERSION} is not supported: "
+                                  f"{'; '.join(PROBLEMS)} (iotserver needs asyncua 2.1)")
 
 
 def check_server(server: Server) -> None:
@@ -93,6 +120,12 @@ def node_table(aspace: AddressSpace) -> Any:
 
 def set_node_table(aspace: AddressSpace, table: Any) -> None:
     aspace._nodes = table
+
+
+def retype(aspace: AddressSpace, cls: type) -> None:
+    """Make ``aspace`` an instance of ``cls``, a method-only subclass of AddressSpace."""
+    assert issubclass(cls, AddressSpace) and "__init__" not in cls.__dict__
+    aspace.__class__ = cls
 
 
 def take_time_task(iserver: InternalServer) -> Any:

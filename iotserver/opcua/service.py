@@ -89,6 +89,10 @@ class OpcUaService(AsyncService):
 
     async def _astart(self) -> None:
         cfg, core = self.cfg, self.core
+        try:
+            compat.check()
+        except compat.AsyncuaIncompatible as exc:
+            raise StartupError(str(exc)) from None
         for warning in cfg.warnings():
             log.warning("%s", warning)
         data_dir = core.config.server.data_dir
@@ -150,7 +154,10 @@ class OpcUaService(AsyncService):
 
         self.pump = ValuePump(store, space, cfg.publish_yield_ms)
         self.pump.start()
-        policies = await prepare(server)
+        try:
+            policies = await prepare(server)
+        except compat.AsyncuaIncompatible as exc:
+            raise StartupError(str(exc)) from None
         self._iserver_started = True
         self.layer = layer = SessionLayer(iserver, cfg, policies, LoopClock(loop))
         try:
