@@ -168,3 +168,31 @@ def test_compat_names_the_asyncua_version_in_one_line(monkeypatch: Any) -> None:
     text = str(info.value)
     assert "\n" not in text and f"asyncua {compat.ASYNCUA_VERSION}" in text
     assert "_policies" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_secure_channel_renewal_keeps_the_session(tmp_path: Path) -> None:
+    from asyncua import Client
+
+    running = await start(make_config(tmp_path / "data", free_port(), anonymous=True))
+    stats = running.service.layer.listener.stats
+
+    async def body() -> None:
+        c = Client(running.url, timeout=10)
+        c.secure_channel_timeout = 1000  # ms: asyncua renews at 75 % of it
+        await c.connect()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while stats.renewals < 2:
+                assert loop.time() < deadline, "no renewal"
+                await asyncio.sleep(0.05)
+            assert await c.nodes.server_state.read_value() == 0
+        finally:
+            await c.disconnect()
+        await running.wait_idle()
+
+    try:
+        await aio(body())
+    finally:
+        await running.root.stopService()

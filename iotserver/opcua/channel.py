@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 from asyncua import ua
 from asyncua.common.utils import Buffer
 from asyncua.crypto.security_policies import SecurityPolicyNone
-from asyncua.ua.ua_binary import header_from_binary, struct_from_binary, uatcp_to_binary
+from asyncua.ua.ua_binary import (
+    header_from_binary,
+    struct_from_binary,
+    struct_to_binary,
+    uatcp_to_binary,
+)
 
 from iotserver.opcua.compat import SecureConnection, TransportLimits
 
@@ -62,6 +67,7 @@ class ChannelStats:
     too_large: int = 0
     malformed: int = 0
     queue_full: int = 0
+    renewals: int = 0
 
 
 class RateLimitedLog:
@@ -289,14 +295,14 @@ class UaChannel(asyncio.Protocol):
             except ua.UaError:
                 raise ProtocolViolation(ua.StatusCodes.BadSecurityPolicyRejected,
                                         f"policy {algo.SecurityPolicyURI} not offered") from None
+        if self.is_open:
+            self.listener.stats.renewals += 1
         result = self.conn.open(params, self.listener.iserver)
         self.channel_id = int(result.SecurityToken.ChannelId)
         self.is_open = True
         response = ua.OpenSecureChannelResponse()
         response.Parameters = result
         response.ResponseHeader.RequestHandle = request.RequestHeader.RequestHandle
-        from asyncua.ua.ua_binary import struct_to_binary
-
         self._write(self.conn.message_to_binary(struct_to_binary(response),
                                                 message_type=ua.MessageType.SecureOpen,
                                                 request_id=seq.RequestId))
