@@ -92,6 +92,8 @@ async def test_oversized_and_unexpected_headers_are_refused_unbuffered(tmp_path:
         got, closed = await exchange(port, b"")
         assert closed and got == b""
         assert stats.too_large == 2 and stats.hello_timeouts == 1 and stats.malformed == 4
+        counters = running.service.stats
+        assert counters["channel_too_large"] == 2 and counters["channel_hello_timeouts"] == 1
         assert not running.service.layer.listener.channels
 
     try:

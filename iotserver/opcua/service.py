@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import inspect
 import logging
@@ -175,6 +176,20 @@ class OpcUaService(AsyncService):
         gc.freeze()
         core.listening("OPC UA", cfg.endpoint)
         await self._start_clients()
+
+    @property
+    def stats(self) -> dict[str, int] | None:
+        """Session layer counters (the console's ``services`` shows them): sessions and
+        subscriptions now, and every limit hit since start."""
+        layer = self.layer
+        if layer is None:
+            return None
+        out = {"sessions": len(layer.table), "subscriptions": len(layer.registry),
+               "connections_open": len(layer.listener.channels)}
+        out.update(dataclasses.asdict(layer.table.stats))
+        out.update({f"channel_{k}": v for k, v in
+                    dataclasses.asdict(layer.listener.stats).items()})
+        return out
 
     def _series(self, node_id: ua.NodeId) -> Series | None:
         space = self.space
