@@ -350,3 +350,45 @@ async def test_client_resumes_after_server_restart_without_republish_storm(
         for r in restarted:
             await r.root.stopService()
         await running.root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_reactivates_its_session_after_a_dropped_connection(
+        tmp_path: Path) -> None:
+    running = await start(make_config(tmp_path / "data", free_port()))
+    layer = running.service.layer
+
+    async def body() -> None:
+        node = await Node.start(tmp_path, RESUME, *args_for(running, tmp_path, "drop"))
+        await node.until(lambda t: t == "SUBSCRIBED")
+        running.store.apply([Update("Line1/Temp", 41.0)])
+        await node.until(lambda t: t == "VALUE 41")
+        (session,) = list(layer.table)
+        (sub_id,) = list(layer.registry.by_id)
+        for channel in list(layer.listener.channels):
+            assert channel.transport is not None
+            channel.transport.abort()  # the network drops the connection
+        await node.until(lambda t: t == "REESTABLISHED", 30)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        value = 50.0
+        while True:
+            assert loop.time() < deadline, node.lines[-20:]
+            running.store.apply([Update("Line1/Temp", value)])
+            with contextlib.suppress(TimeoutError):
+                await node.until(lambda t: t.startswith("VALUE ") and
+                                 float(t.split()[1]) >= 50, timeout=1.0)
+                break
+            value += 1
+        # the same session and subscription, now on the new channel
+        assert list(layer.table) == [session] and list(layer.registry.by_id) == [sub_id]
+        assert session.channel is not None and session.channel.is_open
+        assert layer.table.stats.takeover_refused == 0
+        assert layer.subs.republish_requests < 20
+        out = await node.finish()
+        assert "error" not in out, out
+
+    try:
+        await aio(body())
+    finally:
+        await running.root.stopService()
