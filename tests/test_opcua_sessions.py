@@ -431,3 +431,15 @@ def test_transfer_checks_the_user_and_tells_the_old_session(layer: Layer) -> Non
     assert fault_code(layer.publish(old_ch, old)) == S.BadNoSubscription
     res = transfer(layer, new_ch, new, sub_id ^ 1)
     assert res.Parameters.Results[0].StatusCode.value == S.BadSubscriptionIdInvalid
+
+
+def test_certificate_comparison_uses_the_leaf_of_a_chain() -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from iotserver.opcua.security import _self_signed_app_cert
+    from iotserver.opcua.sessionsvc import leaf
+
+    one = _self_signed_app_cert("urn:a", "a", ["localhost"], [])[0].public_bytes(Encoding.DER)
+    two = _self_signed_app_cert("urn:b", "b", ["localhost"], [])[0].public_bytes(Encoding.DER)
+    assert leaf(one + two) == one and leaf(one) == one and leaf(two + one) == two
+    assert leaf(None) == b"" and leaf(b"junk") == b"junk"

@@ -40,6 +40,20 @@ def _is_none(policy_uri: str) -> bool:
     return not policy_uri or policy_uri == NONE_URI
 
 
+def leaf(der: bytes | None) -> bytes:
+    """The first certificate of a DER chain (Part 6 6.2.3: a chain is concatenated DER)."""
+    if not der:
+        return b""
+    der = bytes(der)
+    if len(der) < 4 or der[0] != 0x30:
+        return der
+    first = der[1]
+    if first < 0x80:
+        return der[: 2 + first]
+    n = first & 0x7F
+    return der[: 2 + n + int.from_bytes(der[2:2 + n], "big")]
+
+
 class SessionServices:
     """Session services over the table and asyncua's InternalServer (endpoints, user tokens)."""
 
@@ -61,12 +75,12 @@ class SessionServices:
             if client_cert is None:
                 raise ServiceError(ua.StatusCodes.BadCertificateInvalid)
             if channel.peer_certificate is not None and \
-                    bytes(client_cert) != bytes(channel.peer_certificate):
+                    leaf(client_cert) != leaf(channel.peer_certificate):
                 # the certificate of the session is the one of its secure channel
                 raise ServiceError(ua.StatusCodes.BadCertificateInvalid)
             validator = self.iserver.certificate_validator
             if validator is not None:
-                await validator(x509.load_der_x509_certificate(client_cert),
+                await validator(x509.load_der_x509_certificate(leaf(client_cert)),
                                 params.ClientDescription)
         session = self.table.create(channel, params.SessionName or "",
                                     float(params.RequestedSessionTimeout or 0), client_cert)
@@ -106,7 +120,7 @@ class SessionServices:
             raise ServiceError(ua.StatusCodes.BadSecureChannelIdInvalid)
         channel_cert = None if _is_none(channel.policy_uri) else channel.peer_certificate
         if new_channel and session.activated and \
-                (bytes(channel_cert or b"") != bytes(session.client_certificate or b"")):
+                leaf(channel_cert) != leaf(session.client_certificate):
             self.table.stats.takeover_refused += 1
             log.warning("OPC UA: ActivateSession of %s from %s refused: the channel's client "
                         "certificate is not the session's (Part 4 5.6.3)", session,
