@@ -108,7 +108,10 @@ async def _client_main(url: str, ns_uri: str, tags: int, clients: int, seconds: 
 
     conns = []
     for _ in range(clients):
-        c = Client(url, timeout=60)
+        # the client's health probe must answer within watchdog_intervall (1 s by default); on
+        # a loaded machine a server busy with the load misses that and the client drops the
+        # connection, for either server: give it room
+        c = Client(url, timeout=60, watchdog_intervall=30)
         await c.connect()
         ns = await c.get_namespace_index(ns_uri)
         sub = await c.create_subscription(PUBLISH_MS, Handler())
