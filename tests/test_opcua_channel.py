@@ -21,8 +21,9 @@ from iotserver.opcua.channel import RateLimitedLog
 TCP_TOO_LARGE = ua.StatusCodes.BadTcpMessageTooLarge
 
 
-def hello(size_override: int | None = None, url: str = "opc.tcp://127.0.0.1/x") -> bytes:
-    body = struct.pack("<IIIII", 0, 65535, 65535, 0, 0)
+def hello(size_override: int | None = None, url: str = "opc.tcp://127.0.0.1/x",
+          max_message: int = 0) -> bytes:
+    body = struct.pack("<IIIII", 0, 65535, 65535, max_message, 0)
     enc = url.encode()
     body += struct.pack("<i", len(enc)) + enc
     size = 8 + len(body) if size_override is None else size_override
@@ -198,3 +199,59 @@ async def test_secure_channel_renewal_keeps_the_session(tmp_path: Path) -> None:
         await aio(body())
     finally:
         await running.root.stopService()
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555)
+
+
+class FakeTable:
+    def channel_lost(self, channel: Any) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_over_the_clients_max_message_size_becomes_a_fault() -> None:
+    from asyncua.ua.ua_binary import struct_to_binary
+
+    from iotserver.opcua.channel import ChannelLimits, UaChannel, UaListener
+
+    async def body() -> None:
+        listener = UaListener(None, FakeTable(), None, [], ChannelLimits())  # type: ignore[arg-type]
+        channel = UaChannel(listener)
+        transport = FakeTransport()
+        channel.connection_made(transport)
+        try:
+            channel.data_received(hello(max_message=10_000))
+            assert transport.written[-1][:3] == b"ACK"
+            channel.is_open = True  # as after OpenSecureChannel (policy None frames as is)
+            response = ua.ReadResponse()
+            response.ResponseHeader.RequestHandle = 42
+            response.Results = [ua.DataValue(ua.Variant("x" * 20_000))]
+            channel.send(7, struct_to_binary(response))
+            chunk = transport.written[-1]
+            assert chunk[:4] == b"MSGF" and len(chunk) < 200
+            # MSG header 12, symmetric security header 4, sequence header 8, then the body
+            fault = struct_from_binary(ua.ServiceFault, Buffer(chunk[24:]))
+            assert fault.ResponseHeader.RequestHandle == 42
+            assert fault.ResponseHeader.ServiceResult.value == ua.StatusCodes.BadResponseTooLarge
+            assert listener.stats.response_too_large == 1
+        finally:
+            channel.connection_lost(None)
+
+    await aio(body())

@@ -32,6 +32,7 @@ from asyncua.common.utils import Buffer
 from asyncua.crypto.security_policies import SecurityPolicyNone
 from asyncua.ua.ua_binary import (
     header_from_binary,
+    nodeid_from_binary,
     struct_from_binary,
     struct_to_binary,
     uatcp_to_binary,
@@ -68,6 +69,7 @@ class ChannelStats:
     malformed: int = 0
     queue_full: int = 0
     renewals: int = 0
+    response_too_large: int = 0
 
 
 class RateLimitedLog:
@@ -91,6 +93,18 @@ class RateLimitedLog:
 
 
 MALFORMED = RateLimitedLog()
+
+
+def _too_large_fault(body: bytes) -> bytes:
+    """A ServiceFault Bad_ResponseTooLarge for the response encoded in ``body``."""
+    buf = Buffer(body)
+    nodeid_from_binary(buf)  # the response's type id
+    header = struct_from_binary(ua.ResponseHeader, buf)
+    fault = ua.ServiceFault()
+    fault.ResponseHeader.RequestHandle = header.RequestHandle
+    fault.ResponseHeader.Timestamp = header.Timestamp
+    fault.ResponseHeader.ServiceResult = ua.StatusCode(ua.StatusCodes.BadResponseTooLarge)
+    return bytes(struct_to_binary(fault))
 
 
 class ProtocolViolation(Exception):
@@ -145,8 +159,7 @@ class UaChannel(asyncio.Protocol):
 
     # -- connection ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "?"
         self.sockname = transport.get_extra_info("sockname")
@@ -312,6 +325,11 @@ class UaChannel(asyncio.Protocol):
         """Send one response (an encoded ``...Response`` with its type id)."""
         if not self.is_open or self.transport is None:
             return
+        limit = self.peer_max_message
+        if limit and len(body) > limit:
+            # Part 6 7.1.2.3: the client takes no larger message; Bad_ResponseTooLarge instead
+            self.listener.stats.response_too_large += 1
+            body = _too_large_fault(body)
         self._write(self.conn.message_to_binary(body, message_type=ua.MessageType.SecureMessage,
                                                 request_id=request_id))
 
