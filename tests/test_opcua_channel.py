@@ -4,6 +4,7 @@ asyncua client for what needs a whole secure channel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def error_code(data: bytes) -> int:
 
 @pytest.fixture
 def extra() -> str:
-    return "hello_timeout_s = 0.5\nmax_message_size = 65536\nmax_chunk_count = 4\n"
+    return ("hello_timeout_s = 0.5\nmax_message_size = 65536\nmax_chunk_count = 4\n"
+            "max_connections = 3\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -89,12 +91,22 @@ async def test_oversized_and_unexpected_headers_are_refused_unbuffered(tmp_path:
         assert closed and error_code(got) == ua.StatusCodes.BadTcpMessageTypeInvalid
         got, closed = await exchange(port, b"XYZF" + struct.pack("<I", 16) + b"\0" * 8)
         assert closed and error_code(got) == ua.StatusCodes.BadTcpMessageTypeInvalid
-        # a client that never says HEL is closed after hello_timeout_s
+        # a client that never says HEL, or never opens a secure channel, is closed after
+        # hello_timeout_s
         got, closed = await exchange(port, b"")
         assert closed and got == b""
-        assert stats.too_large == 2 and stats.hello_timeouts == 1 and stats.malformed == 4
+        got, closed = await exchange(port, hello())
+        assert closed and got[:3] == b"ACK"
+        assert stats.too_large == 2 and stats.hello_timeouts == 2 and stats.malformed == 4
         counters = running.service.stats
-        assert counters["channel_too_large"] == 2 and counters["channel_hello_timeouts"] == 1
+        assert counters["channel_too_large"] == 2 and counters["channel_hello_timeouts"] == 2
+        # beyond max_connections a connection is closed at once
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        got, closed = await exchange(port, hello())
+        assert closed and got == b"" and stats.refused == 1
+        for _, writer in held:
+            writer.close()
+        await running.wait_idle()
         assert not running.service.layer.listener.channels
 
     try:
@@ -255,3 +267,36 @@ async def test_a_response_over_the_clients_max_message_size_becomes_a_fault() ->
             channel.connection_lost(None)
 
     await aio(body())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_channel_whose_token_is_not_renewed_is_closed(tmp_path: Path) -> None:
+    from asyncua import Client
+
+    running = await start(make_config(tmp_path / "data", free_port(), anonymous=True))
+    layer = running.service.layer
+
+    async def body() -> None:
+        c = Client(running.url, timeout=10, watchdog_intervall=60)
+        c.secure_channel_timeout = 1000  # ms, the shortest lifetime we grant
+        await c.connect()
+        try:
+            task = c._renew_channel_task  # a client that stops renewing its token
+            assert task is not None
+            task.cancel()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while layer.listener.stats.token_expired < 1:
+                assert loop.time() < deadline, "the channel was not closed"
+                await asyncio.sleep(0.05)
+            await running.wait_idle()
+            assert not layer.listener.channels
+        finally:
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+        await running.wait_idle()
+
+    try:
+        await aio(body())
+    finally:
+        await running.root.stopService()

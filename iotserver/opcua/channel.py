@@ -5,7 +5,10 @@
 * reads the 8-byte message header first and refuses, before buffering any of the body, a
   message type it does not know (Bad_TcpMessageTypeInvalid) or a chunk larger than negotiated
   (Bad_TcpMessageTooLarge): an ERR message, then the connection is closed (Part 6 7.1.5);
-* expects a HEL within ``hello_timeout_s`` (otherwise it closes the connection) and answers
+* expects a HEL and an OpenSecureChannel within ``hello_timeout_s`` (otherwise it closes the
+  connection), closes a channel whose security token is not renewed within 125 % of its
+  lifetime (revised to at most an hour), refuses connections beyond ``max_connections``, and
+  answers a HEL
   with an ACK carrying our limits (Part 6 7.1.2.3/7.1.2.4): a chunk is at most the smaller of
   the client's SendBufferSize and our ``max_chunk_size``; a message at most
   ``max_message_size`` bytes in at most ``max_chunk_count`` chunks; the secure-channel layer
@@ -50,6 +53,8 @@ _KNOWN = {b"HEL", b"OPN", b"MSG", b"CLO"}
 _SECURE = {b"OPN", b"MSG", b"CLO"}
 HELLO_MAX = 8192  # a HEL is 32 bytes plus an EndpointUrl of at most 4096 (Part 6 7.1.2.3)
 MIN_BUFFER = 8192  # Part 6 7.1.2.3: buffers of fewer than 8192 bytes are refused
+MIN_TOKEN_LIFETIME_MS = 1_000
+MAX_TOKEN_LIFETIME_MS = 3_600_000  # RequestedLifetime is revised to at most one hour
 
 
 @dataclass
@@ -59,6 +64,7 @@ class ChannelLimits:
     max_chunk_size: int = 65535
     hello_timeout_s: float = 10.0
     max_pending_requests: int = 100
+    max_connections: int = 500
 
 
 @dataclass
@@ -70,6 +76,8 @@ class ChannelStats:
     queue_full: int = 0
     renewals: int = 0
     response_too_large: int = 0
+    token_expired: int = 0
+    refused: int = 0
 
 
 class RateLimitedLog:
@@ -127,6 +135,7 @@ class UaChannel(asyncio.Protocol):
         self._buf = bytearray()
         self._hello = False
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._lifetime_timer: asyncio.TimerHandle | None = None
         self._transport_limits = TransportLimits(max_recv_buffer=self.limits.max_chunk_size,
                                                  max_send_buffer=self.limits.max_chunk_size,
                                                  max_chunk_count=self.limits.max_chunk_count,
@@ -163,6 +172,13 @@ class UaChannel(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "?"
         self.sockname = transport.get_extra_info("sockname")
+        if len(self.listener.channels) >= self.limits.max_connections:
+            self.listener.stats.refused += 1
+            MALFORMED.warning("OPC UA: connection from %s refused: max_connections (%d) reached",
+                              self.address, self.limits.max_connections)
+            transport.close()
+            self.transport = None
+            return
         self.listener.channels.add(self)
         self.listener.stats.connections += 1
         loop = asyncio.get_running_loop()
@@ -171,9 +187,10 @@ class UaChannel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-            self._hello_timer = None
+        for timer in (self._hello_timer, self._lifetime_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hello_timer = self._lifetime_timer = None
         self.listener.channels.discard(self)
         self.listener.table.channel_lost(self)
         if self._worker is not None and not self._worker.done():
@@ -182,10 +199,19 @@ class UaChannel(asyncio.Protocol):
 
     def _hello_timeout(self) -> None:
         self._hello_timer = None
-        if not self._hello and self.transport is not None:
+        if not self.is_open and self.transport is not None:
             self.listener.stats.hello_timeouts += 1
-            MALFORMED.warning("OPC UA: %s sent no HEL within %.0f s: connection closed",
-                              self.address, self.limits.hello_timeout_s)
+            MALFORMED.warning("OPC UA: %s opened no secure channel (HEL, OPN) within %.0f s: "
+                              "connection closed", self.address, self.limits.hello_timeout_s)
+            self.transport.abort()
+
+    def _token_expired(self) -> None:
+        """Part 4 5.5.2: a channel whose security token was not renewed in time is closed."""
+        self._lifetime_timer = None
+        if self.transport is not None:
+            self.listener.stats.token_expired += 1
+            log.info("OPC UA: secure channel %d of %s not renewed in time: closed",
+                     self.channel_id, self.address)
             self.transport.abort()
 
     def _refuse(self, code: int, reason: str) -> None:
@@ -276,9 +302,6 @@ class UaChannel(asyncio.Protocol):
         if hello.ReceiveBufferSize < MIN_BUFFER or hello.SendBufferSize < MIN_BUFFER:
             raise ProtocolViolation(ua.StatusCodes.BadTcpInternalError, "buffers below 8192")
         self._hello = True
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-            self._hello_timer = None
         lim = self.limits
         ack = ua.Acknowledge()
         ack.ProtocolVersion = 0
@@ -311,8 +334,19 @@ class UaChannel(asyncio.Protocol):
         if self.is_open:
             self.listener.stats.renewals += 1
         result = self.conn.open(params, self.listener.iserver)
-        self.channel_id = int(result.SecurityToken.ChannelId)
+        token = result.SecurityToken
+        token.RevisedLifetime = min(max(int(token.RevisedLifetime), MIN_TOKEN_LIFETIME_MS),
+                                    MAX_TOKEN_LIFETIME_MS)
+        self.channel_id = int(token.ChannelId)
         self.is_open = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+        # the client renews at 75 % of the lifetime; the token stays valid until 125 %
+        self._lifetime_timer = asyncio.get_running_loop().call_later(
+            token.RevisedLifetime * 1.25 / 1000.0, self._token_expired)
         response = ua.OpenSecureChannelResponse()
         response.Parameters = result
         response.ResponseHeader.RequestHandle = request.RequestHeader.RequestHandle

@@ -123,6 +123,7 @@ class OpcUaConfig:
     max_retransmission_queue: int = 64
     max_publish_requests: int = 20
     max_pending_requests: int = 100
+    max_connections: int = 500
     clients: tuple[ClientConfig, ...] = ()
 
     @property
@@ -351,6 +352,7 @@ def parse(r: Reader) -> OpcUaConfig:
         max_retransmission_queue=r.int("max_retransmission_queue", 64, min=1, max=10_000),
         max_publish_requests=r.int("max_publish_requests", 20, min=1, max=1000),
         max_pending_requests=r.int("max_pending_requests", 100, min=1, max=100_000),
+        max_connections=r.int("max_connections", 500, min=1, max=100_000),
         clients=tuple(clients),
     )
     r.done()
