@@ -335,8 +335,8 @@ class UaChannel(asyncio.Protocol):
             self.listener.stats.renewals += 1
         result = self.conn.open(params, self.listener.iserver)
         token = result.SecurityToken
-        token.RevisedLifetime = min(max(int(token.RevisedLifetime), MIN_TOKEN_LIFETIME_MS),
-                                    MAX_TOKEN_LIFETIME_MS)
+        requested = int(token.RevisedLifetime) or MAX_TOKEN_LIFETIME_MS  # 0: our choice
+        token.RevisedLifetime = min(max(requested, MIN_TOKEN_LIFETIME_MS), MAX_TOKEN_LIFETIME_MS)
         self.channel_id = int(token.ChannelId)
         self.is_open = True
         if self._hello_timer is not None:
