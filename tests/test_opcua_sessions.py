@@ -443,3 +443,27 @@ def test_certificate_comparison_uses_the_leaf_of_a_chain() -> None:
     two = _self_signed_app_cert("urn:b", "b", ["localhost"], [])[0].public_bytes(Encoding.DER)
     assert leaf(one + two) == one and leaf(one) == one and leaf(two + one) == two
     assert leaf(None) == b"" and leaf(b"junk") == b"junk"
+
+
+def test_a_user_manager_may_answer_asynchronously(layer: Layer) -> None:
+    manager = layer.iserver.user_manager
+    calls: list[str | None] = []
+
+    class Later:
+        def get_user(self, iserver: Any, username: str | None = None,
+                     password: str | None = None, certificate: Any = None) -> Any:
+            calls.append(username)
+
+            async def answer() -> Any:
+                return manager.get_user(iserver, username=username, password=password,
+                                        certificate=certificate)
+            return answer()
+
+    layer.iserver.user_manager = Later()
+    ch = FakeChannel()
+    token = layer.open_session(ch, "alice", "a")
+    session = layer.table.get(token)
+    assert session is not None and session.user.name == "alice" and calls == ["alice"]
+    res = layer.call(ch, ua.CreateSessionRequest())
+    bad = layer.activate(ch, res.Parameters.AuthenticationToken, "alice", "wrong")
+    assert fault_code(bad) == S.BadUserAccessDenied

@@ -15,6 +15,7 @@ Security rules applied here:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import secrets
@@ -24,6 +25,7 @@ from asyncua import ua
 from asyncua.common.utils import ServiceError
 from asyncua.crypto.uacrypto import x509
 from asyncua.ua.ua_binary import Primitives
+from twisted.internet.defer import Deferred
 
 from iotserver.opcua.security import role_of
 from iotserver.opcua.sessions import Identity
@@ -190,7 +192,10 @@ class SessionServices:
         # only an X509 *user token* logs a user in by certificate, never the channel's
         user = iserver.user_manager.get_user(iserver, username=username, password=password,
                                              certificate=certificate)
-        if inspect.isawaitable(user):  # a user manager that checks passwords off the loop
+        # a user manager that checks passwords off the event loop may answer later
+        if isinstance(user, Deferred):
+            user = await user.asFuture(asyncio.get_running_loop())
+        elif inspect.isawaitable(user):
             user = await user
         if user is None:
             raise ServiceError(ua.StatusCodes.BadUserAccessDenied)
