@@ -82,7 +82,7 @@ _assigned(MonitoredItemService.__init__, ("_monitored_item_counter", "_monitored
 
 __all__ = ["ASYNCUA_VERSION", "AsyncuaIncompatible", "SecureConnection", "TransportLimits",
            "check", "check_server", "node_table", "policy_factories", "retype",
-           "set_application_uri", "set_node_table", "take_time_task"]
+           "set_application_uri", "set_node_table", "setup_endpoints", "take_time_task"]
 
 
 def check() -> None:
@@ -108,6 +108,11 @@ def check_server(server: Server) -> None:
 def policy_factories(server: Server) -> list[Any]:
     """The security policy factories of ``server`` (after ``set_security_policy``)."""
     return list(server._policies)
+
+
+async def setup_endpoints(server: Server) -> None:
+    """Build the endpoint descriptions and policy factories (what ``Server.start`` does first)."""
+    await server._setup_server_nodes()
 
 
 def set_application_uri(server: Server, uri: str) -> None:

@@ -135,7 +135,7 @@ class TagAddressSpace(AddressSpace):  # type: ignore[misc]  # asyncua is untyped
             compat.set_node_table(aspace, NodeTable(compat.node_table(aspace), capacity))
         compat.retype(aspace, cls)  # only methods differ: no new instance state
         assert isinstance(aspace, TagAddressSpace)
-        aspace._nodes.provider = provider
+        compat.node_table(aspace).provider = provider
         return aspace
 
     @property

@@ -42,6 +42,6 @@ async def prepare(server: IotUaServer) -> list[Any]:
     """Make the endpoints and start the internal server (ServerStatus clock); return the
     security policy factories for the listener."""
     compat.check_server(server)
-    await server._setup_server_nodes()
+    await compat.setup_endpoints(server)
     await server.iserver.start()
     return compat.policy_factories(server)
