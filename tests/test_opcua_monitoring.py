@@ -88,7 +88,7 @@ def test_tag_path_that_is_also_a_folder_and_nested_channels() -> None:
 class FakeSub:
     def __init__(self) -> None:
         self.data = SimpleNamespace(SubscriptionId=1, RevisedPublishingInterval=100.0)
-        self._triggered_datachanges: dict[int, list[Any]] = {}
+        self.datachanges: dict[int, list[Any]] = {}
 
 
 def service_with_item(queue_size: int = 1, discard_oldest: bool = True,
@@ -112,7 +112,7 @@ def service_with_item(queue_size: int = 1, discard_oldest: bool = True,
     res = svc._create_item(req, ua.TimestampsToReturn.Both)
     res.StatusCode.check()
     assert queued(sub) == [(0.0, 0)]  # the first sample right after creation (5.13.1.2)
-    sub._triggered_datachanges.clear()
+    sub.datachanges.clear()
     svc.created = res  # type: ignore[attr-defined]  # for the tests of revised values
     return svc, sub, next(iter(svc._by_handle))
 
@@ -124,7 +124,7 @@ def push(svc: IotMonitoredItemService, handle: int, value: float, code: int = 0)
 
 def queued(sub: FakeSub) -> list[tuple[float, int]]:
     return [(n.Value.Value.Value, n.Value.StatusCode.value)
-            for q in sub._triggered_datachanges.values() for n in q]
+            for q in sub.datachanges.values() for n in q]
 
 
 def test_absolute_deadband_against_last_reported_value() -> None:

@@ -177,10 +177,10 @@ def test_lru_cache_is_bounded_and_rebuilt_nodes_are_equal() -> None:
 class FakeSub:
     def __init__(self) -> None:
         self.data = SimpleNamespace(SubscriptionId=1, RevisedPublishingInterval=100.0)
-        self._triggered_datachanges: dict[int, list[Any]] = {}
+        self.datachanges: dict[int, list[Any]] = {}
 
     def values(self) -> list[Any]:
-        return [n.Value for q in self._triggered_datachanges.values() for n in q]
+        return [n.Value for q in self.datachanges.values() for n in q]
 
 
 def monitor(space: TagSpace, path: str, attr: int = A.Value

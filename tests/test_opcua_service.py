@@ -57,25 +57,6 @@ def test_builtin_default_offers_loopback_only_with_warnings() -> None:
     assert len(opcua.warnings()) == 2
 
 
-def test_clear_text_password_on_unsecured_channel_is_refused(tmp_path: Path) -> None:
-    from asyncua import ua
-    from asyncua.common.utils import ServiceError
-
-    from iotserver.opcua.security import IotUserManager, TrustList
-    from iotserver.opcua.session import IotInternalServer
-    from iotserver.security.users import UserDB
-
-    users = IotUserManager(UserDB, TrustList(tmp_path), allow_anonymous=False)
-    iserver = IotInternalServer(users, max_items=10, min_interval_ms=10)
-    session = iserver.create_session("test")
-    params = ua.ActivateSessionParameters()
-    params.UserIdentityToken = ua.UserNameIdentityToken(UserName="alice", Password=b"secret")
-    with pytest.raises(ServiceError) as info:
-        session.activate_session(params, None)
-    assert info.value.code == ua.StatusCodes.BadIdentityTokenInvalid
-    iserver.method_service.stop()
-
-
 @pytest_twisted.ensureDeferred
 async def test_harness_starts_and_stops_cleanly(tmp_path: Path) -> None:
     running = await start(make_config(tmp_path / "data", free_port(), anonymous=True))

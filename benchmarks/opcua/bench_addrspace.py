@@ -135,14 +135,14 @@ max_monitored_items = 200000
         for k in range(batches):
             now = store.now_ns()
             changes = [Change(d, TagValue(k + 1, Quality.GOOD, now, now)) for d in defs]
-            sub._triggered_datachanges = {}
+            sub.datachanges = {}
             t = time.perf_counter()
             pump._apply(changes, 0)
             spent += time.perf_counter() - t
             n += len(changes)
         out["us_per_change"] = spent / n * 1e6
         out["core_at_100k"] = spent / n * 100_000
-        out["queued"] = sum(len(q) for q in sub._triggered_datachanges.values())
+        out["queued"] = sum(len(q) for q in sub.datachanges.values())
         await iserver.subscription_service.delete_subscriptions([res.SubscriptionId])
     await service._astop()
     return out

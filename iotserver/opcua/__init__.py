@@ -1,7 +1,10 @@
-"""OPC UA: the server over the tag store (asyncua) and the southbound OPC UA client source.
+"""OPC UA: the server over the tag store and the southbound OPC UA client source.
 
-See docs/opcua.md. Modules: ``config`` (``[opcua]``), ``service`` (lifecycle), ``security``,
-``addrspace``, ``values`` + ``monitoring`` (subscriptions), ``session`` (read/write/history
-routing), ``history`` + ``aggregates``, ``fastenc`` + ``uaserver`` (publish encoding),
-``status`` (server object, methods), ``client`` (southbound source).
+See docs/opcua.md and docs/architecture.md. Modules: ``config`` (``[opcua]``), ``service``
+(lifecycle), ``layer`` + ``channel`` + ``dispatch`` + ``sessions`` + ``sessionsvc`` +
+``subscriptions`` + ``subsvc`` (our session layer), ``security``, ``addrspace`` + ``nodecache``,
+``values`` + ``monitoring`` (monitored items), ``session`` (read/write/history routing),
+``history`` + ``aggregates``, ``fastenc`` (publish encoding), ``uaserver`` (asyncua's Server as
+the address space and endpoint holder), ``compat`` (the only private asyncua use), ``status``
+(server object, methods), ``client`` (southbound source).
 """

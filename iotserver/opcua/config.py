@@ -113,6 +113,18 @@ class OpcUaConfig:
     publish_yield_ms: float = 5.0
     min_publishing_interval_ms: float = 10.0
     max_history_values: int = 10_000
+    # session layer limits (sessions.py, channel.py); every one is logged and counted when hit
+    max_sessions_per_address: int = 20
+    max_session_timeout_s: float = 600.0
+    session_activation_timeout_s: float = 10.0
+    hello_timeout_s: float = 10.0
+    max_message_size: int = 16 * 1024 * 1024
+    max_chunk_count: int = 512
+    max_chunk_size: int = 65535
+    max_retransmission_queue: int = 64
+    max_publish_requests: int = 20
+    max_pending_requests: int = 100
+    max_connections: int = 500
     clients: tuple[ClientConfig, ...] = ()
     #: run the OPC UA server; false for an [opcua] section of clients only (see ``parse``)
     server: bool = True
@@ -341,6 +353,19 @@ def parse(r: Reader) -> OpcUaConfig:
         publish_yield_ms=r.float("publish_yield_ms", 5.0, min=0.1, max=1000),
         min_publishing_interval_ms=r.float("min_publishing_interval_ms", 10.0, min=1, max=10_000),
         max_history_values=r.int("max_history_values", 10_000, min=10, max=10_000_000),
+        max_sessions_per_address=r.int("max_sessions_per_address", 20, min=1, max=10_000),
+        max_session_timeout_s=r.float("max_session_timeout_s", 600.0, min=10, max=86_400),
+        session_activation_timeout_s=r.float("session_activation_timeout_s", 10.0, min=0.5,
+                                             max=600),
+        hello_timeout_s=r.float("hello_timeout_s", 10.0, min=0.5, max=600),
+        max_message_size=r.int("max_message_size", 16 * 1024 * 1024, min=65536,
+                               max=1024 * 1024 * 1024),
+        max_chunk_count=r.int("max_chunk_count", 512, min=1, max=100_000),
+        max_chunk_size=r.int("max_chunk_size", 65535, min=8192, max=16 * 1024 * 1024),
+        max_retransmission_queue=r.int("max_retransmission_queue", 64, min=1, max=10_000),
+        max_publish_requests=r.int("max_publish_requests", 20, min=1, max=1000),
+        max_pending_requests=r.int("max_pending_requests", 100, min=1, max=100_000),
+        max_connections=r.int("max_connections", 500, min=1, max=100_000),
         clients=tuple(clients),
         server=server,
     )

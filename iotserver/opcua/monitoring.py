@@ -7,8 +7,8 @@ discardOldest is ignored and the Overflow bit is never set. It also deep-copies 
 per monitored item, which caps throughput at a few thousand changes/s.
 
 This module replaces the data-change half of asyncua's ``MonitoredItemService`` (events still use
-the inherited code) with :class:`IotMonitoredItemService`, installed through
-:class:`IotSubscriptionService` / :class:`IotSubscription`:
+the inherited code) with :class:`IotMonitoredItemService`, one per subscription
+(``subscriptions.py``, whose ``datachanges`` dict it fills):
 
 * DataChangeFilter per Part 4 7.22.2 (trigger, Absolute deadband vs the last reported value,
   element-wise for arrays) and Part 8 7.2 (Percent deadband of the EURange);
@@ -33,15 +33,13 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncua import ua
-from asyncua.common.utils import ServiceError
 from asyncua.server.address_space import AddressSpace
-from asyncua.server.internal_subscription import InternalSubscription
 from asyncua.server.monitored_item_service import MonitoredItemService
-from asyncua.server.subscription_service import SubscriptionService
 from asyncua.ua.uaprotocol_auto import DataChangeFilter  # ua.DataChangeFilter is a subclass:
 # decoded filters are instances of this base class, not of ua.DataChangeFilter
 from twisted.internet.interfaces import IReactorTime
 
+from iotserver.clock import LoopClock
 from iotserver.opcua.convert import status
 
 OVERFLOW_BITS = 0x0480  # InfoType DataValue (bit 10) + Overflow (bit 7), Part 4 7.39.1
@@ -212,7 +210,7 @@ class Limits:
 class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # asyncua is untyped
     """Data-change items per spec without copies; event items use asyncua's code."""
 
-    def __init__(self, isub: InternalSubscription, aspace: AddressSpace, limits: Limits,
+    def __init__(self, isub: Any, aspace: AddressSpace, limits: Limits,
                  clock: IReactorTime | None = None) -> None:
         super().__init__(isub, aspace)
         self._items: dict[int, Item] = {}
@@ -362,7 +360,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
                         if isinstance(rp.Filter, DataChangeFilter)
                         else ua.DataChangeTrigger.StatusValue)
         item.deadband = limit
-        queue = self.isub._triggered_datachanges.get(item.mid)
+        queue = self.isub.datachanges.get(item.mid)
         if queue and len(queue) > item.queue_size:
             del queue[: len(queue) - item.queue_size]
         result.RevisedQueueSize = item.queue_size
@@ -402,12 +400,27 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         self._by_handle.pop(item.handle, None)
         self._cancel_sample(item)
         self.aspace.delete_datachange_callback(item.handle)
-        self.isub._triggered_datachanges.pop(mid, None)
+        self.isub.datachanges.pop(mid, None)
         self._limits.count -= 1
         return status(0)
 
+    def data_items(self) -> list[Item]:
+        return list(self._items.values())
+
+    def event_items(self) -> list[tuple[int, Any]]:
+        """(id, asyncua's item) of the event items (asyncua's code runs those)."""
+        return list(self._monitored_items.items())
+
     def delete_all_monitored_items(self) -> None:
         self.delete_monitored_items(list(self._items) + list(self._monitored_items))
+
+    def resend_initial_values(self) -> None:
+        """Queue the current value of every reporting item (TransferSubscriptions with
+        SendInitialValues, Part 4 5.13.7.2)."""
+        for item in list(self._items.values()):
+            if item.mode is ua.MonitoringMode.Reporting:
+                item.last = None
+                self._report(item, self.aspace.read_attribute_value(item.node_id, item.attr))
 
     # -- data changes --------------------------------------------------------------------
     async def datachange_callback(self, handle: int, value: ua.DataValue,
@@ -476,7 +489,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         item.pending = None
 
     def _find_clock(self) -> Any:
-        self.clock = _LoopClock(asyncio.get_event_loop())
+        self.clock = LoopClock(asyncio.get_event_loop())
         return self.clock
 
     def _queue(self, item: Item, dv: ua.DataValue) -> None:
@@ -486,7 +499,7 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         note = _new(_Notification)  # the dataclass __init__ costs 3x as much
         note.ClientHandle = item.client_handle
         note.Value = dv
-        pending = self.isub._triggered_datachanges
+        pending = self.isub.datachanges
         queue = pending.get(item.mid)
         if queue is None:
             pending[item.mid] = [note]
@@ -501,147 +514,3 @@ class IotMonitoredItemService(MonitoredItemService):  # type: ignore[misc]  # as
         else:
             queue[-1] = _with_overflow(note)
 
-
-class _LoopClock:
-    """The asyncio loop's monotonic time through the two IReactorTime calls used above.
-
-    Not the reactor itself: its ``seconds()`` is wall time, and a wall clock stepped back by an
-    hour would hold a waiting sample for that hour.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def seconds(self) -> float:
-        return self._loop.time()
-
-    def callLater(self, delay: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
-        return self._loop.call_later(delay, fn, *args)
-
-
-class IotSubscription(InternalSubscription):  # type: ignore[misc]  # asyncua is untyped
-    """asyncua's subscription with our monitored item service and MaxNotificationsPerPublish.
-
-    Part 4 5.14.2.2: a NotificationMessage carries at most ``maxNotificationsPerPublish``
-    notifications; the rest waits for the next Publish request and ``moreNotifications`` tells
-    the client so. asyncua ignores the limit and sends whatever accumulated in one message,
-    which a client with a message size limit cannot take (and which blocks the event loop
-    while it is encoded). We also apply a server-side cap.
-    """
-
-    _triggered_datachanges: dict[int, list[ua.MonitoredItemNotification]]  # set by asyncua
-
-    def __init__(self, *args: Any, limits: Limits, max_notifications: int,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.monitored_item_srv = IotMonitoredItemService(self, args[1], limits)
-        self.max_notifications = max_notifications
-
-    def _pop_triggered_datachanges(self, result: ua.PublishResult) -> None:
-        pending = self._triggered_datachanges
-        if not pending:
-            return
-        limit = self.max_notifications
-        notif = ua.DataChangeNotification()
-        if sum(len(q) for q in pending.values()) <= limit:
-            notif.MonitoredItems = [n for q in pending.values() for n in q]
-            self._triggered_datachanges = {}
-        else:
-            out: list[ua.MonitoredItemNotification] = []
-            for mid in list(pending):
-                queue = pending[mid]
-                room = limit - len(out)
-                if len(queue) <= room:
-                    out += queue
-                    del pending[mid]
-                else:  # oldest first, so each item's values stay in order (Part 4 5.13.1.1)
-                    out += queue[:room]
-                    del queue[:room]
-                    break
-            notif.MonitoredItems = out
-        result.NotificationMessage.NotificationData.append(notif)
-
-    def _pop_publish_result(self) -> ua.PublishResult:
-        result = super()._pop_publish_result()
-        result.MoreNotifications = bool(self._triggered_datachanges) and self._publishing_enabled
-        return result
-
-    async def publish_results(self, requestdata: Any = None) -> bool:
-        sent: bool = await super().publish_results(requestdata)
-        # the remainder goes out with the next Publish request, not a publishing interval later
-        while sent and self._triggered_datachanges and self.pub_request_callback is not None \
-                and not self._closing:
-            request = self.pub_request_callback(self.data.SubscriptionId)
-            if request is None:
-                break  # the processor calls us back when the client sends one
-            sent = await super().publish_results(request)
-        return sent
-
-
-class IotSubscriptionService(SubscriptionService):  # type: ignore[misc]  # asyncua is untyped
-    """Creates :class:`IotSubscription` objects; revises the publishing interval (Part 4 5.14.2).
-
-    A requested interval of 0 would make asyncua publish from inside every value write; it is
-    revised up to ``min_interval_ms`` ("the fastest rate the Server supports").
-    """
-
-    def __init__(self, aspace: AddressSpace, iserver: Any, *, max_items: int,
-                 min_interval_ms: float) -> None:
-        super().__init__(aspace, iserver)
-        self.limits = Limits(max_items)
-        self.min_interval_ms = min_interval_ms
-
-    def monitored_item_handles(self, subscription_id: int, session_id: ua.NodeId
-                               ) -> tuple[list[int], list[int]] | None:
-        """(server handles, client handles) of a subscription of ``session_id``, for
-        GetMonitoredItems (Part 5 9.1); None when it does not exist or is another's."""
-        sub = self.subscriptions.get(subscription_id)
-        if sub is None or sub.session_id != session_id:
-            return None
-        srv = sub.monitored_item_srv
-        items = [(i.mid, i.client_handle) for i in getattr(srv, "_items", {}).values()]
-        items += [(mid, m.client_handle) for mid, m in srv._monitored_items.items()]
-        items.sort()
-        return [mid for mid, _ in items], [ch for _, ch in items]
-
-    async def create_subscription(
-        self,
-        params: ua.CreateSubscriptionParameters,
-        callback: Callable[..., Any],
-        session_id: ua.NodeId,
-        request_callback: Callable[..., Any] | None = None,
-    ) -> ua.CreateSubscriptionResult:
-        max_subs = self.iserver.max_subscriptions if self.iserver else 1_000
-        if len(self.subscriptions) >= max_subs:
-            raise ServiceError(ua.StatusCodes.BadTooManySubscriptions)
-        result = ua.CreateSubscriptionResult()
-        interval = params.RequestedPublishingInterval
-        if not math.isfinite(interval) or interval < self.min_interval_ms:
-            interval = self.min_interval_ms
-        result.RevisedPublishingInterval = interval
-        result.RevisedLifetimeCount = self._clamp_lifetime_count(params.RequestedLifetimeCount)
-        result.RevisedMaxKeepAliveCount = self._clamp_keep_alive_count(
-            params.RequestedMaxKeepAliveCount)
-        # Part 4 5.14.2.2: lifetime count at least three times the keep-alive count
-        result.RevisedLifetimeCount = max(result.RevisedLifetimeCount,
-                                          3 * result.RevisedMaxKeepAliveCount)
-        self._sub_id_counter += 1
-        result.SubscriptionId = self._sub_id_counter
-        sub = IotSubscription(
-            result,
-            self.aspace,
-            callback,
-            session_id,
-            request_callback=request_callback,
-            delete_callback=lambda: self.subscriptions.pop(result.SubscriptionId, None),
-            no_acks_limit=(self.iserver.max_unacked_messages_per_subscription
-                           if self.iserver else 5000),
-            max_queue_size=self.limits.max_queue_size,
-            publishing_enabled=params.PublishingEnabled,
-            limits=self.limits,
-            max_notifications=min(params.MaxNotificationsPerPublish or MAX_NOTIFICATIONS,
-                                  MAX_NOTIFICATIONS),
-        )
-        await sub.start()
-        self.subscriptions[result.SubscriptionId] = sub
-        return result

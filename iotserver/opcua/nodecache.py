@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from asyncua import ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
+from iotserver.opcua import compat
+
 DEFAULT_CAPACITY = 2048
 
 
@@ -129,11 +131,11 @@ class TagAddressSpace(AddressSpace):  # type: ignore[misc]  # asyncua is untyped
     def install(cls, aspace: AddressSpace, provider: NodeProvider,
                 capacity: int = DEFAULT_CAPACITY) -> TagAddressSpace:
         """Turn an existing AddressSpace (already shared by asyncua's services) into ours."""
-        if not isinstance(aspace._nodes, NodeTable):
-            aspace._nodes = NodeTable(aspace._nodes, capacity)
-        aspace.__class__ = cls  # only methods differ: no new instance state
+        if not isinstance(compat.node_table(aspace), NodeTable):
+            compat.set_node_table(aspace, NodeTable(compat.node_table(aspace), capacity))
+        compat.retype(aspace, cls)  # only methods differ: no new instance state
         assert isinstance(aspace, TagAddressSpace)
-        aspace._nodes.provider = provider
+        compat.node_table(aspace).provider = provider
         return aspace
 
     @property

@@ -369,14 +369,9 @@ class IotUserManager:
     (:mod:`iotserver.security.login`: throttle by address and user, scrypt in a thread,
     audit).
 
-    asyncua 2.1 calls ``get_user`` synchronously from ``InternalSession.activate_session``
-    (itself synchronous, called without ``await`` by ``UaProcessor.process_message``): a
-    coroutine returned by the hook would never be awaited, and a password checked inside it
-    would stall the event loop for the whole scrypt. So the check happens *before* asyncua
-    activates the session: :func:`precheck_activation` wraps a connection's request dispatch,
-    awaits :meth:`login` for an ActivateSession (the password is hashed in a thread while the
-    loop runs), and leaves the verdict here; ``get_user`` then only picks it up. A dispatch
-    of our own calls :meth:`login` directly.
+    The session layer (``sessionsvc.py``) awaits :meth:`login` for an ActivateSession, so a
+    password is hashed in a thread while the loop runs. ``get_user`` is the synchronous
+    asyncua-style hook, kept for asyncua code that asks for a user; it verifies on the loop.
     """
 
     def __init__(self, users: Callable[[], UserDB], trust: TrustList, *,
@@ -385,8 +380,6 @@ class IotUserManager:
         self._trust = trust
         self.allow_anonymous = allow_anonymous
         self._logins = logins
-        # (username, sha256 of the password) -> verdict, left by precheck_activation
-        self._verdicts: dict[tuple[str, bytes], User | None] = {}
 
     @property
     def logins(self) -> Logins:
@@ -415,14 +408,11 @@ class IotUserManager:
                  certificate: Any = None) -> User | None:
         """asyncua's synchronous hook (see the class docstring)."""
         if username is not None:
-            key = _verdict_key(username, password or "")
-            if key in self._verdicts:
-                return self._verdicts.pop(key)
-            # not prechecked (a dispatch that did not await login()): verified here, blocking
+            # a caller that did not await login(): verified here, blocking
             if self.logins.throttled(PROTOCOL, None, username, "password"):
                 return None
             self.logins.ratelog.warn("opcua-blocking", "OPC UA: password of {user!r} verified "
-                                     "on the event loop (ActivateSession was not prechecked)",
+                                     "on the event loop (not through login())",
                                      user=username)
             user = self._users().verify(username, password or "")
             outcome = Outcome.OK if user is not None else Outcome.FAILED
@@ -467,53 +457,6 @@ class IotUserManager:
         self.logins.record(PROTOCOL, peer, user.name, "certificate", Outcome.OK)
         return IotUser(role=UserRole.User, name=user.name, access=user.role.value,
                        via="certificate")
-
-    def remember(self, username: str, password: str, user: User | None) -> None:
-        """A verdict for the next ``get_user(username, password)`` (bounded)."""
-        if len(self._verdicts) > 1000:
-            self._verdicts.clear()
-        self._verdicts[_verdict_key(username, password)] = user
-
-
-def _verdict_key(username: str, password: str) -> tuple[str, bytes]:
-    """No clear-text password is kept while a verdict waits for ``get_user``."""
-    return username, hashlib.sha256(password.encode("utf-8", "surrogatepass")).digest()
-
-
-_ACTIVATE = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
-
-
-def precheck_activation(processor: Any, dispatch: Callable[..., Any]) -> Callable[..., Any]:
-    """``dispatch`` (a connection's ``_process_message``) with ActivateSession passwords
-    verified first, awaited, off the event loop (see :class:`IotUserManager`).
-
-    Anything this cannot decode is left to asyncua's own ActivateSession, which refuses it.
-    """
-    from asyncua.ua.ua_binary import struct_from_binary
-
-    async def process_message(typeid: ua.NodeId, requesthdr: Any, seqhdr: Any,
-                              body: Any) -> Any:
-        manager = getattr(processor.iserver, "user_manager", None)
-        if typeid == _ACTIVATE and isinstance(manager, IotUserManager):
-            try:
-                # a shadow copy: asyncua parses the body itself afterwards
-                params = struct_from_binary(ua.ActivateSessionParameters, body.copy())
-                token = params.UserIdentityToken
-                session = processor.session or processor.iserver.lookup_external_session(
-                    requesthdr.AuthenticationToken)
-                name_pw = (processor.iserver.decrypt_user_token(session, token)
-                           if session is not None
-                           and isinstance(token, ua.UserNameIdentityToken) else None)
-            except Exception:  # malformed: asyncua's own parse refuses it
-                name_pw = None
-            if name_pw is not None and name_pw[0] is not None:
-                username, password = name_pw
-                peer = processor.name[0] if isinstance(processor.name, tuple) else None
-                user = await manager.login(peer=peer, username=username, password=password)
-                manager.remember(username, password or "", user)
-        return await dispatch(typeid, requesthdr, seqhdr, body)
-
-    return process_message
 
 
 def role_of(user: Any) -> str:

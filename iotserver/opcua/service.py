@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import inspect
 import logging
 from typing import Any
 
 from asyncua import ua
-from asyncua.server.binary_server_asyncio import BinaryServer
 from twisted.internet.defer import Deferred
 
 from iotserver.lifecycle import AsyncService, StartupError, as_deferred
+from iotserver.opcua import compat
 from iotserver.opcua.addrspace import TagSpace
+from iotserver.opcua.layer import SessionLayer
 from iotserver.opcua.config import POLICIES, OpcUaConfig
 from iotserver.opcua.convert import VARIANT_TYPES
 from iotserver.opcua.history import HistoryReader, Series, stepped
@@ -42,7 +44,8 @@ from iotserver.opcua.security import (
 )
 from iotserver.opcua.session import IotInternalServer, Services
 from iotserver.opcua.status import ServerInfo
-from iotserver.opcua.uaserver import IotUaServer
+from iotserver.opcua.sessions import LoopClock
+from iotserver.opcua.uaserver import IotUaServer, prepare
 from iotserver.opcua.values import ValuePump
 
 log = logging.getLogger("iotserver.opcua")
@@ -78,7 +81,8 @@ class OpcUaService(AsyncService):
         self.pump: ValuePump | None = None
         self.trust: TrustList | None = None
         self.clients: dict[str, Any] = {}
-        self._bserver_started = False
+        self._iserver_started = False
+        self.layer: SessionLayer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -89,6 +93,10 @@ class OpcUaService(AsyncService):
 
     async def _astart(self) -> None:
         cfg, core = self.cfg, self.core
+        try:
+            compat.check()
+        except compat.AsyncuaIncompatible as exc:
+            raise StartupError(str(exc)) from None
         for warning in cfg.warnings():
             log.warning("%s", warning)
         data_dir = core.config.server.data_dir
@@ -122,14 +130,9 @@ class OpcUaService(AsyncService):
         users = IotUserManager(lambda: self.core.users, self.trust,
                                allow_anonymous=cfg.allow_anonymous,
                                logins=logins_of(self.core))
-        self.iserver = iserver = IotInternalServer(
-            users, max_items=cfg.max_monitored_items,
-            min_interval_ms=cfg.min_publishing_interval_ms)
-        iserver.max_subscriptions = cfg.max_subscriptions
-        iserver.max_sessions = cfg.max_sessions
+        self.iserver = iserver = IotInternalServer(users, max_items=cfg.max_monitored_items,
+                                                   max_queue_size=cfg.max_queue_size)
         iserver.max_browse_continuation_points = cfg.max_browse_continuation_points
-        iserver.subscription_service.limits.max_queue_size = cfg.max_queue_size
-        iserver.clear_text_passwords = cfg.security_policies == ("None",)
         iserver.certificate_validator = ClientCertificateValidator(self.trust)
         self.server = server = IotUaServer(iserver=iserver)
         if ca_cert is not None and app.cert.issuer == ca_cert.subject:
@@ -139,7 +142,7 @@ class OpcUaService(AsyncService):
         server.product_uri = "urn:iotserver"
         server.manufacturer_name = "iotserver"
         server.application_type = ua.ApplicationType.Server
-        server._application_uri = cfg.application_uri
+        compat.set_application_uri(server, cfg.application_uri)
         await server.init()
         await server.load_certificate(str(app.cert_path))
         await server.load_private_key(str(app.key_path))
@@ -161,9 +164,6 @@ class OpcUaService(AsyncService):
                  cfg.namespace, loop.time() - t0)
         history = HistoryReader(core.rings, cfg.max_history_values)
         iserver.services = Services(store, space, history, self._series)
-        iserver.method_calls = MethodCalls(iserver.aspace, iserver.method_service.call,
-                                           lambda: iserver.source_methods,
-                                           iserver.subscription_service)
         info = ServerInfo(server, iserver, cfg, self)
         await info.fill()
         await info.add_source_methods(self._source_names(), self.reconnect_source)
@@ -171,11 +171,19 @@ class OpcUaService(AsyncService):
         self.pump = ValuePump(store, space, cfg.publish_yield_ms)
         self.pump.start()
         try:
-            await server.start()
+            policies = await prepare(server)
+        except compat.AsyncuaIncompatible as exc:
+            raise StartupError(str(exc)) from None
+        self._iserver_started = True
+        self.layer = layer = SessionLayer(iserver, cfg, policies, LoopClock(loop))
+        iserver.method_calls = MethodCalls(iserver.aspace, iserver.method_service.call,
+                                           lambda: iserver.source_methods, layer.registry)
+        try:
+            await layer.listener.start(cfg.host, cfg.port)
         except OSError as exc:
             raise StartupError(f"OPC UA cannot listen on {cfg.endpoint}: {exc.strerror or exc}"
                                ) from None
-        self._bserver_started = True
+        layer.table.start()
         # asyncua's standard address space is ~100k long-lived objects; every cyclic GC pass
         # walked them, which cost 3-4x in notification throughput (measured: 12 us -> 3 us per
         # change). Freezing moves what exists now out of the collector's reach. (app._tune_gc
@@ -185,6 +193,20 @@ class OpcUaService(AsyncService):
         gc.freeze()
         core.listening("OPC UA", cfg.endpoint)
         await self._start_clients()
+
+    @property
+    def stats(self) -> dict[str, int] | None:
+        """Session layer counters (the console's ``services`` shows them): sessions and
+        subscriptions now, and every limit hit since start."""
+        layer = self.layer
+        if layer is None:
+            return None
+        out = {"sessions": len(layer.table), "subscriptions": len(layer.registry),
+               "connections_open": len(layer.listener.channels)}
+        out.update(dataclasses.asdict(layer.table.stats))
+        out.update({f"channel_{k}": v for k, v in
+                    dataclasses.asdict(layer.listener.stats).items()})
+        return out
 
     def _series(self, node_id: ua.NodeId) -> Series | None:
         space = self.space
@@ -217,29 +239,18 @@ class OpcUaService(AsyncService):
         if server is None or iserver is None:
             return
         iserver.services = None
-        # sessions with subscriptions outlive their connection (Part 4 6.7): close them all
-        for session in list(iserver._external_sessions.values()):
-            try:
-                await session.close_session(True)
-            except Exception:
-                log.exception("closing OPC UA session %s", session)
-        for sub_id in list(iserver.subscription_service.subscriptions):
-            await iserver.subscription_service.delete_subscriptions([sub_id])
+        layer, self.layer = self.layer, None
+        if layer is not None:
+            await layer.stop()
         # the ServerStatus clock sleeps a second between updates; InternalServer.stop would
         # wait for that sleep to end
-        clock, iserver.time_task = iserver.time_task, None
+        clock = compat.take_time_task(iserver)
         if clock is not None and not clock.done():
             clock.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await clock
-        try:
-            if self._bserver_started:
-                await server.stop()
-            else:
-                await _stop_iserver(iserver)
-        finally:
-            await _reap(server.bserver)
-        self._bserver_started = False
+        await _stop_iserver(iserver)
+        self._iserver_started = False
         if self.space is not None:
             self.space = None
         log.info("OPC UA server stopped")
@@ -302,30 +313,3 @@ async def _stop_iserver(iserver: IotInternalServer) -> None:
         await iserver.stop()
     except Exception:
         log.exception("stopping the OPC UA internal server")
-
-
-async def _reap(bserver: BinaryServer | None) -> None:
-    """Cancel what asyncua's binary server leaves behind after ``stop``.
-
-    Closing a transport only schedules ``connection_lost``; the per-connection message task,
-    activation watchdog and processor cleanup run a loop turn later.
-    """
-    if bserver is None:
-        return
-    for _ in range(3):
-        await asyncio.sleep(0)
-    for proto in list(bserver.clients):
-        if proto.transport is not None:
-            proto.transport.abort()
-    await asyncio.sleep(0)
-    tasks = []
-    for proto in list(bserver.clients):
-        for task in (proto._task, proto._activation_watchdog_task):
-            if task is not None and not task.done():
-                task.cancel()
-                tasks.append(task)
-    tasks += [t for t in bserver.closing_tasks if not t.done()]
-    bserver.closing_tasks.clear()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
-

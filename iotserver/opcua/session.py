@@ -11,8 +11,8 @@ hands every other node to asyncua:
   write to a PLC tag shows what the PLC took.
 * HistoryRead (Part 11): :mod:`iotserver.opcua.history` over the ring buffers.
 
-:class:`IotInternalServer` wires in the subscription service of :mod:`.monitoring` and creates
-:class:`IotSession` objects.
+:class:`IotInternalServer` creates :class:`IotSession` objects: the address space services of
+our sessions (``sessions.py``), which own everything else.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from iotserver.opcua.addrspace import CURRENT_WRITE, access_level
 from iotserver.opcua.browse import ContinuationPoints, apply_result_masks
 from iotserver.opcua.convert import WriteTypeError, from_variant, status, to_variant
 from iotserver.opcua.methods import MethodCalls
-from iotserver.opcua.monitoring import IotSubscriptionService
-from iotserver.opcua.security import can_write, role_of
+from iotserver.opcua.monitoring import MAX_QUEUE_SIZE, Limits
+from iotserver.opcua.security import can_write
 from iotserver.tags.writer import Writer
 
 if TYPE_CHECKING:
@@ -62,27 +62,23 @@ class Services:
 class IotInternalServer(InternalServer):  # type: ignore[misc]  # asyncua is untyped
     """InternalServer with our subscription service and session class."""
 
-    def __init__(self, user_manager: Any, *, max_items: int, min_interval_ms: float) -> None:
+    def __init__(self, user_manager: Any, *, max_items: int,
+                 max_queue_size: int = MAX_QUEUE_SIZE) -> None:
         super().__init__(user_manager=user_manager)
-        self.subscription_service = IotSubscriptionService(
-            self.aspace, self, max_items=max_items, min_interval_ms=min_interval_ms)
-        self.isession.subscription_service = self.subscription_service
+        self.item_limits = Limits(max_items, max_queue_size)
         self.services: Services | None = None
         self.source_methods: dict[ua.NodeId, str] = {}
         self.method_calls: MethodCalls | None = None  # set by the service (methods.py)
-        self.max_sessions = 100
         self.max_browse_continuation_points = 10  # per session (Part 4 5.8.2.1)
-        # True only when no secure policy is offered: then the user token policy itself says
-        # "no encryption" and clear-text passwords are what clients must send
-        self.clear_text_passwords = False
-        self.active_sessions: set[InternalSession] = set()
 
     def create_session(self, name: str, user: Any = None, external: bool = False
                        ) -> InternalSession:
+        """The address space services of one of our sessions (``sessions.Session.services``);
+        asyncua's session bookkeeping (tokens, activation, subscriptions) is not used."""
         from asyncua.crypto.permission_rules import User, UserRole
 
-        return IotSession(self, self.aspace, self.subscription_service, name,
-                          user=user or User(role=UserRole.Anonymous), external=external)
+        return IotSession(self, self.aspace, None, name,
+                          user=user or User(role=UserRole.Anonymous), external=False)
 
 
 def _index_range(text: str) -> tuple[int, int] | None:
@@ -124,6 +120,11 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
         """asyncua's Browse with the ResultMask applied, cut to RequestedMaxReferencesPerNode
         (Part 4 5.8.2)."""
         results: list[ua.BrowseResult] = await super().browse(params)
+        for res in results:
+            # asyncua says Bad_NodeIdInvalid for a well-formed NodeId that names no node;
+            # Part 4 5.8.2.4: that is Bad_NodeIdUnknown
+            if res.StatusCode.value == ua.StatusCodes.BadNodeIdInvalid:
+                res.StatusCode = status(ua.StatusCodes.BadNodeIdUnknown)
         apply_result_masks(params, results)
         self.browse_points.page_results(results, params.RequestedMaxReferencesPerNode)
         return results
@@ -132,32 +133,6 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
         if not params.ContinuationPoints:
             raise ServiceError(ua.StatusCodes.BadNothingToDo)  # Part 4 5.8.3.3
         return self.browse_points.browse_next(params)
-
-    def activate_session(self, params: ua.ActivateSessionParameters,
-                         peer_certificate: bytes | None) -> ua.ActivateSessionResult:
-        # asyncua passes the secure channel's certificate to the user manager for every token
-        # type; only an X509 *user token* may log a user in by certificate.
-        token = params.UserIdentityToken
-        if isinstance(token, ua.UserNameIdentityToken) and not token.EncryptionAlgorithm \
-                and not peer_certificate and not self.iserver.clear_text_passwords:
-            # a clear-text password on a channel without security, although our user token
-            # policy asked for an encrypted one (Part 4 7.41.2.3): refuse it unread
-            raise ServiceError(ua.StatusCodes.BadIdentityTokenInvalid)
-        if not isinstance(token, ua.X509IdentityToken):
-            peer_certificate = None
-        active = self.iserver.active_sessions
-        if self not in active and len(active) >= self.iserver.max_sessions:
-            raise ServiceError(ua.StatusCodes.BadTooManySessions)  # Part 4 5.6.2
-        result = super().activate_session(params, peer_certificate)
-        active.add(self)
-        log.info("OPC UA session %s activated for %s (%s)", self.name,
-                 getattr(self.user, "name", None) or "anonymous", role_of(self.user))
-        return result
-
-    async def close_session(self, delete_subs: bool = True) -> None:
-        self.iserver.active_sessions.discard(self)
-        self.browse_points.clear()
-        await super().close_session(delete_subs)
 
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
         """Checked by :mod:`.methods` (arguments, object, role) before anything runs."""

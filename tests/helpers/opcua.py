@@ -114,10 +114,9 @@ class Running:
 
     async def wait_idle(self) -> None:
         """Wait (asyncio) until the server holds no client connection (leak check)."""
-        bserver = self.service.server.bserver if self.service.server else None
-        await wait_for_aio(lambda: bserver is None or (
-            not bserver.clients and all(t.done() for t in bserver.closing_tasks)),
-            what="the server to close its client connections")
+        layer = self.service.layer
+        await wait_for_aio(lambda: layer is None or not layer.listener.channels,
+                           what="the server to close its client connections")
         for _ in range(3):  # let the closed connections' callbacks run
             await asyncio.sleep(0)
 
