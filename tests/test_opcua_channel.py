@@ -14,7 +14,8 @@ import pytest_twisted
 from asyncua import ua
 from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import struct_from_binary
-from test_opcua_harness import aio, client, free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import aio, client, make_config, start
 
 from iotserver.opcua import compat
 from iotserver.opcua.channel import RateLimitedLog

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_opcua_harness import aio, free_port, make_config, start
-from test_opcua_nodeopcua import NODE_DIR, _available
+from helpers import free_port
+from helpers.nodeopcua import NODE_DIR, NODE_MISSING
+from helpers.opcua import aio, make_config, start
 
 from iotserver.tags.model import Update
 
 pytestmark = [pytest.mark.interop,
-              pytest.mark.skipif(not _available() and os.environ.get("CI") != "true",
-                                 reason="node-opcua-client not installed")]
+              pytest.mark.skipif(NODE_MISSING, reason="node-opcua-client not installed")]
 
 COMMON = r"""
 const opcua = require("node-opcua-client");

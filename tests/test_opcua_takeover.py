@@ -10,15 +10,8 @@ import pytest
 import pytest_twisted
 from asyncua import ua
 from asyncua.ua.uaerrors import UaStatusCodeError
-from test_opcua_harness import (
-    PASSWORDS,
-    aio,
-    client,
-    free_port,
-    make_client_cert,
-    make_config,
-    start,
-)
+from helpers import free_port
+from helpers.opcua import PASSWORDS, aio, client, make_client_cert, make_config, start
 
 
 @pytest_twisted.ensureDeferred

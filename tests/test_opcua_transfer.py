@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest_twisted
 from asyncua import ua
-from test_opcua_harness import aio, client, free_port, make_config, start
+from helpers import free_port
+from helpers.opcua import aio, client, make_config, start
 
 from iotserver.tags.model import Update
 
