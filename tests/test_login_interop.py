@@ -77,7 +77,7 @@ security_policies = ["None"]
         assert not connecting.called
         release.set()
         await connecting
-        session = next(iter(core.services["opcua"].iserver.active_sessions))
+        session = next(iter(core.services["opcua"].layer.table))
         assert session.user.name == "eng" and session.user.via == "password"
         await aio(client.disconnect())
     finally:

@@ -15,6 +15,7 @@ from asyncua import ua
 from asyncua.common.utils import Buffer
 from asyncua.crypto.security_policies import SecurityPolicyNone
 from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary, struct_to_binary
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from iotserver.opcua.dispatch import Dispatcher
@@ -25,6 +26,7 @@ from iotserver.opcua.sessions import SessionLimits, SessionTable
 from iotserver.opcua.sessionsvc import NONE_URI, SessionServices
 from iotserver.opcua.subscriptions import SubscriptionRegistry
 from iotserver.opcua.subsvc import SubscriptionServices
+from iotserver.security.login import Logins
 from iotserver.security.users import Role, User, UserDB, hash_password, save_users
 
 SECURE_URI = "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256"
@@ -45,6 +47,7 @@ class FakeChannel:
                  cert: bytes | None = None) -> None:
         self.channel_id = id(self)
         self.address = address
+        self.peer = f"{address}:50000"
         self.policy_uri = policy_uri
         self.peer_certificate = cert
         self.policy = SecurityPolicyNone()
@@ -61,13 +64,22 @@ class FakeChannel:
         return self.sent[-1][1]
 
 
+class _InlineUserDB(UserDB):
+    """Passwords verified in the calling thread: the layer is driven without a reactor turn
+    (the server verifies in a thread, tests/test_login.py shows that)."""
+
+    def verify_deferred(self, name: str, password: str) -> Any:
+        return succeed(self.verify(name, password))
+
+
 class Layer:
     def __init__(self, tmp: Path, **limits: Any) -> None:
         self.clock = Clock()
         save_users(tmp / "users.toml", [User("alice", Role.ENGINEER, hash_password("a", n=2**4)),
                                         User("bob", Role.OPERATOR, hash_password("b", n=2**4))])
-        users = UserDB(tmp / "users.toml")
-        manager = IotUserManager(lambda: users, TrustList(tmp), allow_anonymous=True)
+        users = _InlineUserDB(tmp / "users.toml")
+        manager = IotUserManager(lambda: users, TrustList(tmp), allow_anonymous=True,
+                                 logins=Logins(lambda: users, self.clock))
         self.iserver = IotInternalServer(manager, max_items=100)
         self.iserver.certificate_validator = None
         self.registry = SubscriptionRegistry()

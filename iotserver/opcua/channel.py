@@ -130,6 +130,7 @@ class UaChannel(asyncio.Protocol):
         self.limits = listener.limits
         self.transport: asyncio.Transport | None = None
         self.address = "?"
+        self.peer = "?"
         self.sockname: Any = None
         self.channel_id = 0
         self._buf = bytearray()
@@ -171,6 +172,7 @@ class UaChannel(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a stream transport
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "?"
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"  # host:port (the audit trail)
         self.sockname = transport.get_extra_info("sockname")
         if len(self.listener.channels) >= self.limits.max_connections:
             self.listener.stats.refused += 1

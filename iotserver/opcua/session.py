@@ -115,6 +115,7 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.browse_points = ContinuationPoints(self.iserver.max_browse_continuation_points)
+        self.peer = ""  # the client's host:port, set by the session layer (audit trail)
 
     async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
         """asyncua's Browse with the ResultMask applied, cut to RequestedMaxReferencesPerNode
@@ -235,9 +236,7 @@ class IotSession(InternalSession):  # type: ignore[misc]  # asyncua is untyped
         loop = asyncio.get_running_loop()
         user = self.user
         principal = f"opcua:{getattr(user, 'name', None) or 'anonymous'}"
-        peer = self.name if isinstance(self.name, tuple) else None  # asyncua: the peername
-        writer = Writer(getattr(user, "name", None) or "", "opcua",
-                        f"{peer[0]}:{peer[1]}" if peer else "")
+        writer = Writer(getattr(user, "name", None) or "", "opcua", self.peer)
         for i, wv in enumerate(items):
             tag = svc.space.tag_of(wv.NodeId)
             if tag is None:

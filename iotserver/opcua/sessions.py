@@ -52,7 +52,8 @@ class Channel(Protocol):
     """What the session layer needs from a secure channel (``channel.py``; fakes in tests)."""
 
     channel_id: int
-    address: str
+    address: str  # the client's host (limits, throttle)
+    peer: str  # host:port
     is_open: bool
 
     @property

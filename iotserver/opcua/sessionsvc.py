@@ -88,6 +88,7 @@ class SessionServices:
                                     float(params.RequestedSessionTimeout or 0), client_cert)
         session.services = self.iserver.create_session(session.name or channel.address)
         session.services.session_id = session.session_id  # one id (GetMonitoredItems)
+        session.services.peer = channel.peer
         result = ua.CreateSessionResult()
         result.SessionId = session.session_id
         result.AuthenticationToken = session.auth_token

@@ -302,6 +302,19 @@ class Logins:
         """:meth:`check_password` for asyncio code (the OPC UA server): awaits the Deferred
         as an asyncio future, so the loop keeps running while the thread hashes."""
         d = self.check_password(protocol, peer, name, password)
+        done: list[LoginResult | Failure] = []
+
+        def keep(result: LoginResult | Failure) -> LoginResult | Failure:
+            done.append(result)
+            return result
+
+        d.addBoth(keep)
+        if done:  # answered at once (throttled, busy, a synchronous user file): no loop turn
+            d.addErrback(lambda _: None)  # the failure, if any, is raised here
+            if isinstance(done[0], Failure):
+                done[0].raiseException()
+            result: LoginResult = done[0]
+            return result
         return await d.asFuture(asyncio.get_running_loop())
 
     # -- keys and certificates --------------------------------------------------------------

@@ -112,10 +112,14 @@ class Running:
     def store(self) -> Any:
         return self.core.store
 
-    async def wait_idle(self) -> None:
-        """Wait (asyncio) until the server holds no client connection (leak check)."""
+    def channels(self) -> int:
         layer = self.service.layer
-        await wait_for_aio(lambda: layer is None or not layer.listener.channels,
+        return 0 if layer is None else len(layer.listener.channels)
+
+    async def wait_idle(self, at_most: int = 0) -> None:
+        """Wait (asyncio) until the server holds at most ``at_most`` client connections (the
+        ones of enclosing clients: a leak check for the client that just left)."""
+        await wait_for_aio(lambda: self.channels() <= at_most,
                            what="the server to close its client connections")
         for _ in range(3):  # let the closed connections' callbacks run
             await asyncio.sleep(0)
@@ -144,6 +148,7 @@ async def client(running: Running, *, user: str | None = None, password: str | N
     """An asyncua client session (asyncio context manager)."""
     from asyncua import Client
 
+    before = running.channels()
     c = Client(running.url, timeout=10)
     c.application_uri = app_uri
     if user is not None:
@@ -159,14 +164,14 @@ async def client(running: Running, *, user: str | None = None, password: str | N
     except BaseException:
         with contextlib.suppress(Exception):
             await c.disconnect()
-        await running.wait_idle()
+        await running.wait_idle(before)
         raise
     try:
         yield c
     finally:
         with contextlib.suppress(Exception):
             await c.disconnect()
-        await running.wait_idle()
+        await running.wait_idle(before)
 
 
 def make_client_cert(folder: Path, name: str, app_uri: str = "urn:test:client"
