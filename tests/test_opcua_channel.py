@@ -14,7 +14,7 @@ import pytest_twisted
 from asyncua import ua
 from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import struct_from_binary
-from helpers import free_port
+from helpers import free_port, wait_for_aio
 from helpers.opcua import aio, client, make_config, start
 
 from iotserver.opcua import compat
@@ -198,11 +198,7 @@ async def test_secure_channel_renewal_keeps_the_session(tmp_path: Path) -> None:
         c.secure_channel_timeout = 1000  # ms: asyncua renews at 75 % of it
         await c.connect()
         try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while stats.renewals < 2:
-                assert loop.time() < deadline, "no renewal"
-                await asyncio.sleep(0.05)
+            await wait_for_aio(lambda: stats.renewals >= 2, what="two channel renewals")
             assert await c.nodes.server_state.read_value() == 0
         finally:
             await c.disconnect()
@@ -285,11 +281,8 @@ async def test_a_channel_whose_token_is_not_renewed_is_closed(tmp_path: Path) ->
             task = c._renew_channel_task  # a client that stops renewing its token
             assert task is not None
             task.cancel()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 15
-            while layer.listener.stats.token_expired < 1:
-                assert loop.time() < deadline, "the channel was not closed"
-                await asyncio.sleep(0.05)
+            await wait_for_aio(lambda: layer.listener.stats.token_expired >= 1,
+                               what="the channel to be closed")
             await running.wait_idle()
             assert not layer.listener.channels
         finally:

@@ -3,13 +3,12 @@ StatusChangeNotification to the old session, Publish of the new session, SendIni
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 from asyncua import ua
-from helpers import free_port
+from helpers import free_port, wait_for_aio
 from helpers.opcua import aio, client, make_config, start
 
 from iotserver.tags.model import Update
@@ -27,15 +26,6 @@ class Handler:
         self.statuses.append(int(status.Status.value))
 
 
-async def until(check: Any, what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @pytest_twisted.ensureDeferred
 async def test_transfer_to_the_same_user_with_initial_values(tmp_path: Path) -> None:
     running = await start(make_config(tmp_path / "data", free_port()))
@@ -48,7 +38,7 @@ async def test_transfer_to_the_same_user_with_initial_values(tmp_path: Path) -> 
             handler = Handler()
             sub = await a.create_subscription(50, handler)
             await sub.subscribe_data_change(a.get_node(ua.NodeId("Line1/Temp", idx)))
-            await until(lambda: handler.values == [21.5], "the first value")
+            await wait_for_aio(lambda: handler.values == [21.5], what="the first value")
             params = ua.TransferSubscriptionsParameters()
             params.SubscriptionIds = [sub.subscription_id]
             params.SendInitialValues = True
@@ -57,8 +47,9 @@ async def test_transfer_to_the_same_user_with_initial_values(tmp_path: Path) -> 
             moved = await b.uaclient.transfer_subscriptions(params)
             assert moved[0].StatusCode.is_good()
             # the old session is told; the new one gets the current value at once
-            await until(lambda: ua.StatusCodes.GoodSubscriptionTransferred in handler.statuses,
-                        "Good_SubscriptionTransferred on the old session")
+            await wait_for_aio(
+                lambda: ua.StatusCodes.GoodSubscriptionTransferred in handler.statuses,
+                what="Good_SubscriptionTransferred on the old session")
             response = await b.uaclient.publish([])
             result = response.Parameters
             assert result.SubscriptionId == sub.subscription_id
