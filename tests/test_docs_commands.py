@@ -269,6 +269,8 @@ RUN: dict[tuple[str, str], Run] = {
             own_data_dir=True),
     ("docs/mqtt.md", "iotserver certs client plc7"): Run(check_plc7),
     ("docs/mqtt.md", "mosquitto_rr"): Run(lambda out, _: '{"ok":true}' in out),
+    ("docs/security.md", "openssl s_client -connect 127.0.0.1:8883 -brief </dev/null"):
+        Run(lambda out, _: "Protocol version: TLSv1.3" in out and "AES128-SHA refused" in out),
     ("docs/operations.md", "ssh -p 2222 admin@127.0.0.1 'tags.write("):
         Run(lambda out, _: "write failed" not in out
             and '"Plant/Line1/Press1/TemperatureSetpoint": 120' in out),

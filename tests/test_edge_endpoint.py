@@ -185,7 +185,7 @@ def test_check_config_accepts_what_startup_accepts(tmp_path: Path,
     ]:
         cfg = tmp_path / "site.toml"
         cfg.write_text(body)
-        assert cli.main(["check-config", str(cfg)]) == 2
+        assert cli.main(["check-config", str(cfg)]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"iotserver: configuration error: {cfg}:2: {key}: ")
         assert "unknown option 'clientauth'" in err and "\n" not in err

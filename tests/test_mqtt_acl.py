@@ -53,6 +53,9 @@ def acl(*rules: AclRule, **kw: object) -> Acl:
         ("a/b", "a/b", True),
         ("a/b", "a/b/c", False),
         ("a/b/c", "a/b", False),
+        ("+/#", "#", True),  # both match every topic of one level or more
+        ("a/+/#", "a/#", False),  # 'a/#' also matches 'a'
+        ("+/+/#", "#", False),
     ],
 )
 def test_covers(outer: str, inner: str, expected: bool) -> None:

@@ -163,7 +163,9 @@ def covers(outer: str, inner: str) -> bool:
         if r == "#":
             return True
         if f == "#":
-            return False  # inner reaches any depth (and its parent), outer does not
+            # inner matches every topic of at least max(n, 1) levels (MQTT-4.7.1-2: its parent
+            # too); outer's "+/#" here matches at least n + 1 levels: the same only at the root
+            return n == 0 and o[n:] == ["+", "#"]
         if r == "+":
             continue
         if f == "+" or f != r:
