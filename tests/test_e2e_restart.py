@@ -18,7 +18,7 @@ from helpers import free_port, wait_for_sync
 from paho.mqtt import client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
-from tools import twistd
+from helpers.tools import twistd
 
 from iotserver.security.users import Role, User, hash_password, save_users
 
