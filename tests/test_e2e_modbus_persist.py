@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers.twistd_server import Server
+from helpers.server_process import Server
 
 pytestmark = pytest.mark.interop
 

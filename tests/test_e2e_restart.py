@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_for_sync
-from helpers.twistd_server import PASSWORD, USER, Server
+from helpers.server_process import PASSWORD, USER, Server
 from paho.mqtt import client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties

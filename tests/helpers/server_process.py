@@ -1,10 +1,17 @@
-"""The server as users run it: ``twistd iotserver`` in a subprocess on a config file, with an
-MQTT listener on a free loopback port and one engineer (:data:`USER`, :data:`PASSWORD`).
-A test may rewrite :attr:`Server.cfg` before :meth:`Server.start`."""
+"""The server as users run it, in a subprocess.
+
+* :class:`Server`: ``twistd iotserver`` on a config file, with an MQTT listener on a free
+  loopback port and one engineer (:data:`USER`, :data:`PASSWORD`); a test may rewrite
+  :attr:`Server.cfg` before :meth:`Server.start`.
+* :func:`spawn`: ``python -m iotserver.cli run --config CFG`` with its output appended to a
+  log file; the caller waits for "iotserver ready" in that log.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 from helpers import free_port, wait_for_sync
@@ -67,3 +74,14 @@ access = "readwrite"
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def spawn(cfg: Path, data_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, IOTSERVER_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
+    out = log_path.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "iotserver.cli", "run", "--config", str(cfg)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cfg.parent)
+    finally:
+        out.close()
