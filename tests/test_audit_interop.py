@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import socket
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from helpers import aio, free_port
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.interop
 
 ENGINEER = ("eng", "engineer-pw")
 OPERATOR = ("olga", "operator-pw")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 def in_thread(fn: Any, *args: Any) -> Deferred[Any]:

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tools import our, twistd
+from helpers.tools import our, twistd
 
 from iotserver import cli, config
 from iotserver.checkfiles import check_files

@@ -12,18 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from helpers import aio
+from helpers.console import NEEDS_SSH, start_console, stop_console
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, globalLogPublisher
 
-from test_console import pytestmark, start_console, stop_console  # noqa: F401 (marks)
+pytestmark = NEEDS_SSH
 
 TIMEOUT = 10.0
 VERSION = b"SSH-2.0-fuzz_1.0\r\n"
-
-
-def aw(coro: Any) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 def packet(payload: bytes, padding: int | None = None, length: int | None = None) -> bytes:
@@ -87,7 +84,7 @@ async def test_malformed_packets_before_login_close_quietly(tmp_path: Path,
     console = await start_console(tmp_path, free_port, "frame_timeout = 1.0")
     try:
         for data in MALFORMED:
-            assert await aw(exchange(free_port, data)), f"not closed after {data[:20]!r}"
+            assert await aio(exchange(free_port, data)), f"not closed after {data[:20]!r}"
         # the console still serves a real client afterwards
         out, err, code = await console.ssh("6 * 7")
         assert (out, code) == ("42\n", 0), err
@@ -110,7 +107,7 @@ async def test_login_grace_time_closes_a_connection_that_never_logs_in(
     console = await start_console(tmp_path, free_port, "login_timeout = 1.0")
     try:
         # the version line and nothing else: closed once the grace time is over
-        assert await aw(exchange(free_port, b""))
+        assert await aio(exchange(free_port, b""))
         listener = console.core.services["console"].listeners.listeners[0]
         assert listener.stats.login_timeouts == 1
         # a real login within the grace time is not affected

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_e2e_restart import Server
+from helpers.server_process import Server
 
 pytestmark = pytest.mark.interop
 

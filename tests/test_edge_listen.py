@@ -12,10 +12,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import helpers
 import pytest
 import pytest_twisted
-from helpers import aio, sleep
+from helpers import aio, sleep, wait_for
 from helpers.modbus_edge import (
     CONFIG,
     TIMEOUT,
@@ -40,10 +39,6 @@ def _listener_reservation() -> None:
     _reservedFD.reserve()
 
 
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    await helpers.wait_for(condition, what=what)
-
-
 @pytest.mark.interop
 @pytest_twisted.ensureDeferred
 async def test_idle_plain_sockets_leave_tls_clients_served(tmp_path: Path) -> None:
@@ -52,7 +47,7 @@ async def test_idle_plain_sockets_leave_tls_clients_served(tmp_path: Path) -> No
     hogs = idle_sockets(m.plain_port, 70)
     try:
         await wait_for(lambda: m.plain.stats.accepted + m.plain.stats.refused_listener_full == 70,
-                       "the plain listener to take or refuse all 70")
+                       what="the plain listener to take or refuse all 70")
         assert m.plain.stats.open == 64 and m.plain.stats.refused_listener_full == 6
         assert await aio(pymodbus_read(m.tls_port, ctx)) == [0, 7]
         assert m.secure.stats.refused_listener_full == 0
@@ -68,13 +63,13 @@ async def test_silent_tls_sockets_leave_plain_clients_served(tmp_path: Path) -> 
     hogs = idle_sockets(m.tls_port, 70)  # TCP only: no ClientHello ever
     try:
         await wait_for(lambda: m.secure.stats.accepted + m.secure.stats.refused_listener_full
-                       >= 70, "the TLS listener to take or refuse all 70")
+                       >= 70, what="the TLS listener to take or refuse all 70")
         assert m.secure.stats.refused_listener_full == 6
         assert await aio(pymodbus_read(m.plain_port)) == [0, 7]
         # the TLS handshake timeout frees the TLS slots: the TLS client gets in again
-        await wait_for(lambda: m.secure.stats.handshake_timeouts == 64, "handshake timeouts")
+        await wait_for(lambda: m.secure.stats.handshake_timeouts == 64, what="handshake timeouts")
         assert m.secure.stats.open == 0
-        await wait_for(lambda: sum(closed_by_server(s) for s in hogs) == 70, "all closed")
+        await wait_for(lambda: sum(closed_by_server(s) for s in hogs) == 70, what="all closed")
         assert await aio(pymodbus_read(m.tls_port, ctx)) == [0, 7]
     finally:
         await stop(m, hogs)
@@ -86,9 +81,9 @@ async def test_trickling_socket_is_closed_when_its_frame_is_late(tmp_path: Path)
     s = idle_sockets(m.plain_port, 1)[0]
     frame = bytes.fromhex("000100000006010300000002")  # read holding 0..1, complete
     try:
-        await wait_for(lambda: m.plain.stats.open == 1, "the connection")
+        await wait_for(lambda: m.plain.stats.open == 1, what="the connection")
         s.send(frame)  # a complete first request is answered
-        await wait_for(lambda: _readable(s), "the answer")
+        await wait_for(lambda: _readable(s), what="the answer")
         assert len(s.recv(100)) == 13
         sent = 0
         while not closed_by_server(s) and sent < 100:  # one byte every 0.2 s, never done
@@ -206,7 +201,7 @@ async def test_mqtt_listener_limit_is_counted_in_sys(tmp_path: Path, free_port: 
     watcher = await net_connect(free_port, "watcher", MQTT_5)
     hogs = idle_sockets(free_port, 2)  # the second slot, then one too many
     try:
-        await wait_for(lambda: listener.stats.refused_listener_full == 1, "a refusal")
+        await wait_for(lambda: listener.stats.refused_listener_full == 1, what="a refusal")
         watcher.send(Subscribe(1, (("$SYS/broker/listeners/#", SubscriptionOptions(0)),)))
         seen: dict[str, bytes] = {}
         while seen.get("$SYS/broker/listeners/refused_listener_full") != b"1":
@@ -280,14 +275,14 @@ async def test_mqtt_trickled_connect_is_closed(tmp_path: Path, free_port: int) -
     s = idle_sockets(free_port, 1)[0]
     connect = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03abc"
     try:
-        await wait_for(lambda: listener.stats.open == 1, "the connection")
+        await wait_for(lambda: listener.stats.open == 1, what="the connection")
         sent = 0
         while not closed_by_server(s) and sent < len(connect) - 1:  # never the last byte
             with contextlib.suppress(OSError):  # closed meanwhile
                 s.send(connect[sent:sent + 1])
             sent += 1
             await sleep(0.2)
-        await wait_for(lambda: closed_by_server(s), "the close")
+        await wait_for(lambda: closed_by_server(s), what="the close")
         assert listener.stats.frame_timeouts == 1 and listener.stats.login_timeouts == 0
     finally:
         s.close()

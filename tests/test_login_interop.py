@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import threading
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from helpers import aio, free_port
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from iotserver import app, config
@@ -22,16 +19,6 @@ from iotserver.security.users import Role, User, hash_password, save_users
 pytestmark = pytest.mark.interop
 
 ENGINEER = ("eng", "engineer-pw")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def aio(coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 async def start(tmp: Path, text: str) -> tuple[Any, Any]:

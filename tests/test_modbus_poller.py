@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_twisted
-from helpers import aio as aw
-from helpers import wait_for as until
+from helpers import aio, wait_for
+from helpers.modbus import device_config
 from twisted.internet import reactor
 
 from iotserver import app, config
 from iotserver.modbus.codec import Table
-from iotserver.modbus.config import DeviceConfig, DeviceTag
+from iotserver.modbus.config import DeviceTag
 from iotserver.modbus.encoding import ModbusType, Order, decode_registers
 from iotserver.modbus.planner import plan_blocks
 from iotserver.modbus.poller import Device
@@ -112,21 +112,6 @@ def test_block_decode_matches_scalar_decoding() -> None:
 # ------------------------------------------------------------------------------- the sim PLC
 
 
-def device_config(port: int, tags: str, extra: str = "", name: str = "plc1") -> DeviceConfig:
-    text = f"""
-[[modbus.devices]]
-name = "{name}"
-endpoint = "127.0.0.1:{port}"
-interval = 0.05
-timeout = 0.25
-backoff = {{ initial = 0.05, max = 0.2, jitter = 0.1 }}
-{extra}
-{tags}
-"""
-    cfg = config.parse(text, source="test.toml")
-    return cfg.sections["modbus"].devices[0]  # type: ignore[no-any-return]
-
-
 TAGS = """
 [[modbus.devices.tags]]
 path = "P/H0"
@@ -211,7 +196,7 @@ async def make_rig(tags: str = TAGS, extra: str = "", name: str = "plc1",
 
 
 async def close_rig(rig: Rig) -> None:
-    await aw(rig.device.stop())
+    await aio(rig.device.stop())
     await rig.plc.stop()
 
 
@@ -227,7 +212,7 @@ async def rig() -> AsyncIterator[Rig]:
 @pytest_twisted.ensureDeferred
 async def test_polls_decodes_and_writes_through(rig: Rig) -> None:
     paths = rig.device.paths
-    await until(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
+    await wait_for(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
     # one block read both: register i holds tick + i
     assert (rig.v("plc1/H5") - 1) / 0.5 - rig.v("plc1/H0") == 5
     assert -100 <= rig.v("plc1/Sine") <= 100
@@ -257,40 +242,41 @@ async def test_polls_decodes_and_writes_through(rig: Rig) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_exception_range_marks_only_that_block(rig: Rig) -> None:
-    await until(lambda: rig.q("plc1/H100") is Quality.GOOD)
+    await wait_for(lambda: rig.q("plc1/H100") is Quality.GOOD)
     rig.plc.fail("holding", 100, 101, 2)
-    await until(lambda: rig.q("plc1/H100") is Quality.BAD_CONFIGURATION_ERROR)
+    await wait_for(lambda: rig.q("plc1/H100") is Quality.BAD_CONFIGURATION_ERROR)
     assert rig.q("plc1/H0") is Quality.GOOD and rig.q("plc1/Sine") is Quality.GOOD
     rig.plc.fail("input", 0, 10, 4)
-    await until(lambda: rig.q("plc1/Sine") is Quality.BAD_DEVICE_FAILURE)
+    await wait_for(lambda: rig.q("plc1/Sine") is Quality.BAD_DEVICE_FAILURE)
     rig.plc.faults.clear()
-    await until(lambda: rig.q("plc1/H100") is Quality.GOOD and rig.q("plc1/Sine") is Quality.GOOD)
+    await wait_for(lambda: rig.q("plc1/H100") is Quality.GOOD
+                   and rig.q("plc1/Sine") is Quality.GOOD)
 
 
 @pytest_twisted.ensureDeferred
 async def test_plc_stopped_and_restarted(rig: Rig) -> None:
     paths = rig.device.paths
-    await until(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
+    await wait_for(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
     last = rig.v("plc1/H0")
     await rig.plc.stop()
-    await until(lambda: all(rig.q(p) is Quality.BAD_NOT_CONNECTED for p in paths))
+    await wait_for(lambda: all(rig.q(p) is Quality.BAD_NOT_CONNECTED for p in paths))
     assert rig.v("plc1/H0") == last  # last value kept
     assert await rig.store.write("plc1/Setpoint", 1.0) is Quality.BAD_NOT_CONNECTED
-    await until(lambda: rig.device.stats.connect_failures >= 2, what="two backoff rounds")
+    await wait_for(lambda: rig.device.stats.connect_failures >= 2, what="two backoff rounds")
     await rig.plc.start()
-    await until(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
+    await wait_for(lambda: all(rig.q(p) is Quality.GOOD for p in paths))
     assert rig.device.stats.reconnects == 1 and rig.device.stats.connect_failures >= 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_dropped_connection_mid_request(rig: Rig) -> None:
-    await until(lambda: rig.q("plc1/H0") is Quality.GOOD)
+    await wait_for(lambda: rig.q("plc1/H0") is Quality.GOOD)
     rig.plc.drop_next = 1
-    await until(lambda: rig.q("plc1/H0") is Quality.BAD_NOT_CONNECTED)
-    await until(lambda: rig.q("plc1/H0") is Quality.GOOD)
+    await wait_for(lambda: rig.q("plc1/H0") is Quality.BAD_NOT_CONNECTED)
+    await wait_for(lambda: rig.q("plc1/H0") is Quality.GOOD)
     assert rig.device.stats.reconnects == 1 and rig.device.stats.timeouts == 0
     rig.device.reconnect()
-    await until(lambda: rig.device.stats.reconnects == 2)
+    await wait_for(lambda: rig.device.stats.reconnects == 2)
 
 
 @pytest_twisted.ensureDeferred
@@ -299,13 +285,14 @@ async def test_slow_plc_times_out_without_delaying_another() -> None:
     slow = await make_rig(name="slow", store=store)
     fast = await make_rig(name="fast", store=store)
     try:
-        await until(lambda: slow.q("slow/H0") is Quality.GOOD and fast.q("fast/H0") is Quality.GOOD)
+        await wait_for(lambda: slow.q("slow/H0") is Quality.GOOD
+                       and fast.q("fast/H0") is Quality.GOOD)
         slow.plc.delay = 1.0  # timeout is 0.25 s
-        await until(lambda: slow.q("slow/H0") is Quality.BAD_COMMUNICATION_ERROR)
+        await wait_for(lambda: slow.q("slow/H0") is Quality.BAD_COMMUNICATION_ERROR)
         polls, timeouts = fast.device.stats.polls, slow.device.stats.timeouts
         # the fast PLC keeps being polled while the slow one's requests hang and time out
-        await until(lambda: fast.device.stats.polls - polls >= 5
-                    and slow.device.stats.timeouts > timeouts, what="5 fast polls")
+        await wait_for(lambda: fast.device.stats.polls - polls >= 5
+                       and slow.device.stats.timeouts > timeouts, what="5 fast polls")
         assert fast.q("fast/H0") is Quality.GOOD
         assert slow.q("slow/H0") is Quality.BAD_COMMUNICATION_ERROR
         assert slow.device.stats.timeouts >= 1
@@ -313,7 +300,7 @@ async def test_slow_plc_times_out_without_delaying_another() -> None:
         assert await store.write("slow/Setpoint", 2.0) in (Quality.BAD_TIMEOUT,
                                                           Quality.BAD_NOT_CONNECTED)
         slow.plc.delay = 0.0
-        await until(lambda: slow.q("slow/H0") is Quality.GOOD)
+        await wait_for(lambda: slow.q("slow/H0") is Quality.GOOD)
     finally:
         await close_rig(slow)
         await close_rig(fast)
@@ -338,7 +325,7 @@ type = "uint16"
     r.plc.fail("holding", 5, 6, 2)  # the unused address between the two tags
     try:
         assert [(b.address, b.count) for b in r.device.blocks] == [(0, 11)]
-        await until(lambda: r.q("plc1/A") is Quality.GOOD and r.q("plc1/B") is Quality.GOOD)
+        await wait_for(lambda: r.q("plc1/A") is Quality.GOOD and r.q("plc1/B") is Quality.GOOD)
         assert sorted((b.address, b.count) for b in r.device.blocks) == [(0, 1), (10, 1)]
     finally:
         await close_rig(r)
@@ -373,7 +360,7 @@ unit = "rpm"
         service = core.services["modbus"]
         await service.started
         device = service.devices["line"]
-        await until(lambda: core.store.read("Line/Setpoint").quality is Quality.GOOD)
+        await wait_for(lambda: core.store.read("Line/Setpoint").quality is Quality.GOOD)
         assert core.store.tag("Line/Setpoint").owner == "modbus:line"
         assert await core.store.write("Line/Setpoint", 7.5) is Quality.GOOD
         assert core.store.read("Line/Setpoint").value == 7.5
@@ -401,7 +388,7 @@ async def test_poll_a_pymodbus_server(free_port: int) -> None:
         await server.serve_forever(background=True)
         return server, block
 
-    server, _ = await aw(make())
+    server, _ = await aio(make())
     tags = """
 [[modbus.devices.tags]]
 path = "P/F"
@@ -425,7 +412,7 @@ access = "readwrite"
     device = Device(cfg, store)
     device.start()
     try:
-        await until(lambda: store.read("P/F").quality is Quality.GOOD)
+        await wait_for(lambda: store.read("P/F").quality is Quality.GOOD)
         assert await store.write("P/F", -2.25) is Quality.GOOD
         assert await store.write("P/N", -100000) is Quality.GOOD
         assert store.read("P/F").value == -2.25 and store.read("P/N").value == -100000
@@ -439,12 +426,12 @@ access = "readwrite"
             c.close()
             return list(rr.registers)
 
-        regs = await aw(check())
+        regs = await aio(check())
         assert regs[:2] == [0xC010, 0x0000]
         assert struct.unpack(">i", struct.pack(">HH", regs[3], regs[2]))[0] == -100000
     finally:
-        await aw(device.stop())
-        await aw(server.shutdown())
+        await aio(device.stop())
+        await aio(server.shutdown())
 
 
 @pytest_twisted.ensureDeferred
@@ -464,9 +451,9 @@ type = "uint16"
     r = await make_rig(tags)
     r.plc.fail("holding", 150, 151, 2)
     try:
-        await until(lambda: r.q("plc1/Wrong") is Quality.BAD_CONFIGURATION_ERROR)
+        await wait_for(lambda: r.q("plc1/Wrong") is Quality.BAD_CONFIGURATION_ERROR)
         polls = r.device.stats.polls
-        await until(lambda: r.device.stats.polls >= polls + 2)  # refused again, not logged again
+        await wait_for(lambda: r.device.stats.polls >= polls + 2)  # refused again, not logged again
     finally:
         await close_rig(r)
         globalLogPublisher.removeObserver(events.append)

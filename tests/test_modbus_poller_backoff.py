@@ -9,7 +9,8 @@ import random
 from dataclasses import replace
 
 import pytest_twisted
-from test_modbus_poller import aw, device_config, until
+from helpers import aio, wait_for
+from helpers.modbus import device_config
 from twisted.internet import reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
@@ -77,8 +78,8 @@ async def test_accept_and_close_is_retried_with_exponential_backoff() -> None:
         delays = []
         for n in range(1, 6):
             # connected, the connection lost at once, now sleeping on the injected clock
-            await until(lambda n=n: (accepts() == n and device.state == "backoff"  # type: ignore[misc]
-                                     and len(pending_delays(clock)) == 1))
+            await wait_for(lambda n=n: (accepts() == n and device.state == "backoff"  # type: ignore[misc]
+                                        and len(pending_delays(clock)) == 1))
             (delay,) = pending_delays(clock)
             delays.append(delay)
             clock.advance(delay * 0.999)
@@ -91,7 +92,7 @@ async def test_accept_and_close_is_retried_with_exponential_backoff() -> None:
         clock.advance(0)  # the store's flush
         assert store.read("P/H0").quality is Quality.BAD_NOT_CONNECTED
     finally:
-        await aw(device.stop())
+        await aio(device.stop())
         await port.stopListening()
         gc.collect()  # an exception set on a future nobody awaits is logged when it is freed
         logging.getLogger("asyncio").removeHandler(records)
@@ -113,12 +114,12 @@ async def test_stop_during_a_request_stops_the_poll_loop() -> None:
     device = Device(dev_cfg, store)
     try:
         device.start()
-        await until(lambda: store.read("P/H0").quality is Quality.GOOD)
+        await wait_for(lambda: store.read("P/H0").quality is Quality.GOOD)
         plc.delay = 5.0  # the next poll waits for an answer
-        await until(lambda: bool(device._requests))
+        await wait_for(lambda: bool(device._requests))
         task_ = device._task
         assert task_ is not None
-        await aw(device.stop())
+        await aio(device.stop())
         assert task_.done() and device.state == "stopped"
     finally:
         plc.delay = 0.0

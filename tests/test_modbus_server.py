@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,21 +10,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from helpers import aio as aw
-from helpers import wait_for
+from helpers import aio, wait_for
+from helpers.modbus import TIMEOUT, Raw, adu, exc, f32, mbpoll, raw, read_hr, write_hr
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
 
 from iotserver import app, config
 from iotserver.modbus.codec import Table
-from iotserver.modbus.encoding import FLOAT32, Order, encode_value, from_wire
+from iotserver.modbus.encoding import from_wire
 from iotserver.tags.model import Quality, TagDef, Update
-
-TIMEOUT = 5.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -228,70 +222,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         yield srv
     finally:
         await root.stopService()
-
-
-class Raw(Protocol):
-    """A raw TCP client: send bytes, wait for a number of bytes back."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.lost: Deferred[None] = Deferred()
-        self._want: tuple[int, Deferred[bytes]] | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buf += data
-        self._check()
-
-    def _check(self) -> None:
-        if self._want and len(self.buf) >= self._want[0]:
-            n, d = self._want
-            self._want = None
-            out, self.buf = self.buf[:n], self.buf[n:]
-            d.callback(out)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost.callback(None)
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-    async def read(self, n: int) -> bytes:
-        d: Deferred[bytes] = Deferred()
-        self._want = (n, d)
-        self._check()
-        return await d.addTimeout(TIMEOUT, reactor)
-
-    async def close(self) -> None:
-        assert self.transport is not None
-        self.transport.loseConnection()
-        await self.lost.addTimeout(TIMEOUT, reactor)
-
-
-async def raw(port: int) -> Raw:
-    ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    return await connectProtocol(ep, Raw())
-
-
-def adu(tid: int, pdu: bytes, unit: int = 1) -> bytes:
-    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
-
-
-def read_hr(tid: int, address: int, count: int, unit: int = 1) -> bytes:
-    return adu(tid, struct.pack(">BHH", 3, address, count), unit)
-
-
-def write_hr(tid: int, address: int, regs: list[int]) -> bytes:
-    body = struct.pack(">BHHB", 0x10, address, len(regs), 2 * len(regs))
-    return adu(tid, body + struct.pack(f">{len(regs)}H", *regs))
-
-
-def f32(value: float) -> list[int]:
-    return [int(r) for r in encode_value(FLOAT32, Order.ABCD, value)]
-
-
-def exc(tid: int, fc: int, code: int, unit: int = 1) -> bytes:
-    return adu(tid, bytes((fc | 0x80, code)), unit)
 
 
 # ------------------------------------------------------------------------------- raw frames
@@ -597,21 +527,9 @@ async def test_pymodbus_client(server: Server) -> None:
         finally:
             client.close()
 
-    await aw(run())
+    await aio(run())
     assert server.core.store.read("T/Setpoint").value == 55.5
     assert server.core.store.read("T/Run").value is True
-
-
-def _mbpoll() -> str:
-    path = shutil.which("mbpoll")
-    if path is None:
-        pytest.skip("mbpoll not installed (apt install mbpoll)")
-    return path
-
-
-async def mbpoll(*args: str) -> tuple[str, int]:
-    out, err, code = await getProcessOutputAndValue(_mbpoll(), args, env={})
-    return out.decode() + err.decode(), code
 
 
 @pytest.mark.interop

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_twisted
-from test_modbus_server import adu, aw, exc, f32, mbpoll, raw, read_hr, write_hr
+from helpers import aio
+from helpers.modbus import adu, exc, f32, mbpoll, raw, read_hr, write_hr
 from twisted.internet import reactor
 
 from iotserver import app, config
@@ -221,7 +222,7 @@ async def test_fc17_whose_read_is_refused_changes_nothing(srv: Srv) -> None:
     c = await raw(srv.port)
     try:
         srv.store.set_quality("T/Measured", Quality.BAD_NOT_CONNECTED)
-        await aw(_turn())
+        await aio(_turn())
         # write the setpoint, read the Bad register: 04, and the setpoint keeps its value
         c.send(fc17(1, 4, 2, 0, f32(42.0)))
         assert await c.read(9) == exc(1, 0x17, 4)
@@ -234,7 +235,7 @@ async def test_fc17_whose_read_is_refused_changes_nothing(srv: Srv) -> None:
         assert srv.value("T/Setpoint") == 10.0
         # reading what it writes: the Bad value is written Good, so the request succeeds
         srv.store.set_quality("T/Setpoint", Quality.BAD_NOT_CONNECTED)
-        await aw(_turn())
+        await aio(_turn())
         c.send(fc17(4, 0, 2, 0, f32(44.0)))
         assert await c.read(13) == adu(4, b"\x17\x04" + struct.pack(">2H", *f32(44.0)))
         assert srv.value("T/Setpoint") == 44.0
@@ -273,7 +274,7 @@ async def test_fc17_atomic_with_pymodbus(srv: Srv) -> None:
         finally:
             client.close()
 
-    await aw(run())
+    await aio(run())
     assert srv.value("T/Setpoint") == 10.0
     assert srv.value("T/Twice") == 6
 
@@ -334,7 +335,7 @@ async def test_refused_writes_with_pymodbus(srv: Srv) -> None:
         finally:
             client.close()
 
-    await aw(run())
+    await aio(run())
     assert srv.value("T/Name") == "abc"
     assert (srv.value("T/Flag0"), srv.value("T/Flag3")) == (False, True)
     assert srv.value("T/Twice") == 5
@@ -380,7 +381,7 @@ async def test_arrays_on_consecutive_registers_and_coils_raw(srv: Srv) -> None:
         assert await c.read(13) == adu(10, b"\x04\x04" + struct.pack(">2h", -5, 6))
         # a value the source changes shows in the registers
         srv.store.apply([("T/Counts", np.array([1, 2, 3], dtype=np.uint16), Quality.GOOD, 0)])
-        await aw(_turn())
+        await aio(_turn())
         c.send(read_hr(11, 40, 3))
         assert await c.read(15) == adu(11, b"\x03\x06" + struct.pack(">3H", 1, 2, 3))
     finally:
@@ -412,7 +413,7 @@ async def test_arrays_with_pymodbus(srv: Srv) -> None:
         finally:
             client.close()
 
-    await aw(run())
+    await aio(run())
     assert srv.value("T/Curve").tolist() == [1.0, 2.0, 3.0, 9.25]
     assert srv.value("T/Valves").tolist() == [False] * 5
 

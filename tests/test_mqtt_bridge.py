@@ -642,7 +642,7 @@ def test_end_to_end_with_mosquitto_clients(tmp_path: Any, free_port: int) -> Non
 
     from iotserver.security.users import hash_password, save_users
 
-    from tools import twistd
+    from helpers.tools import twistd
 
     for tool in ("mosquitto_sub", "mosquitto_pub", "mosquitto_rr"):
         if shutil.which(tool) is None:

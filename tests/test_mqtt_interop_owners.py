@@ -3,7 +3,7 @@ and 5.0, mosquitto_sub), wills of dropped connections on tag topics, wills store
 restart, and wildcard subscriptions next to a deny rule (paho, mosquitto_sub).
 
 The broker runs in the test's reactor; paho in its own threads, mosquitto clients in
-subprocesses (see test_mqtt_interop.py)."""
+subprocesses (see tests/helpers/paho.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_mqtt_interop import MOSQUITTO, V5, V311, Paho, free_port, wait_for
-from test_mqtt_persistence import start
+from helpers import free_port, wait_for
+from helpers.mqtt_harness import start
+from helpers.paho import MOSQUITTO, V5, V311, Paho
 from twisted.internet import utils
 
 from iotserver.security.users import Role, User, hash_password, save_users

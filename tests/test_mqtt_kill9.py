@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mqtt_persistence import mqtt_config
+from helpers.mqtt_harness import mqtt_config
+from helpers.server_process import spawn
 
 paho = pytest.importorskip("paho.mqtt.client")
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
@@ -42,9 +43,7 @@ class Server:
         self.up = threading.Event()
 
     def start(self) -> None:
-        from test_mqtt_persistence import _spawn
-
-        self.proc = _spawn(self.cfg, self.cfg.parent / "data", self.log)
+        self.proc = spawn(self.cfg, self.cfg.parent / "data", self.log)
         self.starts += 1
         wait(lambda: self.log.read_text(errors="replace").count("iotserver ready")
              >= self.starts, START_TIMEOUT, "server start",

@@ -4,11 +4,9 @@ acknowledged QoS 1/2 messages surviving kill -9 of the server process."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import pytest_twisted
 from helpers import wait_for
 from helpers.mqtt_harness import mqtt_config, net_connect, port_of, props, start
+from helpers.server_process import spawn
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -144,17 +143,6 @@ async def test_restart_restores_sessions_queue_and_retained(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- kill -9
 
 
-def _spawn(cfg: Path, data_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, IOTSERVER_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-    out = log_path.open("ab")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "iotserver.cli", "run", "--config", str(cfg)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cfg.parent)
-    finally:
-        out.close()
-
-
 async def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, count: int) -> None:
     def ready() -> bool:
         return log_path.read_text(errors="replace").count("iotserver ready") >= count
@@ -174,7 +162,7 @@ async def test_acknowledged_messages_survive_kill_9(tmp_path: Path, free_port: i
     cfg = tmp_path / "server.toml"
     cfg.write_text(mqtt_config(tmp_path / "data", free_port))
     log_path = tmp_path / "server.log"
-    proc = _spawn(cfg, tmp_path / "data", log_path)
+    proc = spawn(cfg, tmp_path / "data", log_path)
     try:
         await _wait_ready(proc, log_path, 1)
         sub = await net_connect(free_port, "durable", MQTT_3_1_1, clean=False)
@@ -195,7 +183,7 @@ async def test_acknowledged_messages_survive_kill_9(tmp_path: Path, free_port: i
         await pub.closed
     finally:
         _kill(proc)
-    proc = _spawn(cfg, tmp_path / "data", log_path)
+    proc = spawn(cfg, tmp_path / "data", log_path)
     try:
         await _wait_ready(proc, log_path, 2)
         sub = await net_connect(free_port, "durable", MQTT_3_1_1, clean=False)
@@ -347,7 +335,7 @@ async def test_wills_survive_kill_9(tmp_path: Path, free_port: int) -> None:
     cfg = tmp_path / "server.toml"
     cfg.write_text(mqtt_config(tmp_path / "data", free_port))
     log_path = tmp_path / "server.log"
-    proc = _spawn(cfg, tmp_path / "data", log_path)
+    proc = spawn(cfg, tmp_path / "data", log_path)
     gone = Will("status/dev", b"offline", 1, True)
     back = Will("status/back", b"offline", 1, True, props(will_delay_interval=30))
     try:
@@ -361,7 +349,7 @@ async def test_wills_survive_kill_9(tmp_path: Path, free_port: int) -> None:
         await ret.closed
     finally:
         _kill(proc)
-    proc = _spawn(cfg, tmp_path / "data", log_path)
+    proc = spawn(cfg, tmp_path / "data", log_path)
     try:
         await _wait_ready(proc, log_path, 2)
         again = await net_connect(free_port, "back", MQTT_5, will=back)

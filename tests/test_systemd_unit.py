@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tools import BIN
+from helpers.tools import BIN
 
 from iotserver.security.users import Role, User, hash_password, save_users
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools import our, twistd
+from helpers.tools import our, twistd
 
 TIMEOUT = 30
 
