@@ -3,6 +3,7 @@ backoff on the injected clock (task.Clock), shown as a lost connection, no async
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import random
@@ -124,3 +125,35 @@ async def test_stop_during_a_request_stops_the_poll_loop() -> None:
     finally:
         plc.delay = 0.0
         await plc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_the_loop_even_when_a_connect_swallows_the_cancel() -> None:
+    """Python 3.11's asyncio.wait_for (in pymodbus' connect) can lose a cancellation that
+    arrives as the connection completes; stop() must end the poll loop all the same."""
+    store = TagStore(reactor)
+    dev_cfg = device_config(1, TAG)  # nothing listens: every connect fails
+    for t in dev_cfg.tags:
+        store.define(t.tag)
+    device = Device(dev_cfg, store)
+    attempts = 0
+
+    async def connect_ignoring_cancel() -> bool:
+        nonlocal attempts
+        attempts += 1
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, fut.set_result, None)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:  # what the wait_for race amounts to
+            await fut
+        return False
+
+    device._connect = connect_ignoring_cancel  # type: ignore[method-assign]
+    device._backoff = lambda: 0.0  # type: ignore[method-assign]
+    device.start()
+    task_ = device._task
+    assert task_ is not None
+    await wait_for(lambda: attempts >= 1, what="a connect attempt")
+    await aio(device.stop())
+    assert task_.done() and device.state == "stopped"

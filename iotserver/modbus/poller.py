@@ -144,6 +144,7 @@ class Device:
         self._single: dict[str, Block] = {}
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # set by stop(): the poll loop ends
         self._wake: asyncio.Future[None] | None = None
         self._attempt = 0
         self._consecutive_timeouts = 0
@@ -177,11 +178,15 @@ class Device:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         self.store.register_owner(self.cfg.owner, self)
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
         """Stop polling, close the connection, mark the tags BadOutOfService. Idempotent."""
         task, self._task = self._task, None
+        # Python 3.11's asyncio.wait_for (inside pymodbus' connect) can drop a cancellation
+        # that arrives as the connection completes; the loop also checks this flag.
+        self._stopping = True
         self._close()
         if task is not None:
             task.cancel()
@@ -228,7 +233,7 @@ class Device:
     async def _run(self) -> None:
         clock = self._clock
         self.state = "connecting"
-        while True:
+        while not self._stopping:
             try:
                 if not self.connected and not await self._connect():
                     self._mark(Quality.BAD_NOT_CONNECTED)
