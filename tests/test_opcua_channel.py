@@ -294,3 +294,38 @@ async def test_a_channel_whose_token_is_not_renewed_is_closed(tmp_path: Path) ->
         await aio(body())
     finally:
         await running.root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_cannot_hold_every_connection(tmp_path: Path) -> None:
+    """max_connections_per_address: a host holding its share of idle connections leaves the
+    listener open to another host (127.0.0.2 is loopback too)."""
+    running = await start(make_config(tmp_path / "data", free_port(), anonymous=True,
+                                      extra="max_connections_per_address = 2\n"))
+    layer = running.service.layer
+    port, stats = layer.listener.port, layer.listener.stats
+
+    async def body() -> None:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await wait_for_aio(lambda: len(layer.listener.channels) == 2, what="two connections")
+        got, closed = await exchange(port, hello())  # a third from the same host
+        assert closed and got == b"" and stats.refused_per_address == 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=("127.0.0.2", 0))
+        try:
+            writer.write(hello())
+            await writer.drain()
+            ack = await asyncio.wait_for(reader.read(65536), 10)
+            assert ack[:3] == b"ACK"  # another host is served
+        finally:
+            writer.close()
+        for _, w in held:
+            w.close()
+        await running.wait_idle()
+        assert running.service.stats is not None
+        assert running.service.stats["channel_refused_per_address"] == 1
+
+    try:
+        await aio(body())
+    finally:
+        await running.root.stopService()

@@ -65,6 +65,7 @@ class ChannelLimits:
     hello_timeout_s: float = 10.0
     max_pending_requests: int = 100
     max_connections: int = 500
+    max_connections_per_address: int = 50
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ChannelStats:
     response_too_large: int = 0
     token_expired: int = 0
     refused: int = 0
+    refused_per_address: int = 0
 
 
 class RateLimitedLog:
@@ -178,6 +180,16 @@ class UaChannel(asyncio.Protocol):
             self.listener.stats.refused += 1
             MALFORMED.warning("OPC UA: connection from %s refused: max_connections (%d) reached",
                               self.address, self.limits.max_connections)
+            transport.close()
+            self.transport = None
+            return
+        # one address cannot take every slot (a channel can be held open for its lifetime)
+        if sum(1 for c in self.listener.channels if c.address == self.address) >= \
+                self.limits.max_connections_per_address:
+            self.listener.stats.refused_per_address += 1
+            MALFORMED.warning("OPC UA: connection from %s refused: max_connections_per_address "
+                              "(%d) reached", self.address,
+                              self.limits.max_connections_per_address)
             transport.close()
             self.transport = None
             return

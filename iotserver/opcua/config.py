@@ -125,6 +125,7 @@ class OpcUaConfig:
     max_publish_requests: int = 20
     max_pending_requests: int = 100
     max_connections: int = 500
+    max_connections_per_address: int = 50
     clients: tuple[ClientConfig, ...] = ()
     #: run the OPC UA server; false for an [opcua] section of clients only (see ``parse``)
     server: bool = True
@@ -366,6 +367,8 @@ def parse(r: Reader) -> OpcUaConfig:
         max_publish_requests=r.int("max_publish_requests", 20, min=1, max=1000),
         max_pending_requests=r.int("max_pending_requests", 100, min=1, max=100_000),
         max_connections=r.int("max_connections", 500, min=1, max=100_000),
+        max_connections_per_address=r.int("max_connections_per_address", 50, min=1,
+                                          max=100_000),
         clients=tuple(clients),
         server=server,
     )

@@ -42,7 +42,8 @@ def channel_limits(cfg: OpcUaConfig) -> ChannelLimits:
                          max_chunk_size=cfg.max_chunk_size,
                          hello_timeout_s=cfg.hello_timeout_s,
                          max_pending_requests=cfg.max_pending_requests,
-                         max_connections=cfg.max_connections)
+                         max_connections=cfg.max_connections,
+                         max_connections_per_address=cfg.max_connections_per_address)
 
 
 class SessionLayer:
