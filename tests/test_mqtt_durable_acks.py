@@ -1,4 +1,4 @@
-"""Acknowledge only what is durable (issue 13, items 4 and 5): the CONNACK of a persistent
+"""Acknowledge only what is durable: the CONNACK of a persistent
 session, SUBACK and UNSUBACK, the PUBREL of an outgoing QoS 2 message and the PUBREC/PUBCOMP
 of an incoming one each wait for the commit that holds their state. Protocol harness with a
 store whose commits the test triggers; the real kill -9 runs are in test_mqtt_kill9.py."""

@@ -1,4 +1,4 @@
-"""kill -9 of the real server process against paho-mqtt clients (issue 13, items 4 and 5):
+"""kill -9 of the real server process against paho-mqtt clients:
 a QoS 2 stream killed at many points is delivered exactly once, and a persistent session
 whose SUBACK arrived survives a kill right after it.
 

@@ -1,6 +1,6 @@
 """Sessions belong to their user, wills meet the tag bridge's interception, wildcards that
-overlap a deny rule, and the retained value of a tag under ``<tag>/#`` (issue 13, items 1-3
-and 6), through the protocol harness with the real ACL and the real bridge."""
+overlap a deny rule, and the retained value of a tag under ``<tag>/#``, through the protocol
+harness with the real ACL and the real bridge."""
 
 from __future__ import annotations
 

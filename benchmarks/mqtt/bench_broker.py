@@ -35,7 +35,7 @@ ours ``max_queued_messages`` 10 M; the window bounds the queues), no persistence
 (mosquitto keeps its default 10 s $SYS interval).
 
 Targets checked at the end: 4->4 QoS 0 >= 0.5x mosquitto and >= 10x amqtt; QoS 1 at 1000/s
-p99 <= 5 ms; nothing lost at QoS 1; and those of issue 13: QoS 1 saturation (4->4 and 1->1) and
+p99 <= 5 ms; nothing lost at QoS 1; and the speed targets: QoS 1 saturation (4->4 and 1->1) and
 QoS 0 1->1 >= 1.0x mosquitto, p50 at 1000/s <= 1.5x mosquitto's.
 """
 
