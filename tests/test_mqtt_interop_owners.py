@@ -1,6 +1,6 @@
 """Real clients on the unhappy paths of sessions, wills and ACLs: another user bringing a
-client id (paho 3.1.1 and 5.0, mosquitto_sub), wills of dropped connections on tag topics, wills stored across a
-restart, and wildcard subscriptions next to a deny rule (paho, mosquitto_sub).
+client id (paho 3.1.1 and 5.0, mosquitto_sub), wills of dropped connections on tag topics,
+wills stored across a restart, and wildcard subscriptions next to a deny rule (paho, mosquitto_sub).
 
 The broker runs in the test's reactor; paho in its own threads, mosquitto clients in
 subprocesses (see tests/helpers/paho.py)."""
