@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -18,7 +18,7 @@ from helpers import free_port, wait_for_aio
 from helpers.opcua import aio, client, make_config, start
 
 from iotserver.opcua import compat
-from iotserver.opcua.channel import RateLimitedLog
+from iotserver.opcua.channel import ChannelLimits, UaListener
 
 TCP_TOO_LARGE = ua.StatusCodes.BadTcpMessageTooLarge
 
@@ -162,18 +162,25 @@ async def test_read_max_age_and_browse_of_unknown_nodes(tmp_path: Path) -> None:
         await running.root.stopService()
 
 
-def test_malformed_warnings_are_rate_limited(monkeypatch: Any,
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    now = [1000.0]
-    monkeypatch.setattr("iotserver.opcua.channel.time.monotonic", lambda: now[0])
-    limited = RateLimitedLog(10.0)
-    with caplog.at_level("WARNING", logger="iotserver.opcua"):
-        for _ in range(5):
-            limited.warning("bad input from %s", "x")
-        now[0] += 11
-        limited.warning("bad input from %s", "y")
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["bad input from x", "bad input from y (4 more since the last such warning)"]
+def test_malformed_warnings_are_rate_limited() -> None:
+    """The listener logs through the server's one rate-limited log, on the session clock."""
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+    from twisted.logger import Logger
+
+    events: list[Any] = []
+    clock = Clock()
+    clock.advance(1000)
+    listener = UaListener(cast(Any, None), cast(Any, SimpleNamespace(clock=clock)), None, [],
+                          ChannelLimits())
+    listener.ratelog.log = Logger(namespace="iotserver.opcua", observer=events.append)
+    for _ in range(5):
+        listener.ratelog.warn("malformed", "bad input from {peer}", peer="x")
+    clock.advance(11)
+    listener.ratelog.warn("malformed", "bad input from {peer}", peer="y")
+    assert [e["peer"] for e in events] == ["x", "y"]
+    assert events[1]["suppressed"] == 4 and listener.ratelog.suppressed["malformed"] == 4
 
 
 def test_compat_names_the_asyncua_version_in_one_line(monkeypatch: Any) -> None:
@@ -230,6 +237,11 @@ class FakeTransport(asyncio.Transport):
 
 
 class FakeTable:
+    def __init__(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+
     def channel_lost(self, channel: Any) -> None:
         pass
 

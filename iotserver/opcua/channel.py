@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import struct
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +40,17 @@ from asyncua.ua.ua_binary import (
     uatcp_to_binary,
 )
 
+from twisted.logger import Logger
+
 from iotserver.opcua.compat import SecureConnection, TransportLimits
+from iotserver.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from iotserver.opcua.dispatch import Dispatcher
     from iotserver.opcua.sessions import SessionTable
 
 log = logging.getLogger("iotserver.opcua")
+_tlog = Logger(namespace="iotserver.opcua")
 
 _KNOWN = {b"HEL", b"OPN", b"MSG", b"CLO"}
 _SECURE = {b"OPN", b"MSG", b"CLO"}
@@ -80,29 +83,6 @@ class ChannelStats:
     token_expired: int = 0
     refused: int = 0
     refused_per_address: int = 0
-
-
-class RateLimitedLog:
-    """A warning at most once per ``interval`` seconds, with the count of the rest."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last = -1e9
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" ({self._suppressed} more since the last such warning)"
-        self._suppressed = 0
-        self._last = now
-        log.warning(msg, *args)
-
-
-MALFORMED = RateLimitedLog()
 
 
 def _too_large_fault(body: bytes) -> bytes:
@@ -178,8 +158,9 @@ class UaChannel(asyncio.Protocol):
         self.sockname = transport.get_extra_info("sockname")
         if len(self.listener.channels) >= self.limits.max_connections:
             self.listener.stats.refused += 1
-            MALFORMED.warning("OPC UA: connection from %s refused: max_connections (%d) reached",
-                              self.address, self.limits.max_connections)
+            self.listener.ratelog.warn("refused", "OPC UA: connection from {peer} refused: "
+                                       "max_connections ({n}) reached", peer=self.address,
+                                       n=self.limits.max_connections)
             transport.close()
             self.transport = None
             return
@@ -187,9 +168,10 @@ class UaChannel(asyncio.Protocol):
         if sum(1 for c in self.listener.channels if c.address == self.address) >= \
                 self.limits.max_connections_per_address:
             self.listener.stats.refused_per_address += 1
-            MALFORMED.warning("OPC UA: connection from %s refused: max_connections_per_address "
-                              "(%d) reached", self.address,
-                              self.limits.max_connections_per_address)
+            self.listener.ratelog.warn("refused_per_address", "OPC UA: connection from {peer} "
+                                       "refused: max_connections_per_address ({n}) reached",
+                                       peer=self.address,
+                                       n=self.limits.max_connections_per_address)
             transport.close()
             self.transport = None
             return
@@ -215,8 +197,9 @@ class UaChannel(asyncio.Protocol):
         self._hello_timer = None
         if not self.is_open and self.transport is not None:
             self.listener.stats.hello_timeouts += 1
-            MALFORMED.warning("OPC UA: %s opened no secure channel (HEL, OPN) within %.0f s: "
-                              "connection closed", self.address, self.limits.hello_timeout_s)
+            self.listener.ratelog.warn("hello_timeout", "OPC UA: {peer} opened no secure channel "
+                                       "(HEL, OPN) within {s:.0f} s: connection closed",
+                                       peer=self.address, s=self.limits.hello_timeout_s)
             self.transport.abort()
 
     def _token_expired(self) -> None:
@@ -265,8 +248,9 @@ class UaChannel(asyncio.Protocol):
                 self._chunk(chunk)
         except ProtocolViolation as exc:
             self.listener.stats.malformed += 1
-            MALFORMED.warning("OPC UA: malformed input from %s: %s (%s): connection closed",
-                              self.address, exc.reason, ua.StatusCode(exc.code).name)
+            self.listener.ratelog.warn("malformed", "OPC UA: malformed input from {peer}: "
+                                       "{reason} ({code}): connection closed", peer=self.address,
+                                       reason=exc.reason, code=ua.StatusCode(exc.code).name)
             self._refuse(exc.code, exc.reason)
 
     def _chunk(self, chunk: bytes) -> None:
@@ -396,8 +380,8 @@ class UaChannel(asyncio.Protocol):
                 await dispatcher.dispatch(self, request_id, body)
             except Exception:  # a request that cannot even be decoded
                 self.listener.stats.malformed += 1
-                MALFORMED.warning("OPC UA: undecodable request from %s: connection closed",
-                                  self.address)
+                self.listener.ratelog.warn("undecodable", "OPC UA: undecodable request from "
+                                           "{peer}: connection closed", peer=self.address)
                 self._refuse(ua.StatusCodes.BadDecodingError, "undecodable request")
                 return
 
@@ -413,6 +397,8 @@ class UaListener:
         self.policies = policies
         self.limits = limits
         self.stats = ChannelStats()
+        # what peers do wrong: at most one line per kind every 10 s, with a count of the rest
+        self.ratelog = RateLimitedLog(table.clock, logger=_tlog)
         self.channels: set[UaChannel] = set()
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
