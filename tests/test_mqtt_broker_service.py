@@ -82,7 +82,6 @@ client_certs = "required"
         c = await net_connect(tls_port, "plc", MQTT_5, tls=good)
         broker = root.core.services["mqtt"].broker
         assert broker.sessions["plc"].user == "plc7"  # logged in by certificate
-        assert broker.clients["plc"]._eager is False  # TLS keeps Twisted's write path
         await c.close()
         anonymous_tls = client_context_factory("127.0.0.1", ca_path=data / "tls" / "ca.pem")
         with pytest.raises(ConnectionError):  # the server refuses the handshake

@@ -1,12 +1,11 @@
 """The broker's Twisted protocol: one per TCP/TLS connection, over the sans-I/O codec.
 
 It owns what the codec and the broker do not: the transport (TCP_NODELAY, one write per
-connection at the end of each read or reactor turn, producer/consumer flow control), the
-keepalive timer, the CONNECT flow (checks and grants in ``connect.py``, authentication),
-per-connection topic aliases and packet size limits, and the acknowledgement queue
-(``acks.py``). The time a connection may take to send CONNECT and log in is the listener's
-``login_timeout``, enforced in front of this protocol by the edge guard
-(``iotserver.edge.guard``), like every listener's.
+reactor turn, producer/consumer flow control), the keepalive timer, the
+CONNECT flow (checks and grants in ``connect.py``, authentication), per-connection topic
+aliases and packet size limits, and the acknowledgement queue (``acks.py``). The time a
+connection may take to send CONNECT and log in is the listener's ``login_timeout``, enforced
+in front of this protocol by the edge guard (``iotserver.edge.guard``), like every listener's.
 
 A peer that breaks the protocol gets a DISCONNECT with the codec's reason code (v5, or a
 CONNACK while connecting) and is closed; it costs one rate-limited log line, never a
@@ -20,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -28,7 +26,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from iotserver import compat_twisted
 from iotserver.mqtt import connect
 from iotserver.mqtt.acks import PUBACK, PUBCOMP, PUBREC, InboundAcks, after_commit
 from iotserver.mqtt.codec import (
@@ -67,10 +64,6 @@ from iotserver.security.tls import peer_certificate
 
 log = Logger(namespace="iotserver.mqtt")
 
-# Plain TCP under the asyncio reactor: flush each connection at the end of a read and send it
-# at once (compat_twisted.send_now). False: Twisted's write, one reactor turn later, everywhere.
-EAGER_SEND = True
-
 NEW, AUTHENTICATING, OPEN, CLOSED = range(4)
 RC = ReasonCode
 _PINGRESP = b"\xd0\x00"
@@ -86,8 +79,6 @@ class MqttServerFactory(Factory):
         self.broker = broker
         self.listener = listener
         self.authenticator = authenticator
-        if EAGER_SEND and not compat_twisted.AVAILABLE:
-            log.warn("MQTT: sending at once is off: {problem}", problem=compat_twisted.PROBLEM)
 
     def buildProtocol(self, addr: Any) -> MqttServerProtocol:
         proto = MqttServerProtocol(self)
@@ -125,7 +116,6 @@ class MqttServerProtocol(Protocol):
         self._out: list[bytes] = []
         self._outbytes = 0
         self._dirty = False
-        self._eager = False  # see EAGER_SEND
         self.acks = InboundAcks(self, self.limits.receive_maximum)
         self._aliases_in: dict[int, str] = {}
         self._aliases_out: dict[str, int] = {}
@@ -176,7 +166,6 @@ class MqttServerProtocol(Protocol):
                 set_nodelay(True)  # Nagle delays QoS 1 acknowledgements: tail latency
         self.transport.registerProducer(self, True)
         _set_write_buffer(self.transport, self.limits.write_buffer_bytes)
-        self._eager = _eager_ok(self.transport)
         self._last_rx = self.clock.seconds()
 
     def handshakeCompleted(self) -> None:
@@ -244,10 +233,6 @@ class MqttServerProtocol(Protocol):
                 self._protocol_error(exc)
             return
         self._handle(packets)
-        if self._eager:
-            # what this read produced (acknowledgements, deliveries to subscribers) leaves now,
-            # one send per connection, instead of after another reactor turn (p50 latency)
-            self.broker.flush()
 
     def _handle(self, packets: list[Any]) -> None:
         self.stats.messages_received += len(packets)
@@ -638,11 +623,7 @@ class MqttServerProtocol(Protocol):
         self.stats.messages_sent += len(out)
         self.stats.bytes_sent += self._outbytes
         self._outbytes = 0
-        data = out[0] if len(out) == 1 else b"".join(out)
-        if self._eager:
-            compat_twisted.send_now(self.transport, data)
-        else:
-            self.transport.write(data)
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _send_disconnect(self, code: int, reason: str | None = None) -> None:
         # only after the CONNACK: a DISCONNECT may not precede it (MQTT-3.2.0-1)
@@ -679,14 +660,6 @@ class MqttServerProtocol(Protocol):
     def stopProducing(self) -> None:
         self._tx_paused = True
         self.paused = True
-
-
-def _eager_ok(transport: Any) -> bool:
-    """Whether a flush may go straight to the socket (``compat_twisted.send_now``): only a
-    plain TCP connection under the asyncio reactor, while Twisted's internals it uses exist.
-    TLS (and anything else) keeps Twisted's ``write``."""
-    return (EAGER_SEND and compat_twisted.AVAILABLE and isinstance(transport, tcp.Connection)
-            and compat_twisted.event_loop(getattr(transport, "reactor", None)) is not None)
 
 
 def _set_write_buffer(transport: Any, size: int) -> None:
